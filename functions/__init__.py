@@ -1,0 +1,1 @@
+"""Azure Functions trigger blueprints: parse platform input into worker messages."""

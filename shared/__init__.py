@@ -1,0 +1,1 @@
+"""Message schemas, settings and errors shared by functions/ and worker/."""

@@ -1,0 +1,544 @@
+"""Fine-tune an image classifier (ResNet-18 by default) on an ImageFolder tree or a frozen manifest.
+
+The training snapshot of `retrain`: this folder is uploaded as an Azure ML run's source
+directory, or run locally by the worker. It is a drop-in for the Azure ML sample
+`pytorch_train.py` (same arguments, same outputs/model.pt, same `best_val_acc` metric) and adds
+manifests, warm starts, DDP and Horovod.
+
+Single process:
+    python train.py --data_dir ./birds --num_epochs 30 --output_dir ./outputs
+
+DDP on one machine (CPU: gloo, GPUs: nccl):
+    torchrun --standalone --nproc_per_node=2 train.py --data_dir ./birds
+
+DDP, older Azure ML style (PyTorchConfiguration, per-process arguments):
+    python train.py --dist-backend nccl --dist-url $AZ_BATCHAI_PYTORCH_INIT_METHOD \
+        --rank $AZ_BATCHAI_TASK_INDEX --world-size 2 --data_dir ./birds
+
+Horovod (MpiConfiguration on Azure ML, or locally over Gloo):
+    horovodrun -np 2 -H localhost:2 --gloo python train.py --distributed horovod --data_dir ./birds
+
+Exit status: 0 success, 2 unusable input (bad data, bad checkpoint, bad arguments; the message
+says what to fix), 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagedata import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD, build_data, find_unreadable, loader_workers, to_model_input
+from manifests import DataError, load_manifest, scan_image_folder
+from modelio import (
+    ARCHITECTURES,
+    WEIGHT_CHOICES,
+    CheckpointError,
+    atomic_write_bytes,
+    build_model,
+    cpu_state_dict,
+    file_sha256,
+    load_checkpoint,
+    load_imagenet_backbone,
+    make_checkpoint,
+    save_checkpoint,
+    warm_start,
+)
+from topology import DISTRIBUTED_CHOICES, Topology, TopologyError, setup_topology
+
+log = logging.getLogger("train")
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data_dir", default="./data", help="root the image paths are relative to (ImageFolder tree, or the manifest's root)")
+    data.add_argument("--manifest", default=None, help="JSON manifest listing exactly the images to use (path, label, split, etag) with its sha256")
+    data.add_argument("--val_fraction", type=float, default=0.2, help="without a manifest or train/ and val/ folders: share of images (by a stable hash of the path) used for validation")
+    data.add_argument("--image_size", type=int, default=224, help="input side length in pixels")
+    data.add_argument("--batch_size", type=int, default=16, help="images per step per process (global batch = this x world size)")
+    data.add_argument("--workers", type=int, default=-1, help="DataLoader worker processes per rank (-1: a fair share of the cores)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", choices=ARCHITECTURES, default=None, help="torchvision architecture (default: the init checkpoint's, else resnet18)")
+    model.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help="backbone init without --init_checkpoint: imagenet (torchvision, may download), auto (imagenet only if already in the local torchvision cache), none (random)")
+    model.add_argument("--init_checkpoint", default=None, help="model.pt to warm start from (usually the champion); its accuracy on this run's validation set is recorded as baseline_val_acc")
+    model.add_argument("--bn", choices=("train", "frozen", "sync"), default="train", help="BatchNorm: train normally, freeze statistics and affine params, or SyncBatchNorm (DDP on CUDA only)")
+
+    optim = p.add_argument_group("optimisation (defaults are the reference script's)")
+    optim.add_argument("--num_epochs", type=int, default=25, help="number of epochs")
+    optim.add_argument("--learning_rate", type=float, default=0.001, help="SGD learning rate per process (see --lr_scaling)")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument("--weight_decay", type=float, default=0.0, help="SGD weight decay")
+    optim.add_argument("--step_size", type=int, default=7, help="StepLR: epochs between learning-rate decays")
+    optim.add_argument("--gamma", type=float, default=0.1, help="StepLR: decay factor")
+    optim.add_argument("--lr_scaling", choices=("linear", "none"), default="linear", help="linear: multiply the learning rate by the world size (the global batch grows with it), as Horovod recommends")
+    optim.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
+    optim.add_argument("--max_steps_per_epoch", type=int, default=0, help="stop each epoch after this many steps (0: full epoch); for benchmarks and smoke tests")
+
+    perf = p.add_argument_group("performance")
+    perf.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto", help="mixed precision: auto = bf16 (or fp16) on CUDA, none on CPU")
+    perf.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format (faster convolutions on CPU and tensor cores)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--output_dir", default="./outputs", help="where rank 0 writes model.pt and metrics.json (Azure ML uploads ./outputs)")
+    out.add_argument("--log_every", type=int, default=20, help="steps between progress updates with a loss value")
+
+    d = p.add_argument_group("distributed")
+    d.add_argument("--distributed", choices=DISTRIBUTED_CHOICES, default="auto", help="auto: DDP when launched by torchrun/Azure ML (WORLD_SIZE>1) or with --dist-url, Horovod under horovodrun, else one process")
+    d.add_argument("--dist-backend", "--dist_backend", dest="dist_backend", choices=("nccl", "gloo"), default=None, help="DDP backend (default: nccl on GPU, gloo on CPU)")
+    d.add_argument("--dist-url", "--dist_url", dest="dist_url", default=None, help="DDP init method URL, e.g. $AZ_BATCHAI_PYTORCH_INIT_METHOD or tcp://host:port")
+    d.add_argument("--rank", type=int, default=None, help="global rank, with --dist-url")
+    d.add_argument("--world-size", "--world_size", dest="world_size", type=int, default=None, help="number of processes, with --dist-url")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problems = []
+    if args.num_epochs < 1:
+        problems.append("--num_epochs must be at least 1")
+    if args.batch_size < 1:
+        problems.append("--batch_size must be at least 1")
+    if args.image_size < 16:
+        problems.append("--image_size must be at least 16")
+    if not 0.0 < args.val_fraction < 1.0:
+        problems.append("--val_fraction must be between 0 and 1")
+    if args.learning_rate <= 0:
+        problems.append("--learning_rate must be positive")
+    if args.step_size < 1:
+        problems.append("--step_size must be at least 1")
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Progress and metrics reporting (rank 0 only)
+
+
+class Progress:
+    """A one-line progress bar on a terminal, plain per-epoch lines otherwise."""
+
+    def __init__(self, enabled: bool, total_epochs: int):
+        self.enabled = enabled
+        self.bar = enabled and sys.stderr.isatty()
+        self.total_epochs = total_epochs
+
+    def step(self, epoch: int, step: int, steps: int, images_per_s: float, loss: float | None) -> None:
+        if not self.bar:
+            return
+        width = 24
+        filled = int(width * step / max(1, steps))
+        loss_text = f" loss {loss:.4f}" if loss is not None else ""
+        sys.stderr.write(
+            f"\repoch {epoch}/{self.total_epochs} [{'#' * filled}{'.' * (width - filled)}] {step}/{steps} {images_per_s:6.1f} img/s{loss_text}   "
+        )
+        sys.stderr.flush()
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.bar:
+            sys.stderr.write("\n")
+        log.info(
+            "epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.2e %.1fs %.1f img/s data_wait=%.1f%%",
+            row["epoch"],
+            self.total_epochs,
+            row["train_loss"],
+            row["train_acc"],
+            row["val_loss"],
+            row["val_acc"],
+            row["lr"],
+            row["seconds"],
+            row["images_per_s"],
+            100.0 * row["data_wait_fraction"],
+        )
+
+
+class AzureMLLogger:
+    """Logs metrics to the Azure ML run when running inside one; does nothing otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.run = None
+        if not enabled:
+            return
+        try:
+            from azureml.core.run import Run  # optional: only present in Azure ML images
+        except ImportError:
+            return
+        try:
+            run = Run.get_context()
+        except Exception:  # an unconfigured SDK must never break training
+            return
+        # An offline context means "not inside Azure ML"; logging there only fills memory.
+        if not getattr(run, "id", "").startswith("OfflineRun"):
+            self.run = run
+
+    def log(self, name: str, value: Any) -> None:
+        if self.run is not None and value is not None:
+            with contextlib.suppress(Exception):
+                self.run.log(name, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def amp_settings(requested: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, needs a GradScaler)."""
+    if requested == "none" or (requested == "auto" and device.type != "cuda"):
+        return None, False
+    if requested == "auto":
+        requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "fp16":
+        if device.type != "cuda":
+            raise DataError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+        return torch.float16, True
+    return torch.bfloat16, False
+
+
+def set_train_mode(model: nn.Module, bn: str) -> None:
+    model.train()
+    if bn == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for param in module.parameters():
+                param.requires_grad_(False)
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 over all weights and buffers: equal on every rank iff the replicas are identical."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def average_buffers(model: nn.Module, topo: Topology) -> None:
+    """Average BatchNorm running statistics over the ranks.
+
+    Each rank updates them from its own batches, so without this the replicas would be
+    evaluated (and saved) with different statistics. The average is also the better estimate.
+    """
+    if not topo.distributed:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            buffer.copy_(topo.all_reduce_sum(buffer.detach().clone()) / topo.world_size)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, topo: Topology, norm, channels_last: bool, amp_dtype) -> tuple[float, float, int]:
+    """(mean loss, accuracy, images) over the whole validation set, identical on every rank.
+
+    Runs on the bare model, not the DDP wrapper: ranks hold different numbers of validation
+    batches and DDP's forward may issue collectives.
+    """
+    model.eval()
+    mean, std = norm
+    sums = torch.zeros(3, dtype=torch.float64, device=topo.device)  # loss sum, correct, count
+    for images, labels in loader:
+        x = to_model_input(images, topo.device, mean, std, channels_last)
+        y = labels.to(topo.device, non_blocking=True)
+        with torch.autocast(topo.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        valid = y != IGNORE_LABEL
+        sums[0] += F.cross_entropy(logits.float(), y, ignore_index=IGNORE_LABEL, reduction="sum")
+        sums[1] += ((logits.argmax(dim=1) == y) & valid).sum()
+        sums[2] += valid.sum()
+    sums = topo.all_reduce_sum(sums)
+    count = int(sums[2].item())
+    if count == 0:
+        return float("nan"), 0.0, 0
+    return float(sums[0] / count), float(sums[1] / count), count
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
+    started = time.time()
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    device = topo.device
+    progress = Progress(topo.is_writer, args.num_epochs)
+    aml = AzureMLLogger(topo.is_writer)
+
+    root = Path(args.data_dir)
+    manifest = load_manifest(args.manifest) if args.manifest else scan_image_folder(root, args.val_fraction)
+    skipped: dict[str, str] = {}
+    for part in topo.all_gather_object(find_unreadable(root, manifest.images, topo.rank, topo.world_size)):
+        skipped.update(part)
+    if skipped and topo.is_writer:
+        log.warning("skipping %d unreadable images, e.g. %s", len(skipped), ", ".join(f"{p} ({r})" for p, r in list(skipped.items())[:3]))
+    workers = loader_workers(args.workers, topo.local_world_size, device)
+    data = build_data(
+        root,
+        manifest,
+        skipped,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        workers=workers,
+        rank=topo.rank,
+        world_size=topo.world_size,
+        seed=args.seed,
+        pin_memory=device.type == "cuda",
+    )
+
+    init = load_checkpoint(args.init_checkpoint) if args.init_checkpoint else None
+    arch = args.arch or (init["arch"] if init else "resnet18")
+    model = build_model(arch, len(data.class_names))
+    same_head = False
+    if init is not None:
+        if init["arch"] != arch:
+            raise CheckpointError(f"--init_checkpoint is a {init['arch']} but --arch is {arch}")
+        same_head = warm_start(model, init, data.class_names)
+        weights_source = "checkpoint" if same_head else "checkpoint-backbone"
+    else:
+        weights_source = load_imagenet_backbone(model, arch, args.weights)
+    if args.bn == "frozen":
+        freeze_batchnorm(model)
+    if args.bn == "sync":
+        if not (topo.kind == "ddp" and device.type == "cuda"):
+            raise DataError("--bn sync needs DDP on CUDA (SyncBatchNorm does not run on CPU)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if topo.kind == "horovod" and args.channels_last:
+        # Horovod's collectives insist on (NCHW-)contiguous tensors, and channels_last weights
+        # and gradients are not; fall back rather than fail.
+        if topo.is_writer:
+            log.warning("channels_last is not supported with Horovod; using NCHW")
+        args.channels_last = False
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    raw_model = model
+    amp_dtype, use_scaler = amp_settings(args.amp, device)
+    norm = (
+        torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1),
+    )
+
+    baseline_val_acc = None
+    if init is not None and same_head:
+        # The champion judged on this run's own validation set: the gate compares like with like.
+        _, baseline_val_acc, _ = evaluate(raw_model, data.val_loader, topo, norm, args.channels_last, amp_dtype)
+        if topo.is_writer:
+            log.info("baseline (init checkpoint) val_acc=%.4f on %d images", baseline_val_acc, data.num_val)
+
+    effective_lr = args.learning_rate * (topo.world_size if args.lr_scaling == "linear" else 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=effective_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if topo.kind == "ddp":
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif topo.kind == "horovod":
+        hvd = topo._hvd
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    if topo.is_writer:
+        log.info(
+            "training %s on %s: %d train / %d val images, %d classes %s, world_size=%d (%s%s), device=%s, batch=%dx%d, lr=%g, amp=%s, channels_last=%s, workers=%d, weights=%s",
+            arch,
+            manifest.sha256[:12],
+            data.num_train,
+            data.num_val,
+            len(data.class_names),
+            data.class_names,
+            topo.world_size,
+            topo.kind,
+            f"/{topo.backend}" if topo.backend else "",
+            device,
+            args.batch_size,
+            topo.world_size,
+            effective_lr,
+            amp_dtype,
+            args.channels_last,
+            workers,
+            weights_source,
+        )
+
+    history: list[dict[str, Any]] = []
+    best_val_acc, best_epoch, best_state = -1.0, 0, None
+    steps_per_epoch = len(data.train_loader)
+    if args.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    total_train_images, total_train_seconds = 0, 0.0
+    mean, std = norm
+    for epoch in range(1, args.num_epochs + 1):
+        data.train_sampler.set_epoch(epoch)
+        set_train_mode(model, args.bn)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+        lr = optimizer.param_groups[0]["lr"]
+        epoch_start = time.perf_counter()
+        data_wait = 0.0
+        fetch_start = time.perf_counter()
+        for step, (images, labels) in enumerate(data.train_loader, start=1):
+            data_wait += time.perf_counter() - fetch_start
+            x = to_model_input(images, device, mean, std, args.channels_last)
+            y = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x)
+            valid = y != IGNORE_LABEL
+            count = valid.sum()
+            # Sum over valid samples / their count: an ignored (unreadable) sample changes
+            # nothing, and a batch of only ignored samples gives a zero loss, not NaN.
+            loss_sum = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_LABEL, reduction="sum")
+            loss = loss_sum / count.clamp(min=1)
+            optimizer.zero_grad()  # set_to_none is the default (and Horovod takes no arguments)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            # Accumulate on the device; reading values back every step would stall a GPU.
+            sums[0] += loss_sum.detach()
+            sums[1] += ((logits.detach().argmax(dim=1) == y) & valid).sum()
+            sums[2] += count
+            if progress.bar:
+                shown_loss = float(loss.detach()) if step % args.log_every == 0 or step == steps_per_epoch else None
+                elapsed = time.perf_counter() - epoch_start
+                progress.step(epoch, step, steps_per_epoch, step * args.batch_size * topo.world_size / max(elapsed, 1e-9), shown_loss)
+            if step >= steps_per_epoch:
+                break
+            fetch_start = time.perf_counter()
+        sums = topo.all_reduce_sum(sums)
+        train_seconds = time.perf_counter() - epoch_start
+        scheduler.step()
+        average_buffers(raw_model, topo)
+        val_loss, val_acc, _ = evaluate(raw_model, data.val_loader, topo, norm, args.channels_last, amp_dtype)
+        seen = int(sums[2].item())
+        total_train_images += seen
+        total_train_seconds += train_seconds
+        row = {
+            "epoch": epoch,
+            "train_loss": float(sums[0] / max(seen, 1)),
+            "train_acc": float(sums[1] / max(seen, 1)),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr,
+            "seconds": round(time.perf_counter() - epoch_start, 3),
+            "train_seconds": round(train_seconds, 3),
+            "images_per_s": round(seen / max(train_seconds, 1e-9), 2),
+            "data_wait_s": round(data_wait, 3),
+            "data_wait_fraction": round(data_wait / max(train_seconds, 1e-9), 4),
+        }
+        history.append(row)
+        progress.epoch_done(row)
+        for name in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            aml.log(name, row[name])
+        if val_acc > best_val_acc:  # strictly better, as the reference keeps the first best
+            best_val_acc, best_epoch = val_acc, epoch
+            if topo.is_writer:
+                best_state = cpu_state_dict(raw_model)
+
+    digests = topo.all_gather_object(state_digest(raw_model))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"replicas diverged: per-rank weight digests differ {digests}")
+
+    metrics: dict[str, Any] = {
+        "baseline_val_acc": baseline_val_acc,
+        "best_val_acc": best_val_acc,
+        "best_epoch": best_epoch,
+        "final_val_acc": history[-1]["val_acc"],
+        "history": history,
+        "images_per_s": round(total_train_images / max(total_train_seconds, 1e-9), 2),
+        "data_wait_fraction": round(sum(r["data_wait_s"] for r in history) / max(total_train_seconds, 1e-9), 4),
+        "world_size": topo.world_size,
+        "distributed": topo.kind,
+        "backend": topo.backend,
+        "device": str(device),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
+        "channels_last": args.channels_last,
+        "num_train": data.num_train,
+        "num_val": data.num_val,
+        "skipped_images": len(skipped),
+        "skipped_examples": dict(list(sorted(skipped.items()))[:20]),
+        "class_names": data.class_names,
+        "manifest_sha256": manifest.sha256,
+        "init_checkpoint_sha256": file_sha256(args.init_checkpoint) if args.init_checkpoint else None,
+        "weights_source": weights_source,
+        "arch": arch,
+        "image_size": args.image_size,
+        "batch_size_per_rank": args.batch_size,
+        "effective_learning_rate": effective_lr,
+        "seed": args.seed,
+        "replica_digest": digests[0],
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "duration_s": round(time.time() - started, 3),
+        "torch_version": str(torch.__version__),
+    }
+    if topo.is_writer:
+        write_outputs(Path(args.output_dir), arch, best_state, data.class_names, args.image_size, metrics, manifest.sha256)
+        aml.log("best_val_acc", best_val_acc)
+        if baseline_val_acc is not None:
+            aml.log("baseline_val_acc", baseline_val_acc)
+        log.info("best_val_acc=%.4f (epoch %d)%s; wrote %s", best_val_acc, best_epoch, f", baseline_val_acc={baseline_val_acc:.4f}" if baseline_val_acc is not None else "", args.output_dir)
+    return metrics
+
+
+def write_outputs(output_dir: Path, arch: str, state: dict, class_names: list[str], image_size: int, metrics: dict[str, Any], manifest_sha256: str) -> None:
+    """model.pt first, metrics.json last: a metrics.json on disk means the outputs are complete."""
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, type(None))) and not (isinstance(v, float) and math.isnan(v))}
+    checkpoint = make_checkpoint(arch=arch, state_dict=state, class_names=class_names, image_size=image_size, metrics=summary, manifest_sha256=manifest_sha256)
+    metrics["model_sha256"] = save_checkpoint(checkpoint, output_dir / "model.pt")
+    atomic_write_bytes(output_dir / "metrics.json", (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank_hint = os.environ.get("RANK") or os.environ.get("HOROVOD_RANK") or (str(args.rank) if args.rank is not None else "0")
+    logging.basicConfig(
+        level=logging.INFO if rank_hint == "0" else logging.WARNING,
+        format="%(asctime)s [train] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    try:
+        topo = setup_topology(args.distributed, dist_backend=args.dist_backend, dist_url=args.dist_url, rank=args.rank, world_size=args.world_size)
+    except TopologyError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        run(args, topo)
+        return EXIT_OK
+    except (DataError, CheckpointError) as exc:
+        if topo.is_writer:
+            print(f"train.py: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        topo.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The retrain worker: handlers, policy, ledger, ports and adapters, CLI."""
