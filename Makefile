@@ -1,32 +1,39 @@
 # Two commands on a new machine: `make demo` and `make test`. Each installs what it needs.
 #
 # The virtual environment lives outside the work tree (torch alone is ~5.5 GB) and is shared by
-# every clone on this machine. It is (re)synced only when a requirements file changes: the
-# sha256 of those files is kept in a stamp inside the venv.
+# every clone on this machine. It is synced only when a requirements file changes (the stamp's
+# name is their hash), Horovod is compiled once per environment, and this checkout is
+# installed in editable mode whenever the environment last pointed at another checkout.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= $(HOME)/.cache/retrain/venv-py311
 BIN := $(VENV)/bin
 REQS := requirements.txt training/requirements.txt requirements-dev.txt
 REQS_HASH := $(shell cat $(REQS) | sha256sum | cut -c1-16)
+TREE_HASH := $(shell echo "$(CURDIR)" | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.requirements-$(REQS_HASH)
 HOROVOD_STAMP := $(VENV)/.horovod-0.28.1
+EDITABLE_STAMP := $(VENV)/.editable-$(TREE_HASH)
 
-.PHONY: venv horovod demo test lint bench clean-venv
+.PHONY: venv horovod demo test lint format bench clean-venv
 
-venv: $(STAMP)
+venv: $(STAMP) $(EDITABLE_STAMP)
 
-$(STAMP): $(REQS)
+$(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@rm -f $(VENV)/.requirements-*
+	@touch $@
+
+$(EDITABLE_STAMP): | $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.editable-*
 	@touch $@
 
 horovod: $(HOROVOD_STAMP)
 
-$(HOROVOD_STAMP): $(STAMP) scripts/build_horovod.sh
+$(HOROVOD_STAMP): | $(STAMP)
 	VENV=$(VENV) bash scripts/build_horovod.sh
 	@touch $@
 
@@ -35,11 +42,16 @@ demo: venv
 
 test: venv horovod
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: venv
 	$(BIN)/python benchmarks/train_throughput.py

@@ -89,7 +89,7 @@ def eval_transform(image_size: int) -> transforms.Compose:
     # The usual ImageNet evaluation crop: resize the short side to size*256/224, centre crop.
     return transforms.Compose(
         [
-            transforms.Resize(int(round(image_size * 256 / 224)), antialias=True),
+            transforms.Resize(round(image_size * 256 / 224), antialias=True),
             transforms.CenterCrop(image_size),
             transforms.PILToTensor(),
         ]
@@ -203,7 +203,11 @@ def build_data(
     }
     if workers > 0:
         common["prefetch_factor"] = 4
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=False, **common)
+    # Full batches only: a trailing batch of one breaks BatchNorm and skews the step; the dropped
+    # remainder differs every epoch because the order is reshuffled. A data set smaller than one
+    # batch per rank still trains, on one partial batch.
+    drop_last = sampler.num_samples >= batch_size
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **common)
     val_loader = DataLoader(val_set, batch_size=batch_size * 2, shuffle=False, **common)
     return DataBundle(
         train_loader=train_loader,

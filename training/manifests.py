@@ -124,8 +124,7 @@ def parse_manifest(document: Any) -> Manifest:
     claimed = document.get("sha256")
     if claimed and claimed != digest:
         raise DataError(
-            f"manifest sha256 mismatch: it claims {claimed} but its content hashes to {digest}; "
-            "the file was changed after it was frozen"
+            f"manifest sha256 mismatch: it claims {claimed} but its content hashes to {digest}; the file was changed after it was frozen"
         )
     return Manifest(classes=tuple(classes), images=images, sha256=digest)
 
@@ -155,7 +154,7 @@ def dump_manifest(classes: list[str], images: list[ImageRecord]) -> dict[str, An
 def stable_split(path: str, val_fraction: float) -> str:
     """A split that depends only on the path, so an image never moves between train and val as data grows."""
     bucket = zlib.crc32(path.encode("utf-8")) % 10_000
-    return "val" if bucket < int(round(val_fraction * 10_000)) else "train"
+    return "val" if bucket < round(val_fraction * 10_000) else "train"
 
 
 def _is_image_name(name: str) -> bool:

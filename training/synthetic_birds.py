@@ -54,7 +54,11 @@ def _draw_turkey(draw: ImageDraw.ImageDraw, rng: random.Random, cx: float, cy: f
     for k in range(wedges):  # the striped tail fan
         a0 = start + span * k / wedges
         a1 = start + span * (k + 1) / wedges
-        shade = (rng.randint(90, 150), rng.randint(50, 80), rng.randint(15, 40)) if k % 2 else (rng.randint(40, 70), rng.randint(25, 45), rng.randint(10, 25))
+        shade = (
+            (rng.randint(90, 150), rng.randint(50, 80), rng.randint(15, 40))
+            if k % 2
+            else (rng.randint(40, 70), rng.randint(25, 45), rng.randint(10, 25))
+        )
         draw.pieslice([cx - fan_r, cy - fan_r, cx + fan_r, cy + fan_r], a0, a1, fill=shade)
         tip = math.radians((a0 + a1) / 2)
         tx, ty = cx + fan_r * 0.92 * math.cos(tip), cy + fan_r * 0.92 * math.sin(tip)
@@ -116,7 +120,7 @@ def generate(
     root = Path(out)
     rng = random.Random(seed)
     written: list[Path] = []
-    n_val = max(1, int(round(per_class * val_fraction)))
+    n_val = max(1, round(per_class * val_fraction))
     for label in CLASSES:
         for i in range(per_class):
             split = "val" if i < n_val else "train"

@@ -161,9 +161,7 @@ def _setup_ddp(
     if local_rank is None:
         per_node = torch.cuda.device_count() if torch.cuda.is_available() else 1
         local_rank = rank % max(1, per_node)
-    local_world_size = _env_int("LOCAL_WORLD_SIZE", None) or (
-        torch.cuda.device_count() if torch.cuda.is_available() else world_size
-    )
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", None) or (torch.cuda.device_count() if torch.cuda.is_available() else world_size)
     device = _pick_device(local_rank)
     backend = dist_backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
@@ -198,9 +196,7 @@ def _setup_horovod() -> Topology:
     try:
         import horovod.torch as hvd
     except ImportError as exc:  # pragma: no cover - depends on the image
-        raise TopologyError(
-            "--distributed horovod needs the horovod package (built with PyTorch support)"
-        ) from exc
+        raise TopologyError("--distributed horovod needs the horovod package (built with PyTorch support)") from exc
     hvd.init()
     device = _pick_device(hvd.local_rank())
     if device.type == "cpu":

@@ -67,18 +67,43 @@ EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data_dir", default="./data", help="root the image paths are relative to (ImageFolder tree, or the manifest's root)")
-    data.add_argument("--manifest", default=None, help="JSON manifest listing exactly the images to use (path, label, split, etag) with its sha256")
-    data.add_argument("--val_fraction", type=float, default=0.2, help="without a manifest or train/ and val/ folders: share of images (by a stable hash of the path) used for validation")
+    data.add_argument(
+        "--data_dir", default="./data", help="root the image paths are relative to (ImageFolder tree, or the manifest's root)"
+    )
+    data.add_argument(
+        "--manifest", default=None, help="JSON manifest listing exactly the images to use (path, label, split, etag) with its sha256"
+    )
+    data.add_argument(
+        "--val_fraction",
+        type=float,
+        default=0.2,
+        help="without a manifest or train/ and val/ folders: share of images (by a stable hash of the path) used for validation",
+    )
     data.add_argument("--image_size", type=int, default=224, help="input side length in pixels")
     data.add_argument("--batch_size", type=int, default=16, help="images per step per process (global batch = this x world size)")
     data.add_argument("--workers", type=int, default=-1, help="DataLoader worker processes per rank (-1: a fair share of the cores)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--arch", choices=ARCHITECTURES, default=None, help="torchvision architecture (default: the init checkpoint's, else resnet18)")
-    model.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help="backbone init without --init_checkpoint: imagenet (torchvision, may download), auto (imagenet only if already in the local torchvision cache), none (random)")
-    model.add_argument("--init_checkpoint", default=None, help="model.pt to warm start from (usually the champion); its accuracy on this run's validation set is recorded as baseline_val_acc")
-    model.add_argument("--bn", choices=("train", "frozen", "sync"), default="train", help="BatchNorm: train normally, freeze statistics and affine params, or SyncBatchNorm (DDP on CUDA only)")
+    model.add_argument(
+        "--arch", choices=ARCHITECTURES, default=None, help="torchvision architecture (default: the init checkpoint's, else resnet18)"
+    )
+    model.add_argument(
+        "--weights",
+        choices=WEIGHT_CHOICES,
+        default="auto",
+        help="backbone init without --init_checkpoint: imagenet (torchvision, may download), auto (imagenet only if already in the local torchvision cache), none (random)",
+    )
+    model.add_argument(
+        "--init_checkpoint",
+        default=None,
+        help="model.pt to warm start from (usually the champion); its accuracy on this run's validation set is recorded as baseline_val_acc",
+    )
+    model.add_argument(
+        "--bn",
+        choices=("train", "frozen", "sync"),
+        default="train",
+        help="BatchNorm: train normally, freeze statistics and affine params, or SyncBatchNorm (DDP on CUDA only)",
+    )
 
     optim = p.add_argument_group("optimisation (defaults are the reference script's)")
     optim.add_argument("--num_epochs", type=int, default=25, help="number of epochs")
@@ -87,22 +112,60 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight_decay", type=float, default=0.0, help="SGD weight decay")
     optim.add_argument("--step_size", type=int, default=7, help="StepLR: epochs between learning-rate decays")
     optim.add_argument("--gamma", type=float, default=0.1, help="StepLR: decay factor")
-    optim.add_argument("--lr_scaling", choices=("linear", "none"), default="linear", help="linear: multiply the learning rate by the world size (the global batch grows with it), as Horovod recommends")
+    optim.add_argument(
+        "--lr_scaling",
+        choices=("linear", "none"),
+        default="linear",
+        help="linear: multiply the learning rate by the world size (the global batch grows with it), as Horovod recommends",
+    )
     optim.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
-    optim.add_argument("--max_steps_per_epoch", type=int, default=0, help="stop each epoch after this many steps (0: full epoch); for benchmarks and smoke tests")
+    optim.add_argument(
+        "--max_steps_per_epoch",
+        type=int,
+        default=0,
+        help="stop each epoch after this many steps (0: full epoch); for benchmarks and smoke tests",
+    )
 
     perf = p.add_argument_group("performance")
-    perf.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto", help="mixed precision: auto = bf16 (or fp16) on CUDA, none on CPU")
-    perf.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format (faster convolutions on CPU and tensor cores)")
+    perf.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "none"),
+        default="auto",
+        help="mixed precision: auto = bf16 (or fp16) on CUDA, none on CPU",
+    )
+    perf.add_argument(
+        "--channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC memory format (faster convolutions on CPU and tensor cores)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", default="./outputs", help="where rank 0 writes model.pt and metrics.json (Azure ML uploads ./outputs)")
     out.add_argument("--log_every", type=int, default=20, help="steps between progress updates with a loss value")
 
     d = p.add_argument_group("distributed")
-    d.add_argument("--distributed", choices=DISTRIBUTED_CHOICES, default="auto", help="auto: DDP when launched by torchrun/Azure ML (WORLD_SIZE>1) or with --dist-url, Horovod under horovodrun, else one process")
-    d.add_argument("--dist-backend", "--dist_backend", dest="dist_backend", choices=("nccl", "gloo"), default=None, help="DDP backend (default: nccl on GPU, gloo on CPU)")
-    d.add_argument("--dist-url", "--dist_url", dest="dist_url", default=None, help="DDP init method URL, e.g. $AZ_BATCHAI_PYTORCH_INIT_METHOD or tcp://host:port")
+    d.add_argument(
+        "--distributed",
+        choices=DISTRIBUTED_CHOICES,
+        default="auto",
+        help="auto: DDP when launched by torchrun/Azure ML (WORLD_SIZE>1) or with --dist-url, Horovod under horovodrun, else one process",
+    )
+    d.add_argument(
+        "--dist-backend",
+        "--dist_backend",
+        dest="dist_backend",
+        choices=("nccl", "gloo"),
+        default=None,
+        help="DDP backend (default: nccl on GPU, gloo on CPU)",
+    )
+    d.add_argument(
+        "--dist-url",
+        "--dist_url",
+        dest="dist_url",
+        default=None,
+        help="DDP init method URL, e.g. $AZ_BATCHAI_PYTORCH_INIT_METHOD or tcp://host:port",
+    )
     d.add_argument("--rank", type=int, default=None, help="global rank, with --dist-url")
     d.add_argument("--world-size", "--world_size", dest="world_size", type=int, default=None, help="number of processes, with --dist-url")
     return p
@@ -503,14 +566,26 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
         aml.log("best_val_acc", best_val_acc)
         if baseline_val_acc is not None:
             aml.log("baseline_val_acc", baseline_val_acc)
-        log.info("best_val_acc=%.4f (epoch %d)%s; wrote %s", best_val_acc, best_epoch, f", baseline_val_acc={baseline_val_acc:.4f}" if baseline_val_acc is not None else "", args.output_dir)
+        log.info(
+            "best_val_acc=%.4f (epoch %d)%s; wrote %s",
+            best_val_acc,
+            best_epoch,
+            f", baseline_val_acc={baseline_val_acc:.4f}" if baseline_val_acc is not None else "",
+            args.output_dir,
+        )
     return metrics
 
 
-def write_outputs(output_dir: Path, arch: str, state: dict, class_names: list[str], image_size: int, metrics: dict[str, Any], manifest_sha256: str) -> None:
+def write_outputs(
+    output_dir: Path, arch: str, state: dict, class_names: list[str], image_size: int, metrics: dict[str, Any], manifest_sha256: str
+) -> None:
     """model.pt first, metrics.json last: a metrics.json on disk means the outputs are complete."""
-    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, type(None))) and not (isinstance(v, float) and math.isnan(v))}
-    checkpoint = make_checkpoint(arch=arch, state_dict=state, class_names=class_names, image_size=image_size, metrics=summary, manifest_sha256=manifest_sha256)
+    summary = {
+        k: v for k, v in metrics.items() if isinstance(v, (int, float, str, type(None))) and not (isinstance(v, float) and math.isnan(v))
+    }
+    checkpoint = make_checkpoint(
+        arch=arch, state_dict=state, class_names=class_names, image_size=image_size, metrics=summary, manifest_sha256=manifest_sha256
+    )
     metrics["model_sha256"] = save_checkpoint(checkpoint, output_dir / "model.pt")
     atomic_write_bytes(output_dir / "metrics.json", (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
 
@@ -525,7 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stdout,
     )
     try:
-        topo = setup_topology(args.distributed, dist_backend=args.dist_backend, dist_url=args.dist_url, rank=args.rank, world_size=args.world_size)
+        topo = setup_topology(
+            args.distributed, dist_backend=args.dist_backend, dist_url=args.dist_url, rank=args.rank, world_size=args.world_size
+        )
     except TopologyError as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,0 +1,69 @@
+"""Shared fixtures: synthetic image sets and helpers that run the training snapshot for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINING = ROOT / "training"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "default"})
+    env.update(extra)
+    return env
+
+
+def run_train(args: list[str], *, nproc: int = 1, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """train.py as a real process: plain python for nproc=1, torchrun --standalone otherwise."""
+    if nproc == 1:
+        cmd = [sys.executable, str(TRAINING / "train.py"), *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(TRAINING / "train.py"),
+            *args,
+        ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or child_env(), check=False)
+
+
+def read_metrics(output_dir: Path) -> dict:
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_birds(tmp_path_factory) -> Path:
+    """Flat <class>/<image> set: 20 images per class and 2 corrupt files."""
+    from synthetic_birds import generate
+
+    root = tmp_path_factory.mktemp("tiny-birds")
+    generate(root, 20, layout="flat", corrupt=2, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def split_birds(tmp_path_factory) -> Path:
+    """Reference layout train/<class>/ and val/<class>/, 16 per class, no corrupt files."""
+    from synthetic_birds import generate
+
+    root = tmp_path_factory.mktemp("split-birds")
+    generate(root, 16, layout="split", val_fraction=0.25, seed=2)
+    return root

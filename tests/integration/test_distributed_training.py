@@ -1,0 +1,184 @@
+"""train.py launched for real: torchrun DDP over gloo, the older --dist-url style, and Horovod over Gloo."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TRAINING, child_env, free_port, read_metrics, run_train
+
+from synthetic_birds import write_corrupt
+
+pytestmark = pytest.mark.integration
+
+TINY = ["--image_size", "48", "--batch_size", "4", "--workers", "1", "--weights", "none"]
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_torchrun_with_two_ranks_writes_a_loadable_model_and_sane_metrics(tiny_birds, tmp_path):
+    out = tmp_path / "out"
+    _ok(run_train(["--data_dir", str(tiny_birds), "--output_dir", str(out), "--num_epochs", "2", *TINY], nproc=2))
+    m = read_metrics(out)
+    assert (m["distributed"], m["world_size"], m["backend"], m["device"]) == ("ddp", 2, "gloo", "cpu")
+    assert [row["epoch"] for row in m["history"]] == [1, 2]
+    assert 0.0 <= m["best_val_acc"] <= 1.0
+    assert m["best_val_acc"] == max(row["val_acc"] for row in m["history"])
+    assert all(row["train_loss"] > 0 and row["images_per_s"] > 0 for row in m["history"])
+    assert m["skipped_images"] == 2
+    assert m["num_train"] + m["num_val"] == 40
+    assert m["effective_learning_rate"] == pytest.approx(0.002)  # linear scaling by world size
+    checkpoint = torch.load(out / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in checkpoint["state_dict"])
+    assert checkpoint["class_names"] == ["chicken", "turkey"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt"]
+
+
+def test_two_ranks_match_one_process_on_the_same_global_batch(split_birds, tmp_path):
+    common = [
+        "--data_dir",
+        str(split_birds),
+        "--num_epochs",
+        "1",
+        "--image_size",
+        "32",
+        "--workers",
+        "0",
+        "--weights",
+        "none",
+        "--bn",
+        "frozen",
+        "--seed",
+        "3",
+    ]
+    # 24 training images: 3 steps of a global batch of 8, as 1x8 or as 2x4.
+    _ok(run_train([*common, "--output_dir", str(tmp_path / "one"), "--batch_size", "8", "--learning_rate", "0.1"], nproc=1))
+    _ok(run_train([*common, "--output_dir", str(tmp_path / "two"), "--batch_size", "4", "--learning_rate", "0.05"], nproc=2))
+    one, two = _weights(tmp_path / "one" / "model.pt"), _weights(tmp_path / "two" / "model.pt")
+    initial = torch.load(tmp_path / "one" / "model.pt", weights_only=True)  # sanity: training moved the weights
+    assert initial is not None
+    worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
+    assert worst < 1e-5
+    moved = max((one[k].float() - _fresh_init(3)[k].float()).abs().max().item() for k in one if k.endswith("weight"))
+    assert moved > 1e-3, "the weights barely changed, so the comparison would prove nothing"
+    assert read_metrics(tmp_path / "two")["replica_digest"]  # train.py checked both ranks hold identical weights
+
+
+def _fresh_init(seed: int) -> dict[str, torch.Tensor]:
+    from modelio import build_model
+
+    torch.manual_seed(seed)
+    return build_model("resnet18", 2).state_dict()
+
+
+def test_warm_start_records_the_checkpoints_accuracy_on_this_validation_set(split_birds, tmp_path):
+    common = [
+        "--data_dir",
+        str(split_birds),
+        "--num_epochs",
+        "1",
+        "--image_size",
+        "32",
+        "--batch_size",
+        "4",
+        "--workers",
+        "0",
+        "--weights",
+        "none",
+    ]
+    _ok(run_train([*common, "--output_dir", str(tmp_path / "champion")], nproc=1))
+    champion = read_metrics(tmp_path / "champion")
+    assert champion["baseline_val_acc"] is None  # nothing to compare against on a first run
+    _ok(
+        run_train(
+            [*common, "--output_dir", str(tmp_path / "challenger"), "--init_checkpoint", str(tmp_path / "champion" / "model.pt")], nproc=2
+        )
+    )
+    challenger = read_metrics(tmp_path / "challenger")
+    assert challenger["baseline_val_acc"] == pytest.approx(champion["best_val_acc"], abs=1e-9)
+    assert challenger["weights_source"] == "checkpoint"
+    assert challenger["init_checkpoint_sha256"] == champion["model_sha256"]
+
+
+def test_the_older_dist_url_rank_world_size_arguments_start_ddp(split_birds, tmp_path):
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(TRAINING / "train.py"),
+                "--dist-backend",
+                "gloo",
+                "--dist-url",
+                f"tcp://127.0.0.1:{port}",
+                "--rank",
+                str(rank),
+                "--world-size",
+                "2",
+                "--data_dir",
+                str(split_birds),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--num_epochs",
+                "1",
+                *TINY,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env(),
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    m = read_metrics(tmp_path / "out")
+    assert (m["distributed"], m["world_size"]) == ("ddp", 2)
+
+
+def test_unusable_data_under_torchrun_fails_cleanly_with_one_message(split_birds, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(split_birds, data)
+    for image in (data / "train" / "turkey").iterdir():
+        write_corrupt(image, __import__("random").Random(0), 1)
+    proc = run_train(["--data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--num_epochs", "1", *TINY], nproc=2)
+    assert proc.returncode != 0
+    combined = proc.stdout + proc.stderr
+    assert combined.count("['turkey'] have no readable training images") == 1
+    assert f'File "{TRAINING}' not in combined  # no traceback from our code (torchrun prints its own summary)
+    assert not (tmp_path / "out").exists()
+
+
+def _horovodrun() -> Path:
+    path = Path(sys.executable).parent / "horovodrun"
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        pytest.fail("horovod is not installed in this environment: `make horovod` builds it (scripts/build_horovod.sh)")
+    return path
+
+
+def test_horovod_over_gloo_with_two_ranks_trains_and_agrees(split_birds, tmp_path):
+    horovodrun = _horovodrun()
+    out = tmp_path / "out"
+    cmd = [str(horovodrun), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(TRAINING / "train.py"), "--distributed", "horovod",
+           "--data_dir", str(split_birds), "--output_dir", str(out), "--num_epochs", "2", *TINY]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(), check=False)
+    _ok(proc)
+    m = read_metrics(out)
+    assert (m["distributed"], m["world_size"], m["backend"]) == ("horovod", 2, "horovod")
+    assert m["effective_learning_rate"] == pytest.approx(0.002)
+    assert 0.0 <= m["best_val_acc"] <= 1.0
+    assert m["num_val"] == 8
+    torch.load(out / "model.pt", weights_only=True)

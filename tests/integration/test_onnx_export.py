@@ -1,0 +1,86 @@
+"""export_onnx.py on a really trained model: checker, parity with onnxruntime, dynamic batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from tests.conftest import TRAINING, child_env, run_train
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_birds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx-model")
+    proc = run_train(
+        [
+            "--data_dir",
+            str(tiny_birds),
+            "--output_dir",
+            str(out),
+            "--num_epochs",
+            "1",
+            "--image_size",
+            "48",
+            "--batch_size",
+            "8",
+            "--workers",
+            "0",
+            "--weights",
+            "none",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _export(trained, tiny_birds, *extra):
+    cmd = [sys.executable, str(TRAINING / "export_onnx.py"), "--model", str(trained / "model.pt"), "--data_dir", str(tiny_birds), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(), check=False)
+
+
+def test_export_matches_pytorch_on_validation_images_and_takes_any_batch_size(trained, tiny_birds):
+    proc = _export(trained, tiny_birds)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((trained / "onnx_report.json").read_text())
+    assert report["passed"] is True
+    assert report["max_abs_diff"] < 1e-4
+    assert report["parity_inputs"] == "validation images"
+    assert report["argmax_agreement"] == 1.0
+    assert report["exporter"].startswith("torchscript")
+    model = onnx.load(str(trained / "model.onnx"))
+    onnx.checker.check_model(model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["class_names"]) == ["chicken", "turkey"]
+    assert meta["image_size"] == "48"
+    session = ort.InferenceSession(str(trained / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"image": np.random.default_rng(0).random((3, 3, 48, 48), dtype=np.float32)})[0]
+    assert logits.shape == (3, 2)
+
+
+def test_parity_above_tolerance_fails_with_exit_3_and_a_report(trained, tiny_birds, tmp_path):
+    report_path = tmp_path / "report.json"
+    proc = _export(trained, tiny_birds, "--output", str(tmp_path / "m.onnx"), "--report", str(report_path), "--tolerance", "-1")
+    assert proc.returncode == 3
+    assert "FAILED" in proc.stdout
+    assert json.loads(report_path.read_text())["passed"] is False
+
+
+def test_a_missing_model_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(TRAINING / "export_onnx.py"), "--model", str(tmp_path / "none.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr

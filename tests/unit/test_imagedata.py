@@ -1,0 +1,135 @@
+"""Image screening, per-sample seeded augmentation and the loaders' guarantees."""
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from imagedata import IGNORE_LABEL, EpochSampler, ImageListDataset, build_data, find_unreadable, train_transform, unreadable_reason
+from manifests import DataError, ImageRecord, Manifest, manifest_sha256, scan_image_folder
+from synthetic_birds import draw_bird, write_corrupt
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def odd_images(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    base = draw_bird("chicken", rng)
+    files = {
+        "rgb.jpg": lambda p: base.save(p),
+        "gray.png": lambda p: base.convert("L").save(p),
+        "cmyk.jpg": lambda p: base.convert("CMYK").save(p),
+        "rgba.png": lambda p: base.convert("RGBA").save(p),
+        "palette.png": lambda p: base.convert("P").save(p),
+        "truncated.jpg": lambda p: write_corrupt(p, rng, 0),
+        "text.jpg": lambda p: write_corrupt(p, rng, 1),
+        "empty.jpg": lambda p: p.write_bytes(b""),
+    }
+    for name, make in files.items():
+        make(tmp_path / name)
+    return tmp_path
+
+
+def test_truncated_text_and_empty_files_are_flagged_with_a_reason(odd_images):
+    assert unreadable_reason(odd_images / "truncated.jpg").startswith("undecodable")
+    assert unreadable_reason(odd_images / "text.jpg") == "not an image"
+    assert unreadable_reason(odd_images / "empty.jpg") == "not an image"
+    assert unreadable_reason(odd_images / "absent.jpg") == "missing"
+
+
+@pytest.mark.parametrize("name", ["rgb.jpg", "gray.png", "cmyk.jpg", "rgba.png", "palette.png"])
+def test_other_colour_modes_are_converted_not_skipped(odd_images, name):
+    assert unreadable_reason(odd_images / name) is None
+
+
+def test_screening_splits_the_work_over_ranks_and_the_union_is_complete(odd_images):
+    records = [ImageRecord(path=p.name, label="chicken", split="train") for p in sorted(odd_images.iterdir())]
+    alone = find_unreadable(odd_images, records)
+    shards = [find_unreadable(odd_images, records, rank=r, world_size=3) for r in range(3)]
+    merged = {k: v for shard in shards for k, v in shard.items()}
+    assert merged == alone
+    assert set(alone) == {"truncated.jpg", "text.jpg", "empty.jpg"}
+
+
+def _manifest(root, records):
+    classes = sorted({r.label for r in records})
+    return Manifest(classes=tuple(classes), images=tuple(records), sha256=manifest_sha256(classes, records))
+
+
+def test_a_class_with_only_unreadable_images_is_a_clear_error(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    for i in range(3):
+        draw_bird("chicken", rng).save(tmp_path / f"c{i}.jpg")
+    write_corrupt(tmp_path / "t0.jpg", rng, 1)
+    records = [ImageRecord(f"c{i}.jpg", "chicken", "train" if i else "val") for i in range(3)] + [ImageRecord("t0.jpg", "turkey", "train")]
+    manifest = _manifest(tmp_path, records)
+    skipped = find_unreadable(tmp_path, records)
+    with pytest.raises(DataError, match=r"\['turkey'\] have no readable training images \(1 unreadable"):
+        build_data(tmp_path, manifest, skipped, image_size=32, batch_size=2, workers=0, rank=0, world_size=1, seed=0, pin_memory=False)
+
+
+def test_an_empty_validation_split_is_a_clear_error(split_birds, tmp_path):
+    shutil.copytree(split_birds / "train", tmp_path / "flat")
+    manifest = scan_image_folder(tmp_path / "flat")
+    train_only = Manifest(manifest.classes, tuple(ImageRecord(r.path, r.label, "train") for r in manifest.images), "x")
+    with pytest.raises(DataError, match="validation split is empty"):
+        build_data(
+            tmp_path / "flat", train_only, {}, image_size=32, batch_size=2, workers=0, rank=0, world_size=1, seed=0, pin_memory=False
+        )
+
+
+def test_augmentation_depends_on_seed_epoch_and_sample_not_on_who_loads_it(tiny_birds):
+    manifest = scan_image_folder(tiny_birds)
+    records = [r for r in manifest.split("train") if "corrupt" not in r.path][:4]
+    ds = ImageListDataset(tiny_birds, records, {"chicken": 0, "turkey": 1}, train_transform(32), 32, seed=5)
+    first = ds[(2, 3)][0]
+    torch.manual_seed(123)  # unrelated global RNG state must not matter
+    assert torch.equal(ds[(2, 3)][0], first)
+    assert not torch.equal(ds[(2, 4)][0], first)  # another epoch, another crop
+
+
+def test_the_two_rank_batches_together_are_the_single_process_batch():
+    data = list(range(32))
+    single = list(EpochSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3))
+    ranks = [list(EpochSampler(data, num_replicas=2, rank=r, shuffle=True, seed=3)) for r in range(2)]
+    per_rank_batch = 4
+    for step in range(len(data) // (2 * per_rank_batch)):
+        together = (
+            ranks[0][step * per_rank_batch : (step + 1) * per_rank_batch] + ranks[1][step * per_rank_batch : (step + 1) * per_rank_batch]
+        )
+        assert sorted(together) == sorted(single[step * 2 * per_rank_batch : (step + 1) * 2 * per_rank_batch])
+
+
+def test_an_image_that_breaks_after_screening_becomes_an_ignored_sample(tmp_path):
+    import random
+
+    draw_bird("turkey", random.Random(0)).save(tmp_path / "t.jpg")
+    ds = ImageListDataset(tmp_path, [ImageRecord("t.jpg", "turkey", "train")], {"chicken": 0, "turkey": 1}, train_transform(32), 32)
+    assert ds[0][1] == 1
+    (tmp_path / "t.jpg").write_bytes(b"garbage")
+    image, label = ds[0]
+    assert label == IGNORE_LABEL
+    assert image.shape == (3, 32, 32)
+    assert image.dtype == torch.uint8
+
+
+def test_loaders_hand_out_uint8_batches_of_the_requested_size(split_birds):
+    manifest = scan_image_folder(split_birds)
+    data = build_data(split_birds, manifest, {}, image_size=40, batch_size=5, workers=0, rank=0, world_size=1, seed=0, pin_memory=False)
+    images, labels = next(iter(data.train_loader))
+    assert images.dtype == torch.uint8
+    assert images.shape == (5, 3, 40, 40)
+    assert set(labels.tolist()) <= {0, 1}
+    assert (data.num_train, data.num_val) == (24, 8)
+
+
+def test_images_of_any_size_come_out_square(tmp_path):
+    Image.new("RGB", (300, 20), "red").save(tmp_path / "wide.png")
+    ds = ImageListDataset(tmp_path, [ImageRecord("wide.png", "a", "train")], {"a": 0}, train_transform(24), 24)
+    assert ds[0][0].shape == (3, 24, 24)

@@ -1,0 +1,70 @@
+"""train.run in-process on a tiny set: who writes, what is written, and how bad input ends."""
+
+import json
+
+import pytest
+import torch
+
+from topology import Topology
+from train import main, parse_args, run
+
+pytestmark = pytest.mark.unit
+
+TINY = ["--num_epochs", "1", "--image_size", "32", "--batch_size", "8", "--workers", "0", "--weights", "none"]
+
+
+def test_rank_zero_writes_model_and_metrics_atomically(tiny_birds, tmp_path):
+    out = tmp_path / "out"
+    metrics = run(parse_args(["--data_dir", str(tiny_birds), "--output_dir", str(out), *TINY]), Topology(kind="none"))
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt"]  # no temp files left
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["best_val_acc"] == metrics["best_val_acc"]
+    assert written["skipped_images"] == 2
+    assert len(written["skipped_examples"]) == 2
+    assert written["model_sha256"]
+    checkpoint = torch.load(out / "model.pt", weights_only=True)
+    assert checkpoint["metrics"]["best_val_acc"] == metrics["best_val_acc"]
+    assert checkpoint["manifest_sha256"] == written["manifest_sha256"]
+
+
+def test_other_ranks_write_nothing(tiny_birds, tmp_path):
+    out = tmp_path / "out"
+    topo = Topology(kind="none", rank=1, world_size=2)  # collectives stay local; this process is rank 1
+    run(parse_args(["--data_dir", str(tiny_birds), "--output_dir", str(out), *TINY]), topo)
+    assert not out.exists()
+
+
+def test_an_empty_data_dir_exits_2_with_a_message(tmp_path, capsys):
+    assert main(["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"), *TINY]) == 2
+    assert "no class folders" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_corrupt_init_checkpoint_exits_2_with_a_message(tiny_birds, tmp_path, capsys):
+    bad = tmp_path / "champion.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["--data_dir", str(tiny_birds), "--init_checkpoint", str(bad), "--output_dir", str(tmp_path / "o"), *TINY]) == 2
+    assert "cannot be loaded" in capsys.readouterr().err
+
+
+def test_ddp_without_a_launcher_exits_2_and_says_how_to_launch(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["--distributed", "ddp", "--data_dir", str(tmp_path)]) == 2
+    assert "torchrun" in capsys.readouterr().err
+
+
+def test_a_manifest_restricts_training_to_exactly_its_images(tiny_birds, tmp_path):
+    from manifests import dump_manifest, scan_image_folder
+
+    scanned = scan_image_folder(tiny_birds)
+    chosen = [r for r in scanned.images if "corrupt" not in r.path][::2]
+    doc = dump_manifest(list(scanned.classes), chosen)
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    metrics = run(
+        parse_args(["--data_dir", str(tiny_birds), "--manifest", str(tmp_path / "m.json"), "--output_dir", str(tmp_path / "o"), *TINY]),
+        Topology(kind="none"),
+    )
+    assert metrics["manifest_sha256"] == doc["sha256"]
+    assert metrics["num_train"] + metrics["num_val"] == len(chosen)
+    assert metrics["skipped_images"] == 0
