@@ -464,8 +464,10 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
         epoch_start = time.perf_counter()
         data_wait = 0.0
         fetch_start = time.perf_counter()
+        step_count = 0
         for step, (images, labels) in enumerate(data.train_loader, start=1):
             data_wait += time.perf_counter() - fetch_start
+            step_count = step
             x = to_model_input(images, device, mean, std, args.channels_last)
             y = labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -512,6 +514,7 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
             "lr": lr,
             "seconds": round(time.perf_counter() - epoch_start, 3),
             "train_seconds": round(train_seconds, 3),
+            "steps": step_count,
             "images_per_s": round(seen / max(train_seconds, 1e-9), 2),
             "data_wait_s": round(data_wait, 3),
             "data_wait_fraction": round(data_wait / max(train_seconds, 1e-9), 4),
