@@ -133,3 +133,15 @@ def test_images_of_any_size_come_out_square(tmp_path):
     Image.new("RGB", (300, 20), "red").save(tmp_path / "wide.png")
     ds = ImageListDataset(tmp_path, [ImageRecord("wide.png", "a", "train")], {"a": 0}, train_transform(24), 24)
     assert ds[0][0].shape == (3, 24, 24)
+
+
+def test_auto_loader_workers_stay_inline_on_small_cpus_and_scale_on_gpus(monkeypatch):
+    from imagedata import loader_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert loader_workers(-1, 1, torch.device("cpu")) == 0
+    assert loader_workers(-1, 2, torch.device("cpu")) == 0
+    assert loader_workers(3, 2, torch.device("cpu")) == 3  # an explicit choice wins
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert loader_workers(-1, 1, torch.device("cuda", 0)) == 8
+    assert loader_workers(-1, 1, torch.device("cpu")) == 4
