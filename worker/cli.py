@@ -1,7 +1,12 @@
-"""The `retrain` command line."""
+"""The `retrain` command line: serve, inject, status, explain, demo."""
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
+import sys
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -9,10 +14,186 @@ import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Event-driven retraining worker for PyTorch image classifiers.")
 
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file (default: $RETRAIN_CONFIG, else built-in defaults)")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _config(path: Path | None):
+    from shared.errors import ConfigError
+    from worker.config import load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _store(config):
+    from worker.bootstrap import ledger_path
+    from worker.sqlite_store import SqliteStore
+
+    return SqliteStore(ledger_path(config))
+
 
 @app.callback()
 def _root() -> None:
     """Event-driven retraining worker for PyTorch image classifiers."""
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    cycles: Annotated[int | None, typer.Option(help="stop after this many cycles (default: run until Ctrl-C)")] = None,
+    max_seconds: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    settle_seconds: Annotated[float, typer.Option(help="ignore files modified more recently than this (still being written)")] = 1.0,
+) -> None:
+    """Run the local worker: scan image folders, consume the inbox, tick, publish events."""
+    from worker.bootstrap import build_worker
+    from worker.serve import LocalService
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    cfg = _config(config)
+    service = LocalService(build_worker(cfg), settle_seconds=settle_seconds)
+
+    def stop(signum, _frame):
+        logging.getLogger("retrain.serve").info("stopping after the current step (signal %d)", signum)
+        service.stop.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for name in sorted(cfg.models):
+        logging.getLogger("retrain.serve").info("model %s: watching %s", name, cfg.images_dir(name))
+    service.run(max_seconds=max_seconds, cycles=cycles)
+
+
+@app.command()
+def inject(
+    model: Annotated[str, typer.Option(help="the model to retrain")],
+    config: ConfigOption = None,
+    force: Annotated[bool, typer.Option(help="start a run now, whatever the thresholds say (never while one is in flight)")] = False,
+    prefix: Annotated[str | None, typer.Option(help="backfill: register every image under this prefix (<label>/...)")] = None,
+    images_file: Annotated[Path | None, typer.Option(help="backfill: a file listing image paths, one per line")] = None,
+    epochs: Annotated[int | None, typer.Option(help="override epochs for the run")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="override the learning rate")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="override the batch size")] = None,
+    image_size: Annotated[int | None, typer.Option(help="override the image size")] = None,
+    request_id: Annotated[str | None, typer.Option(help="idempotency key (default: a new UUID)")] = None,
+    requested_by: Annotated[str, typer.Option(help="who asks")] = "cli",
+    reason: Annotated[str, typer.Option(help="why")] = "",
+    to: Annotated[str, typer.Option(help="where to send it: local (the serve loop's inbox)")] = "local",
+    json_out: JsonOption = False,
+) -> None:
+    """Send a RetrainRequested (forced run and/or backfill). Invalid input: error, nothing written."""
+    from shared.errors import InvalidMessage
+    from shared.messages import RetrainRequested, parse_as
+    from worker.local_inbox import LocalInbox
+
+    cfg = _config(config)
+    if to != "local":
+        typer.echo(f"error: --to {to!r} is not available yet (only 'local')", err=True)
+        raise typer.Exit(2)
+    body: dict = {
+        "message_id": request_id or f"req-{uuid.uuid4().hex}",
+        "model": model,
+        "force": force,
+        "requested_by": requested_by,
+        "reason": reason,
+    }
+    if prefix is not None:
+        body["prefix"] = prefix
+    if images_file is not None:
+        try:
+            lines = images_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            typer.echo(f"error: cannot read {images_file}: {exc.strerror}", err=True)
+            raise typer.Exit(2) from exc
+        body["images"] = [{"path": line.strip()} for line in lines if line.strip()]
+    overrides = {
+        k: v
+        for k, v in {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "image_size": image_size}.items()
+        if v is not None
+    }
+    if overrides:
+        body["overrides"] = overrides
+    try:
+        message = parse_as(RetrainRequested, body, known_models=cfg.models)
+        path = LocalInbox(cfg.worker.state_dir / "inbox").put(message.message_id, message.model_dump(mode="json"))
+    except InvalidMessage as exc:
+        typer.echo(f"error: invalid request ({exc.reason}): {exc.description}", err=True)
+        raise typer.Exit(2) from exc
+    if json_out:
+        typer.echo(json.dumps({"request_id": message.message_id, "queued": str(path)}))
+    else:
+        typer.echo(f"queued request {message.message_id} for {model} in {path}")
+
+
+@app.command()
+def status(
+    model: Annotated[str | None, typer.Argument(help="one model (default: all)")] = None,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Per model: pending images per class, runs in flight, recent runs, the last decision."""
+    from worker.views import status_view
+
+    cfg = _config(config)
+    _known(cfg, model)
+    view = status_view(_store(cfg), cfg, model)
+    if json_out:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for name, s in view.items():
+        table = Table(title=f"model {name}", title_justify="left", show_header=False)
+        table.add_row(
+            "pending", f"{s['pending']['total']} new images " + (str(s["pending"]["per_class"]) if s["pending"]["per_class"] else "")
+        )
+        table.add_row("images", ", ".join(f"{k} {v}" for k, v in s["images_by_state"].items()) or "none")
+        table.add_row("in flight", ", ".join(f"{r['run_id']} ({r['state']}, attempt {r['attempt']})" for r in s["in_flight"]) or "none")
+        for r in s["last_runs"]:
+            table.add_row(
+                "run",
+                f"{r['run_id']} {r['state']}{'/' + r['outcome'] if r['outcome'] else ''} {r['images']} images ({r['new_images']} new) {r['created_at'][:19]}",
+            )
+        if s["last_decision"]:
+            table.add_row("decision", f"{s['last_decision']['outcome']}: {s['last_decision']['reason']}")
+        console.print(table)
+
+
+@app.command()
+def explain(
+    model: Annotated[str | None, typer.Argument(help="one model (default: all)")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="how many decisions")] = 10,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """The last decisions of the policy, newest first, with their reasons."""
+    from worker.views import explain_view
+
+    cfg = _config(config)
+    _known(cfg, model)
+    view = explain_view(_store(cfg), cfg, model, limit)
+    if json_out:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    for name, decisions in view.items():
+        typer.echo(f"{name}:")
+        for d in decisions or []:
+            typer.echo(f"  {d['at'][:19]}  {d['outcome']:<8} {d['reason']}")
+        if not decisions:
+            typer.echo("  no decisions yet")
+
+
+def _known(cfg, model: str | None) -> None:
+    if model is not None and model not in cfg.models:
+        typer.echo(f"error: unknown model {model!r} (configured: {', '.join(sorted(cfg.models))})", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -43,3 +224,7 @@ def demo(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

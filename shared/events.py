@@ -1,0 +1,51 @@
+"""Outbound events: CloudEvents 1.0 envelopes (structured JSON) for what the worker did.
+
+Event ids are derived from what happened (type + subject + a discriminator), so recording the
+same fact twice, after a crash and a redelivery, yields the same id: the outbox keeps one, and
+the broker (message id = event id) and consumers can drop a re-send.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+RUN_SUBMITTED = "retrain.run.submitted"
+RUN_FAILED = "retrain.run.failed"
+MODEL_REGISTERED = "retrain.model.registered"
+MODEL_REJECTED = "retrain.model.rejected"
+REQUEST_REJECTED = "retrain.request.rejected"
+EVENT_TYPES = (RUN_SUBMITTED, RUN_FAILED, MODEL_REGISTERED, MODEL_REJECTED, REQUEST_REJECTED)
+DEFAULT_SOURCE = "/retrain/worker"
+
+
+class CloudEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str = Field(min_length=1, max_length=256)
+    source: str = DEFAULT_SOURCE
+    type: str
+    time: AwareDatetime
+    subject: str
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: dict[str, Any]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def event_id(type_: str, subject: str, discriminator: str = "") -> str:
+    digest = hashlib.sha256(f"{type_}\x00{subject}\x00{discriminator}".encode()).hexdigest()[:32]
+    return f"evt-{digest}"
+
+
+def new_event(
+    type_: str, subject: str, data: dict[str, Any], *, time: dt.datetime, discriminator: str = "", source: str = DEFAULT_SOURCE
+) -> CloudEvent:
+    if type_ not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type_!r}")
+    return CloudEvent(id=event_id(type_, subject, discriminator), source=source, type=type_, time=time, subject=subject, data=data)

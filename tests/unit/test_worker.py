@@ -1,0 +1,225 @@
+"""The worker driven through its bus: thresholds, single flight, duplicates, retries, recovery.
+
+Every test runs against the in-memory fake store and the real SQLite store.
+"""
+
+import pytest
+
+from shared import events as ev
+from worker.memory_store import MemoryStore
+from worker.sqlite_store import SqliteStore
+
+from .worker_harness import make_harness
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def h(request, tmp_path):
+    store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "ledger.db")
+    yield make_harness(tmp_path, store=store)
+    store.close()
+
+
+def ready(h, per_class=6):
+    """Enough images of both classes, then a quiet period: the policy wants a run."""
+    h.uploads(per_class)
+    h.clock.advance(11)
+    return h.worker.tick()
+
+
+def test_the_policy_waits_and_says_why_until_the_threshold_is_crossed(h):
+    h.upload("chicken")
+    assert "waiting for data" in h.decisions()[0].reason
+    effects = ready(h)
+    assert len(effects.planned_runs) == 1
+    runs = h.runs()
+    assert [r.state for r in runs] == ["submitted"]
+    assert h.backend.calls_to("submit") == [runs[0].backend_run_id]
+    assert runs[0].new_image_count == runs[0].image_count == 13
+
+
+def test_the_same_image_delivered_twice_is_counted_once(h):
+    h.upload("chicken", "a")
+    h.upload("chicken", "a")  # same path and etag: a duplicate
+    with h.store.transaction() as tx:
+        assert tx.pending_stats("birds").count == 1
+
+
+def test_an_overwritten_image_is_a_new_version_and_replaces_the_pending_one(h):
+    h.upload("chicken", "a", etag="v1")
+    h.upload("chicken", "a", etag="v2")
+    with h.store.transaction() as tx:
+        assert tx.pending_stats("birds").count == 1
+        assert tx.count_images("birds") == {"pending": 1, "superseded": 1}
+        assert [i.etag for i in tx.manifest_candidates("birds", only_pending=True)] == ["v2"]
+
+
+def test_every_handler_delivered_twice_has_one_effect(h):
+    from shared.messages import ImageUploaded, RetrainRequested, RunStatusChanged
+
+    h.uploads(6)
+    h.clock.advance(11)
+    upload = ImageUploaded.of("birds", "turkey/late.jpg", "e9")
+    request = RetrainRequested(message_id="req-dup", model="birds", force=True)
+    assert h.worker.handle(upload).outcome == "ok"
+    assert h.worker.handle(upload).outcome == "duplicate"
+    h.worker.handle(request)
+    assert h.worker.handle(request).outcome == "duplicate"
+    assert len(h.runs()) == 1
+    run = h.runs()[0]
+    done = RunStatusChanged(message_id="done-1", model="birds", backend_run_id=run.backend_run_id, status="Completed")
+    h.worker.handle(done)
+    assert h.worker.handle(done).outcome == "duplicate"
+    assert h.worker.handle(done.model_copy(update={"message_id": "done-2"})).outcome == "ignored"  # same fact, other id
+    assert [e.type for e in h.events()] == [ev.RUN_SUBMITTED]
+
+
+def test_only_one_run_is_in_flight_and_later_triggers_coalesce_into_one_follow_up(h):
+    ready(h)
+    first = h.runs()[0]
+    h.uploads(6)  # threshold crossed again while the first run trains
+    h.clock.advance(11)
+    h.worker.tick()
+    h.request(force=True)
+    assert len(h.runs()) == 1
+    assert "coalescing into one follow-up" in h.decisions()[0].reason
+    h.status(first.backend_run_id, "succeeded")
+    h.clock.advance(31)  # cooldown
+    h.worker.tick()
+    runs = h.runs()
+    assert len(runs) == 2
+    assert runs[0].new_image_count == 12
+    assert runs[0].request_ids  # the forced request was folded into the follow-up
+    h.clock.advance(60)
+    h.worker.tick()
+    assert len(h.runs()) == 2, "exactly one follow-up"
+
+
+def test_a_forced_request_starts_a_run_the_policy_would_still_wait_for(h):
+    h.uploads(6)  # enough data, but the last upload was just now: the quiet period holds it
+    assert h.decisions()[0].outcome == "wait"
+    h.request(force=True, overrides={"epochs": 2}, requested_by="ops")
+    runs = h.runs()
+    assert len(runs) == 1
+    assert runs[0].reason.startswith("forced by request")
+    assert runs[0].overrides == {"epochs": 2}
+    spec = h.backend.specs[runs[0].backend_run_id]
+    assert spec.training.epochs == 2
+
+
+def test_drop_mode_rejects_a_forced_request_while_a_run_is_in_flight(tmp_path):
+    h = make_harness(tmp_path, in_flight="drop")
+    ready(h)
+    h.request(force=True, message_id="req-late")
+    rejected = [e for e in h.events() if e.type == ev.REQUEST_REJECTED]
+    assert len(rejected) == 1
+    assert rejected[0].payload["data"]["request_id"] == "req-late"
+    assert len(h.runs()) == 1
+
+
+def test_queue_mode_runs_each_forced_request_in_turn(tmp_path):
+    h = make_harness(tmp_path, in_flight="queue", cooldown=0)
+    ready(h)
+    h.request(force=True, message_id="q1", overrides={"epochs": 1})
+    h.request(force=True, message_id="q2", overrides={"epochs": 2})
+    for expected in (["q1"], ["q2"]):
+        h.status(h.runs()[0].backend_run_id, "succeeded")
+        assert h.runs()[0].request_ids == expected
+    assert len(h.runs()) == 3
+
+
+def test_a_failed_run_is_retried_with_the_same_manifest_after_a_backoff(h):
+    ready(h)
+    run = h.runs()[0]
+    h.status(run.backend_run_id, "failed", detail="OOM")
+    retry = h.runs()[0]
+    assert (retry.state, retry.attempt) == ("planned", 2)
+    assert h.worker.tick().planned_runs == []  # backoff not over
+    h.clock.advance(6)
+    h.worker.tick()
+    resubmitted = h.runs()[0]
+    assert resubmitted.state == "submitted"
+    assert h.backend.calls_to("submit") == [f"{run.run_id}-a1", f"{run.run_id}-a2"]
+    assert h.backend.specs[f"{run.run_id}-a2"].manifest == h.backend.specs[f"{run.run_id}-a1"].manifest
+
+
+def test_after_the_retry_budget_the_images_return_to_pending_and_run_failed_is_published(h):
+    ready(h)
+    run = h.runs()[0]
+    h.status(run.backend_run_id, "failed")
+    h.clock.advance(6)
+    h.worker.tick()
+    h.status(h.runs()[0].backend_run_id, "failed", detail="again")
+    final = h.runs()[0]
+    assert (final.state, final.outcome) == ("finalized", "failed")
+    with h.store.transaction() as tx:
+        assert tx.pending_stats("birds").count == 12
+    failed = [e for e in h.events() if e.type == ev.RUN_FAILED]
+    assert len(failed) == 1
+    assert failed[0].payload["data"]["images_returned_to_pending"] == 12
+
+
+def test_a_stale_or_unknown_status_changes_nothing(h):
+    ready(h)
+    run = h.runs()[0]
+    assert h.status("someone-else-0001-a1", "failed").outcome == "ignored"
+    h.status(run.backend_run_id, "succeeded")
+    assert h.status(run.backend_run_id, "running", message_id="late-running").outcome == "ignored"
+    assert h.runs()[0].state == "succeeded"
+
+
+def test_a_submit_that_fails_leaves_the_run_planned_and_the_next_tick_submits_it(h):
+    h.backend.fail_next_submit(ConnectionError("backend down"))
+    ready(h)
+    assert h.runs()[0].state == "planned"
+    h.worker.tick()
+    assert h.runs()[0].state == "submitted"
+    assert len(h.backend.runs) == 1
+
+
+def test_a_lost_completion_event_is_recovered_by_polling(h):
+    ready(h)
+    run = h.runs()[0]
+    h.backend.finish(run.backend_run_id, "succeeded")
+    h.worker.tick()
+    assert h.runs()[0].state == "succeeded"
+
+
+def test_a_run_the_backend_forgot_is_treated_as_failed(h):
+    ready(h)
+    h.backend.runs.clear()
+    h.worker.tick()
+    assert h.runs()[0].state == "planned"  # first attempt failed, retry planned
+    assert "no record" in h.runs()[0].detail
+
+
+def test_a_backfill_by_prefix_registers_what_the_blob_store_holds(h):
+    for i in range(4):
+        h.blobs.blobs[f"chicken/b{i}.jpg"] = b"c%d" % i
+        h.blobs.blobs[f"turkey/b{i}.jpg"] = b"t%d" % i
+    h.blobs.blobs["turkey/b0.jpg.txt"] = b"x"
+    effects = h.request(prefix="chicken/")
+    assert effects.detail == "registered 4 images"
+    h.request(images=[{"path": "turkey/b1.jpg"}, {"path": "turkey/missing.jpg"}])
+    with h.store.transaction() as tx:
+        assert tx.pending_stats("birds").per_class == {"chicken": 4, "turkey": 1}
+    assert any("do not exist" in d.reason for d in h.decisions())
+
+
+def test_the_outbox_relay_publishes_each_event_once_even_after_a_failure(h):
+    ready(h)
+    h.publisher.fail_times = 1
+    with pytest.raises(ConnectionError):
+        h.worker.relay()
+    assert h.worker.relay() == 1
+    assert h.worker.relay() == 0
+    assert [e["type"] for e in h.publisher.published] == [ev.RUN_SUBMITTED]
+
+
+def test_every_run_id_is_deterministic_and_names_its_manifest(h):
+    ready(h)
+    run = h.runs()[0]
+    assert run.run_id == f"birds-0001-{run.manifest_sha256[:8]}"
+    spec = h.backend.specs[run.backend_run_id]
+    assert spec.manifest["sha256"] == run.manifest_sha256

@@ -1,0 +1,77 @@
+"""A worker wired with fakes (memory store or SQLite, fake backend, fake clock) for handler tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from shared.messages import ImageUploaded, RetrainRequested, RunStatusChanged
+from worker.bootstrap import build_worker
+from worker.config import RetrainConfig, load_config
+from worker.fake_backend import FakeTrainingBackend
+from worker.fakes import FakeBlobStore, FakeClock, RecordingPublisher
+from worker.memory_store import MemoryStore
+from worker.store import Store
+
+
+def small_config(tmp_path: Path, **knobs) -> RetrainConfig:
+    env = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"), "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images")}
+    base = {"val_fraction": 0.5, "min_new_images": 6, "min_per_class": 2, "quiet_period": 10, "max_wait": 600, "cooldown": 30, "max_attempts": 2, "retry_backoff": 5}
+    base.update(knobs)
+    for key, value in base.items():
+        env[f"RETRAIN__MODELS__BIRDS__{key.upper()}"] = "" if value is None else str(value)
+    config = load_config(None, env=env)
+    if knobs.get("max_wait", 0) is None:
+        models = {"birds": config.models["birds"].model_copy(update={"max_wait": None})}
+        config = config.model_copy(update={"models": models})
+    return config
+
+
+@dataclasses.dataclass
+class Harness:
+    worker: object
+    store: Store
+    backend: FakeTrainingBackend
+    clock: FakeClock
+    publisher: RecordingPublisher
+    blobs: FakeBlobStore
+    n: int = 0
+
+    def upload(self, label: str = "chicken", name: str | None = None, etag: str = "e1", model: str = "birds"):
+        self.n += 1
+        path = f"{label}/{name or f'img{self.n:05d}'}.jpg"
+        return self.worker.handle(ImageUploaded.of(model, path, etag, 100))
+
+    def uploads(self, per_class: int, labels=("chicken", "turkey")):
+        for _ in range(per_class):
+            for label in labels:
+                self.upload(label)
+
+    def request(self, **fields):
+        fields.setdefault("message_id", f"req-{self.n}")
+        fields.setdefault("model", "birds")
+        self.n += 1
+        return self.worker.handle(RetrainRequested(**fields))
+
+    def status(self, backend_run_id: str, status: str, message_id: str | None = None, detail: str = ""):
+        return self.worker.handle(RunStatusChanged(message_id=message_id or f"st-{backend_run_id}-{status}", model="birds", backend_run_id=backend_run_id, status=status, detail=detail))
+
+    def runs(self, states=None):
+        with self.store.transaction() as tx:
+            return tx.runs("birds", states)
+
+    def decisions(self, limit=50):
+        with self.store.transaction() as tx:
+            return tx.decisions("birds", limit)
+
+    def events(self):
+        return list(self.store.all_events())
+
+
+def make_harness(tmp_path: Path, store: Store | None = None, **knobs) -> Harness:
+    config = small_config(tmp_path, **knobs)
+    store = store or MemoryStore()
+    backend, clock, publisher = FakeTrainingBackend(), FakeClock(), RecordingPublisher()
+    blobs = FakeBlobStore()
+    worker = build_worker(config, store=store, backend=backend, clock=clock, publisher=publisher, blobs={"birds": blobs})
+    return Harness(worker=worker, store=store, backend=backend, clock=clock, publisher=publisher, blobs=blobs)

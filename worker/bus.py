@@ -1,0 +1,122 @@
+"""The message bus: one transaction per message, duplicates dropped, then the post-commit work.
+
+`Worker.handle(message)` is what every entry point calls (the CLI loop, the Functions triggers):
+claim the message id in the inbox, run its handler, commit, then submit any run the handler
+planned. Lock contention between processes sharing the ledger is retried with jittered backoff
+(the whole transaction, so nothing half-applied is retried). Handler errors propagate, so the
+platform redelivers; the inbox makes the redelivery safe.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
+
+from shared.messages import Message, RunStatusChanged, Tick
+from worker.config import RetrainConfig
+from worker.crashpoints import crashpoint
+from worker.handlers import HANDLERS, Context, Effects
+from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
+from worker.sqlite_store import is_busy_error
+from worker.store import Store
+from worker.submission import Submitter
+
+log = logging.getLogger("retrain.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        backend: TrainingBackend,
+        config: RetrainConfig,
+        clock: Clock,
+        submitter: Submitter,
+        blobs: dict[str, BlobStore] | None = None,
+        publisher: Publisher | None = None,
+    ):
+        self.store, self.backend, self.config, self.clock = store, backend, config, clock
+        self.submitter = submitter
+        self.blobs = blobs or {}
+        self.publisher = publisher
+
+    def handle(self, message: Message) -> Effects:
+        effects = self._apply(message)
+        if effects.planned_runs:
+            crashpoint("after_plan")
+        for run_id in effects.planned_runs:
+            self.submit(run_id)
+        return effects
+
+    def _apply(self, message: Message) -> Effects:
+        for attempt in Retrying(
+            retry=retry_if_exception(is_busy_error),
+            wait=wait_random_exponential(multiplier=0.005, max=0.25),
+            stop=stop_after_attempt(40) | stop_after_delay(60),
+            reraise=True,
+        ):
+            with attempt, self.store.transaction() as tx:
+                now = self.clock.now()
+                # Ticks are idempotent by nature and frequent; they are not worth an inbox row.
+                if not isinstance(message, Tick) and not tx.claim_message(message.message_id, message.kind, message.model, now):
+                    return Effects(outcome="duplicate", detail=f"{message.message_id} was already processed")
+                effects = HANDLERS[type(message)](Context(self.config, now, self.blobs), tx, message)
+                tx.commit()
+                return effects
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def submit(self, run_id: str) -> None:
+        """Steps 2-4 of the protocol. A failure leaves the run planned; the next Tick retries it."""
+        try:
+            self.submitter.submit(run_id)
+        except Exception:
+            log.exception("submitting %s failed; it stays planned and the next tick retries", run_id)
+
+    def poll(self) -> list[Effects]:
+        """Ask the backend about every submitted or running run; apply what changed (lost events)."""
+        with self.store.transaction() as tx:
+            active = tx.runs(states=frozenset({"submitted", "running"}))
+        results = []
+        for run in active:
+            status = self.backend.status(run.backend_run_id)
+            state = status.state
+            if state == "unknown":
+                state, detail = "failed", "the backend has no record of this run"
+            else:
+                detail = status.detail
+            if (state, run.state) in {("queued", "submitted"), ("running", "running")}:
+                continue
+            message = RunStatusChanged(
+                message_id=f"poll-{run.backend_run_id}-{state}",
+                model=run.model,
+                backend_run_id=run.backend_run_id,
+                status=state,
+                detail=detail[:4000],
+            )
+            results.append(self.handle(message))
+        return results
+
+    def tick(self, model: str | None = None) -> Effects:
+        self.poll()
+        now = self.clock.now()
+        return self.handle(Tick(message_id=f"tick-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}", model=model, occurred_at=now))
+
+    def relay(self, batch: int = 100) -> int:
+        """Publish queued events (oldest first); returns how many were published."""
+        if self.publisher is None:
+            return 0
+        published = 0
+        while events := self.store.unpublished_events(batch):
+            self.publisher.publish([e.payload for e in events])
+            self.store.mark_published([e.event_id for e in events], self.clock.now())
+            published += len(events)
+            if len(events) < batch:
+                break
+        return published
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

@@ -1,0 +1,188 @@
+"""Configuration: a TOML file with one section per model, environment overrides, strict validation.
+
+    [worker]
+    state_dir = ".retrain"
+    [models.birds]
+    min_new_images = 50
+    quiet_period = "30s"
+    [models.birds.training]
+    epochs = 8
+
+Any value can be overridden from the environment with `RETRAIN__<SECTION>__<KEY>=value`, e.g.
+`RETRAIN__MODELS__BIRDS__MIN_NEW_IMAGES=10` or `RETRAIN__WORKER__STATE_DIR=/data/retrain`.
+Durations accept seconds or "90s", "5m", "1h", "2d". Everything is validated at start and every
+problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from shared.errors import ConfigError
+from shared.messages import MODEL_NAME_PATTERN
+
+ENV_PREFIX = "RETRAIN__"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '90s', '5m', '1h'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (use seconds or '90s', '5m', '1h', '2d')")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    else:
+        raise ValueError("a duration is a number of seconds or a string like '90s', '5m', '1h'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainingConfig(_Section):
+    """What each run of this model trains (train.py arguments)."""
+
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    image_size: int = Field(64, ge=16, le=1024)
+    learning_rate: float = Field(0.01, gt=0, le=10)
+    nproc: int = Field(2, ge=1, le=64, description="processes per run (torchrun --nproc_per_node)")
+    distributed: Literal["ddp", "horovod", "none"] = "ddp"
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    extra: tuple[str, ...] = ()
+
+    @field_validator("extra", mode="before")
+    @classmethod
+    def _json_list(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+
+
+class ModelConfig(_Section):
+    """The retrain policy's knobs for one model (see README, "The policy")."""
+
+    images_dir: str | None = Field(None, description="folder scanned as <label>/<file>; default <worker.images_root>/<model>")
+    min_new_images: int = Field(50, ge=1, description="new images needed before a run")
+    min_per_class: int = Field(5, ge=1, description="training images every class needs (in the whole data set)")
+    min_classes: int = Field(2, ge=2, description="classes needed before a first run")
+    quiet_period: Seconds = Field(60.0, description="no new image for this long before a run (debounce)")
+    max_wait: Seconds | None = Field(3600.0, description="run anyway once the oldest pending image is this old")
+    cooldown: Seconds = Field(300.0, description="pause after a run finishes before the next one")
+    in_flight: Literal["coalesce", "queue", "drop"] = "coalesce"
+    max_attempts: int = Field(3, ge=1, le=20, description="attempts per run (1 = no retry)")
+    retry_backoff: Seconds = Field(60.0, description="wait before retry n is backoff * 2**(n-1)")
+    training_data: Literal["all", "new"] = Field("all", description="train on all images so far, or only the new ones")
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    training: TrainingConfig = TrainingConfig()
+
+
+class WorkerConfig(_Section):
+    state_dir: Path = Path(".retrain")
+    images_root: Path = Path("images")
+    tick_seconds: Seconds = 2.0
+    scan_seconds: Seconds = 2.0
+    backend: Literal["local"] = "local"
+    events_file: Path | None = Field(None, description="JSON lines sink for published events; default <state_dir>/events.jsonl")
+
+
+class RetrainConfig(_Section):
+    worker: WorkerConfig = WorkerConfig()
+    models: dict[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)], ModelConfig] = Field(default_factory=lambda: {"birds": ModelConfig()})
+
+    @field_validator("models")
+    @classmethod
+    def _at_least_one(cls, value: dict) -> dict:
+        if not value:
+            raise ValueError("configure at least one model under [models.<name>]")
+        return value
+
+    def model(self, name: str) -> ModelConfig:
+        return self.models[name]
+
+    def images_dir(self, name: str) -> Path:
+        configured = self.models[name].images_dir
+        return Path(configured) if configured else self.worker.images_root / name
+
+    @property
+    def events_file(self) -> Path:
+        return self.worker.events_file or self.worker.state_dir / "events.jsonl"
+
+
+def _apply_env(document: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    for key, value in sorted(env.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX) :].split("__") if part]
+        if not path:
+            continue
+        node = document
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {'.'.join(path[:-1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return document
+
+
+def _resolve_paths(config: RetrainConfig, base: Path) -> RetrainConfig:
+    def resolve(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p))
+
+    worker = config.worker.model_copy(
+        update={
+            "state_dir": resolve(config.worker.state_dir),
+            "images_root": resolve(config.worker.images_root),
+            "events_file": resolve(config.worker.events_file),
+        }
+    )
+    models = {
+        name: m.model_copy(update={"images_dir": str(resolve(Path(m.images_dir)))}) if m.images_dir else m
+        for name, m in config.models.items()
+    }
+    return config.model_copy(update={"worker": worker, "models": models})
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None, base_dir: Path | None = None) -> RetrainConfig:
+    """Read the TOML file (if any), apply RETRAIN__ overrides, validate, make paths absolute.
+
+    Relative paths are taken relative to the config file's folder (or `base_dir`/the current
+    directory without a file).
+    """
+    env = os.environ if env is None else env
+    path = path or env.get("RETRAIN_CONFIG")
+    document: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        source = str(path)
+        try:
+            document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    document = _apply_env(document, env)
+    try:
+        config = RetrainConfig.model_validate(document)
+    except ValidationError as exc:
+        problems = "\n".join(f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False))
+        raise ConfigError(f"invalid configuration ({source}, with RETRAIN__ overrides):\n{problems}") from None
+    base = Path(path).resolve().parent if path else (base_dir or Path.cwd())
+    return _resolve_paths(config, base)

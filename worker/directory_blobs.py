@@ -1,0 +1,81 @@
+"""A directory as a blob store: images under a root, etags from content, write-once artifacts.
+
+The etag is the first 32 hex digits of the content's sha256, so touching a file is not a new
+version but changing its bytes is. Hashes are cached by (size, mtime) so rescans are cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from shared.messages import IMAGE_EXTENSIONS
+from worker.ports import BlobInfo, BlobStore
+
+
+class DirectoryBlobStore(BlobStore):
+    def __init__(self, root: str | Path, *, settle_seconds: float = 0.0, images_only: bool = True):
+        self.root = Path(root)
+        self.settle_seconds = settle_seconds  # files younger than this may still be being written
+        self.images_only = images_only
+        self._etags: dict[str, tuple[int, int, str]] = {}
+
+    def _etag(self, rel: str, stat: os.stat_result) -> str:
+        cached = self._etags.get(rel)
+        if cached and cached[:2] == (stat.st_size, stat.st_mtime_ns):
+            return cached[2]
+        digest = hashlib.sha256()
+        with open(self.root / rel, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        etag = digest.hexdigest()[:32]
+        self._etags[rel] = (stat.st_size, stat.st_mtime_ns, etag)
+        return etag
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        import time
+
+        if not self.root.is_dir():
+            return
+        cutoff = time.time() - self.settle_seconds
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                full = Path(dirpath) / name
+                rel = full.relative_to(self.root).as_posix()
+                if not rel.startswith(prefix) or (self.images_only and not name.lower().endswith(IMAGE_EXTENSIONS)):
+                    continue
+                try:
+                    stat = full.stat()
+                    if self.settle_seconds and stat.st_mtime > cutoff:
+                        continue
+                    yield BlobInfo(path=rel, etag=self._etag(rel, stat), size=stat.st_size)
+                except FileNotFoundError:
+                    continue  # deleted while we looked
+
+    def info(self, path: str) -> BlobInfo | None:
+        try:
+            stat = (self.root / path).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return BlobInfo(path=path, etag=self._etag(path, stat), size=stat.st_size)
+
+    def read(self, path: str) -> bytes:
+        return (self.root / path).read_bytes()
+
+    def write_once(self, path: str, data: bytes) -> bool:
+        target = self.root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(target, "xb") as fh:  # exclusive create: the first writer wins
+                fh.write(data)
+            return True
+        except FileExistsError:
+            return False
+
+    def local_path(self, path: str) -> Path | None:
+        return self.root / path

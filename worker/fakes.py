@@ -1,0 +1,66 @@
+"""Fakes of the small ports (clock, blob store, publisher) for unit tests; they record what they saw."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from worker.ports import BlobInfo, BlobStore, Clock, Publisher
+
+
+class FakeClock(Clock):
+    def __init__(self, start: dt.datetime | None = None):
+        self.current = start or dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+    def now(self) -> dt.datetime:
+        return self.current
+
+    def advance(self, seconds: float) -> dt.datetime:
+        self.current += dt.timedelta(seconds=seconds)
+        return self.current
+
+
+class FakeBlobStore(BlobStore):
+    def __init__(self, blobs: Mapping[str, bytes] | None = None):
+        self.blobs: dict[str, bytes] = dict(blobs or {})
+        self.writes: list[str] = []
+
+    def _info(self, path: str) -> BlobInfo:
+        data = self.blobs[path]
+        return BlobInfo(path=path, etag=hashlib.sha256(data).hexdigest()[:32], size=len(data))
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        for path in sorted(self.blobs):
+            if path.startswith(prefix):
+                yield self._info(path)
+
+    def info(self, path: str) -> BlobInfo | None:
+        return self._info(path) if path in self.blobs else None
+
+    def read(self, path: str) -> bytes:
+        return self.blobs[path]
+
+    def write_once(self, path: str, data: bytes) -> bool:
+        if path in self.blobs:
+            return False
+        self.blobs[path] = data
+        self.writes.append(path)
+        return True
+
+    def local_path(self, path: str) -> Path | None:
+        return None
+
+
+class RecordingPublisher(Publisher):
+    def __init__(self, fail_times: int = 0):
+        self.published: list[Mapping[str, Any]] = []
+        self.fail_times = fail_times
+
+    def publish(self, events: list[Mapping[str, Any]]) -> None:
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise ConnectionError("publisher unavailable")
+        self.published.extend(events)

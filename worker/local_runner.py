@@ -1,0 +1,152 @@
+"""The detached wrapper around one local training process: `python -m worker.local_runner <run_dir>`.
+
+`LocalTorchrunBackend` starts this in a new session, so the run outlives the worker that started
+it (a worker restart, a Ctrl-C in the worker's terminal). The runner exists so that the outcome of
+a run is on disk even when nobody was watching: it records who it is (`runner.json`: pid, the
+kernel's start time for that pid, process group), starts the training command as its child, and
+when the child ends writes `exit_code` atomically. A worker that comes back later reads those
+files instead of needing to be the training process's parent.
+
+Signals: SIGTERM/SIGINT sent to the runner are forwarded to the training command's process
+group. The child gets its own process group (same session) so that the backend's
+`killpg(runner pgid)` reaches the runner only and the training receives exactly one signal, from
+the runner; torchrun shuts its ranks down on that signal, and a second one while it is doing so
+can cut its cleanup short. A child still alive `KILL_GRACE_S` after the first signal is killed.
+
+This module also holds the on-disk layout and the few helpers both sides need; it imports only
+the standard library, so starting it is quick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+MANIFEST_FILE = "manifest.json"
+SPEC_FILE = "spec.json"
+LOG_FILE = "train.log"
+OUTPUTS_DIR = "outputs"
+RUNNER_FILE = "runner.json"
+EXIT_CODE_FILE = "exit_code"
+CANCEL_FILE = "cancel_requested"
+
+EXIT_CANNOT_START = 127  # the shell's "command not found"
+KILL_GRACE_S = 45.0  # more than torchrun's own 30 s between SIGTERM and SIGKILL for its ranks
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and os.replace, so a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) from /proc/<pid>/stat, or None if no such process.
+
+    The start time (field 22) tells a process apart from a later one that reuses its pid.
+    """
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    # The command name (field 2) is in parentheses and may itself contain spaces or ")".
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])  # fields[0] is field 3 (state), fields[19] is field 22
+
+
+def is_same_process_alive(pid: int, start_time: int) -> bool:
+    """True if `pid` is running and is the process that started at `start_time` (not a zombie, not a reused pid)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == start_time
+
+
+class Runner:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stop_signal: int | None = None
+        self.first_signal_at: float | None = None
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stop_signal = signum
+        if self.first_signal_at is None:
+            self.first_signal_at = time.monotonic()
+        self._forward(signum)
+
+    def _forward(self, signum: int) -> None:
+        # An unreaped child keeps its pid (and so its process group id), so this cannot hit a stranger.
+        if self.child is not None and self.child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.pid, signum)
+
+    def _record_self(self) -> None:
+        pid = os.getpid()
+        stat = proc_stat(pid)
+        record: dict[str, Any] = {"pid": pid, "start_time": stat[1] if stat else None, "pgid": os.getpgid(0)}
+        atomic_write_text(self.run_dir / RUNNER_FILE, json.dumps(record, sort_keys=True) + "\n")
+
+    def _finish(self, code: int) -> int:
+        log(f"training exited with code {code}")
+        atomic_write_text(self.run_dir / EXIT_CODE_FILE, f"{code}\n")
+        return 0
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        command = json.loads((self.run_dir / SPEC_FILE).read_text(encoding="utf-8"))["command"]
+        # runner.json before the cancel check: a concurrent cancel() writes its marker before it
+        # reads runner.json, so either it signals us or we see the marker here.
+        self._record_self()
+        if self.stop_signal is not None or (self.run_dir / CANCEL_FILE).exists():
+            log("canceled before the training started")
+            return self._finish(-signal.SIGTERM)
+        log(f"starting: {' '.join(command)}")
+        try:
+            # stdout/stderr are inherited: the backend opened them on train.log for us.
+            self.child = subprocess.Popen(command, cwd=self.run_dir, stdin=subprocess.DEVNULL, process_group=0)
+        except OSError as exc:
+            log(f"cannot start the training command: {exc}")
+            return self._finish(EXIT_CANNOT_START)
+        if self.stop_signal is not None:  # arrived while the child was being created
+            self._forward(self.stop_signal)
+        while True:
+            try:
+                code = self.child.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if self.first_signal_at is not None and time.monotonic() - self.first_signal_at > KILL_GRACE_S:
+                    log(f"training still running {KILL_GRACE_S:.0f} s after the stop signal; killing it")
+                    self._forward(signal.SIGKILL)
+        return self._finish(code)
+
+
+def log(message: str) -> None:
+    print(f"[local_runner {os.getpid()}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m worker.local_runner <run_dir>", file=sys.stderr)
+        return 2
+    return Runner(Path(args[0]).resolve()).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""An in-memory `Store` for unit tests: the same semantics as SQLite, kept in dicts.
+
+Each transaction works on a deep copy of the state and swaps it in on commit, under a lock, so
+rollback and serialisation behave like the real store's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from worker.store import (
+    DataStats,
+    DecisionRow,
+    ImageRow,
+    ImageState,
+    ManifestEntry,
+    ModelHead,
+    OutboxRow,
+    PendingStats,
+    RequestRow,
+    RunRow,
+    Store,
+    Tx,
+)
+
+
+@dataclass
+class _State:
+    images: dict[tuple[str, str, str], ImageRow] = field(default_factory=dict)
+    runs: dict[str, RunRow] = field(default_factory=dict)
+    run_images: dict[str, list[ManifestEntry]] = field(default_factory=dict)
+    requests: dict[str, RequestRow] = field(default_factory=dict)
+    inbox: dict[str, tuple[str, str | None, dt.datetime]] = field(default_factory=dict)
+    outbox: list[OutboxRow] = field(default_factory=list)
+    decisions: list[DecisionRow] = field(default_factory=list)
+    heads: dict[str, ModelHead] = field(default_factory=dict)
+
+
+class MemoryTx(Tx):
+    def __init__(self, state: _State):
+        self.s = state
+        self.committed = False
+
+    def claim_message(self, message_id: str, kind: str, model: str | None, at: dt.datetime) -> bool:
+        if message_id in self.s.inbox:
+            return False
+        self.s.inbox[message_id] = (kind, model, at)
+        return True
+
+    def add_image(self, row: ImageRow) -> Literal["new", "duplicate", "stale"]:
+        if row.key in self.s.images:
+            return "duplicate"
+        same_path = [i for i in self.s.images.values() if i.model == row.model and i.path == row.path]
+        newest = next((i for i in same_path if i.latest), None)
+        stale = False
+        if newest is not None:
+            known_at = newest.occurred_at or newest.first_seen_at
+            mine = row.occurred_at or row.first_seen_at
+            stale = known_at is not None and mine is not None and mine < known_at
+        if not stale:
+            for other in same_path:
+                other.latest = False
+                if other.state == "pending":
+                    other.state = "superseded"
+        self.s.images[row.key] = dataclasses.replace(row, state="superseded" if stale else row.state, latest=not stale)
+        return "stale" if stale else "new"
+
+    def _latest(self, model: str, states: tuple[str, ...]) -> list[ImageRow]:
+        return [i for i in self.s.images.values() if i.model == model and i.latest and i.state in states]
+
+    def pending_stats(self, model: str) -> PendingStats:
+        pending = self._latest(model, ("pending",))
+        if not pending:
+            return PendingStats()
+        per_class: dict[str, int] = {}
+        for i in pending:
+            per_class[i.label] = per_class.get(i.label, 0) + 1
+        seen = [i.first_seen_at for i in pending if i.first_seen_at]
+        return PendingStats(count=len(pending), per_class=per_class, oldest_at=min(seen, default=None), newest_at=max(seen, default=None))
+
+    def data_stats(self, model: str) -> DataStats:
+        usable = self._latest(model, ("pending", "in_run", "trained"))
+        train: dict[str, int] = {}
+        for i in usable:
+            if i.split == "train":
+                train[i.label] = train.get(i.label, 0) + 1
+        return DataStats(train_per_class=train, val_count=sum(1 for i in usable if i.split == "val"))
+
+    def manifest_candidates(self, model: str, only_pending: bool) -> list[ImageRow]:
+        states = ("pending",) if only_pending else ("pending", "in_run", "trained")
+        return sorted((copy.copy(i) for i in self._latest(model, states)), key=lambda i: i.path)
+
+    def set_image_state(self, model: str, keys: list[tuple[str, str]], state: ImageState, run_id: str | None) -> None:
+        for path, etag in keys:
+            row = self.s.images.get((model, path, etag))
+            if row is not None:
+                row.state, row.run_id = state, run_id
+
+    def images_in_run(self, run_id: str) -> list[ImageRow]:
+        return sorted((copy.copy(i) for i in self.s.images.values() if i.run_id == run_id and i.state == "in_run"), key=lambda i: i.path)
+
+    def count_images(self, model: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for i in self.s.images.values():
+            if i.model == model:
+                counts[i.state] = counts.get(i.state, 0) + 1
+        return counts
+
+    def insert_run(self, run: RunRow, entries: list[ManifestEntry]) -> None:
+        if run.run_id in self.s.runs or any(r.model == run.model and r.seq == run.seq for r in self.s.runs.values()):
+            raise KeyError(f"run {run.run_id} (or seq {run.seq}) exists")
+        self.s.runs[run.run_id] = copy.deepcopy(run)
+        self.s.run_images[run.run_id] = list(entries)
+
+    def manifest_entries(self, run_id: str) -> list[ManifestEntry]:
+        return sorted(self.s.run_images.get(run_id, []), key=lambda e: e.path)
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        run = self.s.runs.get(run_id)
+        return copy.deepcopy(run) if run else None
+
+    def update_run(self, run: RunRow) -> None:
+        if run.run_id not in self.s.runs:
+            raise KeyError(f"run {run.run_id} does not exist")
+        self.s.runs[run.run_id] = copy.deepcopy(run)
+
+    def runs(self, model: str | None = None, states: frozenset[str] | None = None, limit: int | None = None) -> list[RunRow]:
+        found = [r for r in self.s.runs.values() if (model is None or r.model == model) and (states is None or r.state in states)]
+        found.sort(key=lambda r: (r.created_at, r.seq), reverse=True)
+        return [copy.deepcopy(r) for r in found[:limit]]
+
+    def add_request(self, row: RequestRow) -> None:
+        if row.request_id in self.s.requests:
+            raise KeyError(f"request {row.request_id} exists")
+        self.s.requests[row.request_id] = copy.deepcopy(row)
+
+    def open_requests(self, model: str) -> list[RequestRow]:
+        found = [r for r in self.s.requests.values() if r.model == model and r.state == "open"]
+        return [copy.deepcopy(r) for r in sorted(found, key=lambda r: (r.created_at, r.request_id))]
+
+    def update_request(self, row: RequestRow) -> None:
+        stored = self.s.requests[row.request_id]
+        stored.state, stored.run_id = row.state, row.run_id
+
+    def record_decision(self, row: DecisionRow) -> None:
+        self.s.decisions.append(row)
+
+    def decisions(self, model: str, limit: int = 20) -> list[DecisionRow]:
+        return [d for d in reversed(self.s.decisions) if d.model == model][:limit]
+
+    def prune_decisions(self, model: str, keep: int) -> None:
+        mine = [d for d in self.s.decisions if d.model == model]
+        drop = {id(d) for d in mine[: max(0, len(mine) - keep)]}
+        self.s.decisions = [d for d in self.s.decisions if id(d) not in drop]
+
+    def enqueue_event(self, row: OutboxRow) -> bool:
+        if any(e.event_id == row.event_id for e in self.s.outbox):
+            return False
+        self.s.outbox.append(row)
+        return True
+
+    def model_head(self, model: str) -> ModelHead:
+        return copy.deepcopy(self.s.heads.get(model) or ModelHead(model=model))
+
+    def save_model_head(self, head: ModelHead) -> None:
+        self.s.heads[head.model] = copy.deepcopy(head)
+
+    def commit(self) -> None:
+        self.committed = True
+
+
+class MemoryStore(Store):
+    def __init__(self) -> None:
+        self._state = _State()
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[MemoryTx]:
+        with self._lock:
+            tx = MemoryTx(copy.deepcopy(self._state))
+            yield tx
+            if tx.committed:
+                self._state = tx.s
+
+    def unpublished_events(self, limit: int = 100) -> list[OutboxRow]:
+        with self._lock:
+            return [e for e in self._state.outbox if e.published_at is None][:limit]
+
+    def mark_published(self, event_ids: list[str], at: dt.datetime) -> None:
+        wanted = set(event_ids)
+        with self._lock:
+            self._state.outbox = [
+                dataclasses.replace(e, published_at=at) if e.event_id in wanted and e.published_at is None else e
+                for e in self._state.outbox
+            ]
+
+    def all_events(self) -> Iterator[OutboxRow]:
+        with self._lock:
+            yield from list(self._state.outbox)

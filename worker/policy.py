@@ -1,0 +1,122 @@
+"""The retrain policy: a pure function of (ledger snapshot, now, model config) -> decision.
+
+It never touches storage or the clock; the handlers build the snapshot, call `decide`, and carry
+out (and record) what it says. Reasons are written for the person running `retrain explain`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Literal
+
+from worker.config import ModelConfig
+from worker.store import DataStats, ModelHead, PendingStats, RequestRow, RunRow
+
+Outcome = Literal["submit", "wait", "coalesce", "drop", "idle"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    pending: PendingStats
+    data: DataStats
+    head: ModelHead
+    in_flight: RunRow | None = None
+    force_request: RequestRow | None = None  # the oldest open forced request, if any
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    reason: str
+    wake_at: dt.datetime | None = None  # when waiting may end without a new event
+    forced: bool = False
+
+
+def _hms(at: dt.datetime) -> str:
+    return at.astimezone(dt.UTC).strftime("%H:%M:%S UTC")
+
+
+def _span(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def data_shortfall(snapshot: Snapshot, cfg: ModelConfig) -> str | None:
+    """Why the data cannot make a useful run yet (train.py would refuse it), or None."""
+    per_class = dict(snapshot.data.train_per_class)
+    if cfg.training_data == "new":
+        per_class = dict(snapshot.pending.per_class)
+    if len(per_class) < cfg.min_classes:
+        have = ", ".join(sorted(per_class)) or "none"
+        return f"waiting for data: {len(per_class)}/{cfg.min_classes} classes have images ({have})"
+    short = sorted((n, c) for c, n in per_class.items() if n < cfg.min_per_class)
+    if short:
+        n, c = short[0]
+        more = f" (and {len(short) - 1} more classes)" if len(short) > 1 else ""
+        return f"waiting for data: class {c!r} has {n}/{cfg.min_per_class} training images{more}"
+    if snapshot.data.val_count < 1 and cfg.training_data == "all":
+        return "waiting for data: no image falls in the validation split yet"
+    return None
+
+
+def decide(snapshot: Snapshot, now: dt.datetime, cfg: ModelConfig) -> Decision:
+    pending, head = snapshot.pending, snapshot.head
+    forced = snapshot.force_request is not None
+    oldest_age = (now - pending.oldest_at).total_seconds() if pending.oldest_at else 0.0
+    count_met = pending.count >= cfg.min_new_images
+    max_wait_met = cfg.max_wait is not None and pending.count > 0 and oldest_age >= cfg.max_wait
+
+    if snapshot.in_flight is not None:
+        run = snapshot.in_flight
+        triggered = forced or count_met or max_wait_met or head.followup_wanted
+        if not triggered:
+            return Decision("wait", f"run {run.run_id} in flight ({run.state}); {pending.count} new images will wait for it")
+        if cfg.in_flight == "drop":
+            return Decision("drop", f"run {run.run_id} in flight: the trigger is dropped (in_flight = drop)", forced=forced)
+        what = "a forced request" if forced else f"{pending.count} new images"
+        mode = "queued behind it" if cfg.in_flight == "queue" else "coalescing into one follow-up run"
+        return Decision("coalesce", f"run {run.run_id} in flight ({run.state}): {what}, {mode}", forced=forced)
+
+    shortfall = data_shortfall(snapshot, cfg)
+    if shortfall:
+        return Decision("wait", shortfall + (" (a forced request is waiting too)" if forced else ""))
+
+    if not forced and head.last_run_finished_at is not None:
+        cooldown_ends = head.last_run_finished_at + dt.timedelta(seconds=cfg.cooldown)
+        if now < cooldown_ends and (pending.count > 0 or head.followup_wanted):
+            return Decision("wait", f"cooldown after the last run until {_hms(cooldown_ends)}", wake_at=cooldown_ends)
+
+    if forced:
+        request = snapshot.force_request
+        assert request is not None
+        return Decision(
+            "submit",
+            f"forced by request {request.request_id} ({request.requested_by or 'unknown'}): {pending.count} new images",
+            forced=True,
+        )
+    if pending.count == 0:
+        return Decision("idle", "no new images")
+    if head.followup_wanted:
+        return Decision("submit", f"coalesced follow-up: {pending.count} new images arrived during the last run")
+    if max_wait_met:
+        return Decision(
+            "submit", f"the oldest of {pending.count} new images has waited {_span(oldest_age)} (max_wait {_span(cfg.max_wait or 0)})"
+        )
+    wake_at = pending.oldest_at + dt.timedelta(seconds=cfg.max_wait) if (cfg.max_wait is not None and pending.oldest_at) else None
+    if not count_met:
+        suffix = f"; max_wait runs it at {_hms(wake_at)}" if wake_at else ""
+        return Decision("wait", f"waiting: {pending.count}/{cfg.min_new_images} new images{suffix}", wake_at=wake_at)
+    quiet_for = (now - pending.newest_at).total_seconds() if pending.newest_at else cfg.quiet_period
+    if quiet_for < cfg.quiet_period:
+        quiet_ends = now + dt.timedelta(seconds=cfg.quiet_period - quiet_for)
+        return Decision(
+            "wait",
+            f"quiet period: {pending.count} new images, the last {_span(quiet_for)} ago; waiting until {_hms(quiet_ends)}",
+            wake_at=min(quiet_ends, wake_at) if wake_at else quiet_ends,
+        )
+    return Decision("submit", f"{pending.count}/{cfg.min_new_images} new images and quiet for {_span(quiet_for)}")

@@ -1,0 +1,82 @@
+"""`retrain serve`: the long-running local worker loop.
+
+Each cycle: scan every model's images folder, consume the local inbox, tick (poll runs, run the
+policy, repair planned runs), relay the outbox. Stops cleanly between steps when asked
+(Ctrl-C / SIGTERM); everything it has not done yet is still in the ledger or the folders, so a
+restart resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from shared.errors import InvalidMessage
+from shared.messages import parse_message
+from worker.bus import Worker
+from worker.directory_blobs import DirectoryBlobStore
+from worker.folder_scan import FolderScanner
+from worker.local_inbox import LocalInbox
+
+log = logging.getLogger("retrain.serve")
+
+
+@dataclass
+class CycleReport:
+    scanned: int = 0
+    inbox: int = 0
+    rejected: int = 0
+    published: int = 0
+    planned: list[str] = field(default_factory=list)
+
+
+class LocalService:
+    def __init__(self, worker: Worker, settle_seconds: float = 1.0):
+        self.worker = worker
+        config = worker.config
+        self.inbox = LocalInbox(config.worker.state_dir / "inbox")
+        self.scanners = [
+            FolderScanner(name, DirectoryBlobStore(config.images_dir(name), settle_seconds=settle_seconds, images_only=False))
+            for name in sorted(config.models)
+        ]
+        self.stop = threading.Event()
+
+    def cycle(self) -> CycleReport:
+        report = CycleReport()
+        for scanner in self.scanners:
+            for message in scanner.scan():
+                if self.stop.is_set():
+                    return report
+                report.planned += self.worker.handle(message).planned_runs
+                report.scanned += 1
+        for path in self.inbox.pending():
+            if self.stop.is_set():
+                return report
+            try:
+                message = parse_message(path.read_bytes(), known_models=self.worker.config.models)
+            except InvalidMessage as exc:
+                self.inbox.reject(path, f"{exc.reason}: {exc.description}")
+                log.warning("rejected inbox message %s: %s", path.name, exc.description)
+                report.rejected += 1
+                continue
+            report.planned += self.worker.handle(message).planned_runs
+            self.inbox.done(path)
+            report.inbox += 1
+        report.planned += self.worker.tick().planned_runs
+        report.published = self.worker.relay()
+        return report
+
+    def run(self, max_seconds: float | None = None, cycles: int | None = None) -> None:
+        interval = self.worker.config.worker.tick_seconds
+        started, done = time.monotonic(), 0
+        while not self.stop.is_set():
+            report = self.cycle()
+            done += 1
+            if report.scanned or report.inbox or report.rejected or report.planned:
+                log.info("cycle: %s", json.dumps(report.__dict__))
+            if (cycles is not None and done >= cycles) or (max_seconds is not None and time.monotonic() - started >= max_seconds):
+                break
+            self.stop.wait(interval)

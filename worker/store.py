@@ -1,0 +1,253 @@
+"""The state store port: the durable ledger, read and written one transaction per handled message.
+
+A `Store` opens transactions; a `Tx` is the unit of work: everything a handler reads and writes
+for one message goes through it and becomes durable together on `commit()` (or not at all).
+The records here are plain data; the decisions about them live in the handlers and the policy.
+Adapters: `SqliteStore` (embedded default), `MemoryStore` (the fake for unit tests); the Azure
+Table Storage adapter implements the same port.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ImageState = Literal["pending", "in_run", "trained", "superseded"]
+RunState = Literal["planned", "submitted", "running", "succeeded", "failed", "canceled", "finalized"]
+IN_FLIGHT_STATES: frozenset[str] = frozenset({"planned", "submitted", "running"})
+ENDED_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+
+
+@dataclass
+class ImageRow:
+    model: str
+    path: str
+    etag: str
+    label: str
+    split: str  # "train" | "val", from the stable hash of the path
+    size: int = 0
+    state: ImageState = "pending"
+    run_id: str | None = None  # the run whose manifest holds it while in_run
+    occurred_at: dt.datetime | None = None  # when the source says the version was written
+    first_seen_at: dt.datetime | None = None
+    latest: bool = True  # the newest known version of its path
+    source: str = "folder"
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.model, self.path, self.etag)
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    path: str
+    etag: str
+    label: str
+    split: str
+    is_new: bool  # counted as a new image by this run (pending when it was planned)
+
+
+@dataclass
+class RunRow:
+    run_id: str
+    model: str
+    seq: int
+    state: RunState
+    manifest_sha256: str
+    image_count: int
+    new_image_count: int
+    classes: list[str]
+    created_at: dt.datetime
+    attempt: int = 1
+    reason: str = ""
+    request_ids: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    submitted_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    next_attempt_at: dt.datetime | None = None  # a planned retry waits until then
+    outcome: str | None = None  # what the run ended as (kept once finalized)
+    detail: str = ""
+
+    @property
+    def backend_run_id(self) -> str:
+        """The id of the current attempt at the backend: a retry is a new backend run, same manifest."""
+        return f"{self.run_id}-a{self.attempt}"
+
+    @property
+    def in_flight(self) -> bool:
+        return self.state in IN_FLIGHT_STATES
+
+
+@dataclass
+class RequestRow:
+    request_id: str
+    model: str
+    force: bool
+    created_at: dt.datetime
+    overrides: dict[str, Any] = field(default_factory=dict)
+    state: Literal["open", "consumed", "rejected"] = "open"
+    run_id: str | None = None
+    requested_by: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    model: str
+    at: dt.datetime
+    outcome: str  # "wait" | "submit" | "retry" | "coalesce" | "reject" | ...
+    reason: str
+    run_id: str | None = None
+    message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    event_id: str
+    type: str
+    subject: str
+    payload: dict[str, Any]  # the whole CloudEvent, JSON-ready
+    created_at: dt.datetime
+    published_at: dt.datetime | None = None
+
+
+@dataclass
+class ModelHead:
+    """Per-model state that is not derivable from the other records."""
+
+    model: str
+    next_seq: int = 1
+    followup_wanted: bool = False  # a trigger arrived while a run was in flight (coalesce)
+    last_run_finished_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class PendingStats:
+    count: int = 0
+    per_class: dict[str, int] = field(default_factory=dict)
+    oldest_at: dt.datetime | None = None
+    newest_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """Latest versions of the model's usable images (pending, in a run, trained), by class and split."""
+
+    train_per_class: dict[str, int] = field(default_factory=dict)
+    val_count: int = 0
+
+
+class Tx(abc.ABC):
+    """One unit of work. Nothing is durable until `commit()`; leaving without it rolls back."""
+
+    # inbox ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def claim_message(self, message_id: str, kind: str, model: str | None, at: dt.datetime) -> bool:
+        """Record the message as processed; False if it already was (then do nothing)."""
+
+    # images ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_image(self, row: ImageRow) -> Literal["new", "duplicate", "stale"]:
+        """Insert a version; "duplicate" if (model, path, etag) is known; "stale" if a newer version of
+        the path is already known (kept, not latest). A new latest version supersedes older pending ones."""
+
+    @abc.abstractmethod
+    def pending_stats(self, model: str) -> PendingStats: ...
+
+    @abc.abstractmethod
+    def data_stats(self, model: str) -> DataStats: ...
+
+    @abc.abstractmethod
+    def manifest_candidates(self, model: str, only_pending: bool) -> list[ImageRow]:
+        """Latest versions in pending/in_run/trained (or pending only), sorted by path."""
+
+    @abc.abstractmethod
+    def set_image_state(self, model: str, keys: list[tuple[str, str]], state: ImageState, run_id: str | None) -> None:
+        """Move the (path, etag) versions of `model` to `state`."""
+
+    @abc.abstractmethod
+    def images_in_run(self, run_id: str) -> list[ImageRow]:
+        """Versions currently held by the run (state in_run, run_id)."""
+
+    @abc.abstractmethod
+    def count_images(self, model: str) -> dict[str, int]:
+        """Image versions by state."""
+
+    # runs -----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def insert_run(self, run: RunRow, entries: list[ManifestEntry]) -> None: ...
+
+    @abc.abstractmethod
+    def manifest_entries(self, run_id: str) -> list[ManifestEntry]: ...
+
+    @abc.abstractmethod
+    def get_run(self, run_id: str) -> RunRow | None: ...
+
+    @abc.abstractmethod
+    def update_run(self, run: RunRow) -> None: ...
+
+    @abc.abstractmethod
+    def runs(self, model: str | None = None, states: frozenset[str] | None = None, limit: int | None = None) -> list[RunRow]:
+        """Newest first."""
+
+    # requests -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_request(self, row: RequestRow) -> None: ...
+
+    @abc.abstractmethod
+    def open_requests(self, model: str) -> list[RequestRow]:
+        """Oldest first."""
+
+    @abc.abstractmethod
+    def update_request(self, row: RequestRow) -> None: ...
+
+    # decisions ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def record_decision(self, row: DecisionRow) -> None: ...
+
+    @abc.abstractmethod
+    def decisions(self, model: str, limit: int = 20) -> list[DecisionRow]:
+        """Newest first."""
+
+    @abc.abstractmethod
+    def prune_decisions(self, model: str, keep: int) -> None:
+        """Forget all but the newest `keep` decisions of the model."""
+
+    # outbox ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def enqueue_event(self, row: OutboxRow) -> bool:
+        """Queue an event for publishing; False if an event with that id is already queued."""
+
+    # model head -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def model_head(self, model: str) -> ModelHead: ...
+
+    @abc.abstractmethod
+    def save_model_head(self, head: ModelHead) -> None: ...
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+
+class Store(abc.ABC):
+    @abc.abstractmethod
+    def transaction(self) -> AbstractContextManager[Tx]:
+        """A write transaction, serialised against every other writer of the same ledger."""
+
+    @abc.abstractmethod
+    def unpublished_events(self, limit: int = 100) -> list[OutboxRow]:
+        """Oldest first."""
+
+    @abc.abstractmethod
+    def mark_published(self, event_ids: list[str], at: dt.datetime) -> None: ...
+
+    @abc.abstractmethod
+    def all_events(self) -> Iterator[OutboxRow]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional for adapters without resources
+        """Release connections."""

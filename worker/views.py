@@ -1,0 +1,62 @@
+"""Read models for people and machines: the status of each model and the reasons behind decisions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.config import RetrainConfig
+from worker.store import IN_FLIGHT_STATES, RunRow, Store
+
+
+def _run(run: RunRow) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "state": run.state,
+        "outcome": run.outcome,
+        "attempt": run.attempt,
+        "images": run.image_count,
+        "new_images": run.new_image_count,
+        "manifest_sha256": run.manifest_sha256,
+        "created_at": run.created_at.isoformat(),
+        "submitted_at": run.submitted_at.isoformat() if run.submitted_at else None,
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "next_attempt_at": run.next_attempt_at.isoformat() if run.next_attempt_at else None,
+        "reason": run.reason,
+        "detail": run.detail,
+    }
+
+
+def status_view(store: Store, config: RetrainConfig, model: str | None = None) -> dict[str, Any]:
+    models = [model] if model else sorted(config.models)
+    out: dict[str, Any] = {}
+    with store.transaction() as tx:
+        for name in models:
+            pending = tx.pending_stats(name)
+            decisions = tx.decisions(name, 1)
+            out[name] = {
+                "pending": {
+                    "total": pending.count,
+                    "per_class": dict(sorted(pending.per_class.items())),
+                    "oldest_at": pending.oldest_at.isoformat() if pending.oldest_at else None,
+                },
+                "images_by_state": dict(sorted(tx.count_images(name).items())),
+                "in_flight": [_run(r) for r in tx.runs(name, IN_FLIGHT_STATES)],
+                "last_runs": [_run(r) for r in tx.runs(name, limit=5)],
+                "followup_wanted": tx.model_head(name).followup_wanted,
+                "last_decision": {"at": decisions[0].at.isoformat(), "outcome": decisions[0].outcome, "reason": decisions[0].reason}
+                if decisions
+                else None,
+            }
+    return out
+
+
+def explain_view(store: Store, config: RetrainConfig, model: str | None = None, limit: int = 10) -> dict[str, list[dict[str, Any]]]:
+    models = [model] if model else sorted(config.models)
+    with store.transaction() as tx:
+        return {
+            name: [
+                {"at": d.at.isoformat(), "outcome": d.outcome, "reason": d.reason, "run_id": d.run_id, "message_id": d.message_id}
+                for d in tx.decisions(name, limit)
+            ]
+            for name in models
+        }
