@@ -84,7 +84,8 @@ def decide(snapshot: Snapshot, now: dt.datetime, cfg: ModelConfig) -> Decision:
 
     shortfall = data_shortfall(snapshot, cfg)
     if shortfall:
-        return Decision("wait", shortfall + (" (a forced request is waiting too)" if forced else ""))
+        count = "" if forced or count_met else f"waiting: {pending.count}/{cfg.min_new_images} new images; "
+        return Decision("wait", count + shortfall + (" (a forced request is waiting too)" if forced else ""))
 
     if not forced and head.last_run_finished_at is not None:
         cooldown_ends = head.last_run_finished_at + dt.timedelta(seconds=cfg.cooldown)

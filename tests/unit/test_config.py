@@ -38,7 +38,9 @@ def test_a_toml_file_configures_each_model_and_relative_paths_follow_the_file(tm
 def test_environment_variables_override_the_file(tmp_path):
     path = tmp_path / "retrain.toml"
     path.write_text(EXAMPLE)
-    config = load_config(path, env={"RETRAIN__MODELS__BIRDS__MIN_NEW_IMAGES": "7", "RETRAIN__MODELS__BIRDS__TRAINING__EXTRA": '["--bn", "frozen"]'})
+    config = load_config(
+        path, env={"RETRAIN__MODELS__BIRDS__MIN_NEW_IMAGES": "7", "RETRAIN__MODELS__BIRDS__TRAINING__EXTRA": '["--bn", "frozen"]'}
+    )
     assert config.model("birds").min_new_images == 7
     assert config.model("birds").training.extra == ("--bn", "frozen")
 
@@ -59,7 +61,9 @@ def test_every_bad_value_is_reported_at_once(tmp_path):
         assert words in text
 
 
-@pytest.mark.parametrize(("bad", "words"), [("[models]\n", "at least one model"), ('[models."Bad Name"]\n', "pattern"), ("not toml = = 1", "not valid TOML")])
+@pytest.mark.parametrize(
+    ("bad", "words"), [("[models]\n", "at least one model"), ('[models."Bad Name"]\n', "pattern"), ("not toml = = 1", "not valid TOML")]
+)
 def test_unusable_files_are_config_errors(tmp_path, bad, words):
     path = tmp_path / "c.toml"
     path.write_text(bad)
@@ -79,5 +83,5 @@ def test_durations(text, seconds):
 
 @pytest.mark.parametrize("bad", ["-1", "5 minutes", True, None])
 def test_bad_durations(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)

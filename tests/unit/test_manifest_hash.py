@@ -3,11 +3,12 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from shared.manifest_hash import manifest_sha256, stable_split
+
 from manifests import ImageRecord
 from manifests import manifest_sha256 as training_sha256
 from manifests import stable_split as training_split
-
-from shared.manifest_hash import manifest_sha256, stable_split
 
 pytestmark = pytest.mark.unit
 
@@ -16,7 +17,11 @@ names = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FFF, e
 
 @settings(max_examples=200)
 @given(
-    st.lists(st.tuples(st.sampled_from(["chicken", "turkey", "duck"]), names, st.sampled_from(["train", "val"]), names), max_size=20, unique_by=lambda t: (t[0], t[1])),
+    st.lists(
+        st.tuples(st.sampled_from(["chicken", "turkey", "duck"]), names, st.sampled_from(["train", "val"]), names),
+        max_size=20,
+        unique_by=lambda t: (t[0], t[1]),
+    ),
 )
 def test_worker_and_training_compute_the_same_manifest_digest(rows):
     images = [{"path": f"{label}/{name}.jpg", "label": label, "split": split, "etag": etag} for label, name, split, etag in rows]

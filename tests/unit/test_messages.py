@@ -13,7 +13,15 @@ MODELS = {"birds"}
 
 
 def image(**over):
-    body = {"kind": "image.uploaded", "message_id": "m-1", "model": "birds", "path": "chicken/1.jpg", "label": "chicken", "etag": "0x1", "size": 10}
+    body = {
+        "kind": "image.uploaded",
+        "message_id": "m-1",
+        "model": "birds",
+        "path": "chicken/1.jpg",
+        "label": "chicken",
+        "etag": "0x1",
+        "size": 10,
+    }
     body.update(over)
     return body
 
@@ -79,7 +87,7 @@ def test_a_request_that_asks_for_nothing_is_rejected():
 
 def test_request_overrides_are_bounded():
     body = {"kind": "retrain.requested", "message_id": "r", "model": "birds", "force": True, "overrides": {"epochs": 0}}
-    with pytest.raises(InvalidMessage, match="overrides.epochs"):
+    with pytest.raises(InvalidMessage, match=r"overrides\.epochs"):
         parse_message(body, MODELS)
     body["overrides"] = {"epochs": 3, "learning_rate": 0.1}
     assert isinstance(parse_message(body, MODELS), RetrainRequested)
@@ -101,8 +109,12 @@ def test_run_statuses_are_normalised_case_insensitively(raw, ours):
 
 def test_an_unknown_status_is_rejected():
     with pytest.raises(InvalidMessage, match="unknown run status"):
-        parse_message({"kind": "run.status_changed", "message_id": "s", "model": "birds", "backend_run_id": "r-a1", "status": "Exploded"}, MODELS)
-    msg = parse_message({"kind": "run.status_changed", "message_id": "s", "model": "birds", "backend_run_id": "r-a1", "status": "Completed"}, MODELS)
+        parse_message(
+            {"kind": "run.status_changed", "message_id": "s", "model": "birds", "backend_run_id": "r-a1", "status": "Exploded"}, MODELS
+        )
+    msg = parse_message(
+        {"kind": "run.status_changed", "message_id": "s", "model": "birds", "backend_run_id": "r-a1", "status": "Completed"}, MODELS
+    )
     assert isinstance(msg, RunStatusChanged)
     assert msg.status == "succeeded"
 

@@ -20,11 +20,23 @@ def ago(seconds: float) -> dt.datetime:
 
 
 def pending(count: int, oldest: float = 600, newest: float = 120) -> PendingStats:
-    return PendingStats(count=count, per_class={"chicken": count - count // 2, "turkey": count // 2}, oldest_at=ago(oldest), newest_at=ago(newest))
+    return PendingStats(
+        count=count, per_class={"chicken": count - count // 2, "turkey": count // 2}, oldest_at=ago(oldest), newest_at=ago(newest)
+    )
 
 
 def run(state: str = "running") -> RunRow:
-    return RunRow(run_id="birds-0003-abcd1234", model="birds", seq=3, state=state, manifest_sha256="x", image_count=1, new_image_count=1, classes=[], created_at=ago(100))
+    return RunRow(
+        run_id="birds-0003-abcd1234",
+        model="birds",
+        seq=3,
+        state=state,
+        manifest_sha256="x",
+        image_count=1,
+        new_image_count=1,
+        classes=[],
+        created_at=ago(100),
+    )
 
 
 FORCE = RequestRow(request_id="req-1", model="birds", force=True, created_at=ago(5), requested_by="ops")
@@ -43,12 +55,24 @@ CASES = [
     ("max wait overrides count", snap(pending(2, oldest=3601, newest=1)), {}, "submit", "has waited 60m01s"),
     ("max wait disabled", snap(pending(2, oldest=99999, newest=1)), {"max_wait": None}, "wait", "2/10 new images"),
     ("one class only", snap(pending(12), data=DataStats({"chicken": 20}, 5)), {}, "wait", "1/2 classes"),
-    ("a class below min_per_class", snap(pending(12), data=DataStats({"chicken": 20, "turkey": 2}, 5)), {}, "wait", "'turkey' has 2/3 training images"),
+    (
+        "a class below min_per_class",
+        snap(pending(12), data=DataStats({"chicken": 20, "turkey": 2}, 5)),
+        {},
+        "wait",
+        "'turkey' has 2/3 training images",
+    ),
     ("no validation images", snap(pending(12), data=DataStats({"chicken": 20, "turkey": 20}, 0)), {}, "wait", "validation split"),
     ("cooldown after a run", snap(pending(12), head=ModelHead("birds", last_run_finished_at=ago(100))), {}, "wait", "cooldown"),
     ("cooldown over", snap(pending(12), head=ModelHead("birds", last_run_finished_at=ago(301))), {}, "submit", "quiet"),
     ("force bypasses counts", snap(pending(1, newest=1), force=FORCE), {}, "submit", "forced by request req-1"),
-    ("force bypasses cooldown", snap(pending(1), head=ModelHead("birds", last_run_finished_at=ago(5)), force=FORCE), {}, "submit", "forced"),
+    (
+        "force bypasses cooldown",
+        snap(pending(1), head=ModelHead("birds", last_run_finished_at=ago(5)), force=FORCE),
+        {},
+        "submit",
+        "forced",
+    ),
     ("force does not bypass missing data", snap(pending(1), data=DataStats({"chicken": 9}, 1), force=FORCE), {}, "wait", "classes"),
     ("force never bypasses single flight", snap(pending(1), in_flight=run(), force=FORCE), {}, "coalesce", "in flight"),
     ("in flight, nothing triggered", snap(pending(3), in_flight=run()), {}, "wait", "birds-0003-abcd1234 in flight"),
@@ -56,9 +80,27 @@ CASES = [
     ("in flight, queue mode", snap(pending(12), in_flight=run()), {"in_flight": "queue"}, "coalesce", "queued behind"),
     ("in flight, drop mode", snap(pending(12), in_flight=run()), {"in_flight": "drop"}, "drop", "dropped"),
     ("a planned run counts as in flight", snap(pending(12), in_flight=run("planned")), {}, "coalesce", "planned"),
-    ("coalesced follow-up runs after the run", snap(pending(2, newest=1), head=ModelHead("birds", followup_wanted=True)), {}, "submit", "coalesced follow-up"),
-    ("coalesced follow-up still respects cooldown", snap(pending(2), head=ModelHead("birds", followup_wanted=True, last_run_finished_at=ago(10))), {}, "wait", "cooldown"),
-    ("training on new images only counts pending per class", snap(pending(12), data=DataStats({}, 0)), {"training_data": "new"}, "submit", "quiet"),
+    (
+        "coalesced follow-up runs after the run",
+        snap(pending(2, newest=1), head=ModelHead("birds", followup_wanted=True)),
+        {},
+        "submit",
+        "coalesced follow-up",
+    ),
+    (
+        "coalesced follow-up still respects cooldown",
+        snap(pending(2), head=ModelHead("birds", followup_wanted=True, last_run_finished_at=ago(10))),
+        {},
+        "wait",
+        "cooldown",
+    ),
+    (
+        "training on new images only counts pending per class",
+        snap(pending(12), data=DataStats({}, 0)),
+        {"training_data": "new"},
+        "submit",
+        "quiet",
+    ),
 ]
 
 

@@ -16,7 +16,16 @@ from worker.store import Store
 
 def small_config(tmp_path: Path, **knobs) -> RetrainConfig:
     env = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"), "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images")}
-    base = {"val_fraction": 0.5, "min_new_images": 6, "min_per_class": 2, "quiet_period": 10, "max_wait": 600, "cooldown": 30, "max_attempts": 2, "retry_backoff": 5}
+    base = {
+        "val_fraction": 0.5,
+        "min_new_images": 6,
+        "min_per_class": 2,
+        "quiet_period": 10,
+        "max_wait": 600,
+        "cooldown": 30,
+        "max_attempts": 2,
+        "retry_backoff": 5,
+    }
     base.update(knobs)
     for key, value in base.items():
         env[f"RETRAIN__MODELS__BIRDS__{key.upper()}"] = "" if value is None else str(value)
@@ -54,7 +63,15 @@ class Harness:
         return self.worker.handle(RetrainRequested(**fields))
 
     def status(self, backend_run_id: str, status: str, message_id: str | None = None, detail: str = ""):
-        return self.worker.handle(RunStatusChanged(message_id=message_id or f"st-{backend_run_id}-{status}", model="birds", backend_run_id=backend_run_id, status=status, detail=detail))
+        return self.worker.handle(
+            RunStatusChanged(
+                message_id=message_id or f"st-{backend_run_id}-{status}",
+                model="birds",
+                backend_run_id=backend_run_id,
+                status=status,
+                detail=detail,
+            )
+        )
 
     def runs(self, states=None):
         with self.store.transaction() as tx:

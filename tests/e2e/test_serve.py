@@ -1,0 +1,118 @@
+"""`retrain serve` as a user runs it: drop images, read `explain`, watch one real 2-rank run happen."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, child_env
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """
+[worker]
+state_dir = "state"
+images_root = "images"
+tick_seconds = 0.5
+[models.birds]
+min_new_images = 16
+min_per_class = 3
+quiet_period = "1s"
+cooldown = 0
+val_fraction = 0.25
+[models.birds.training]
+epochs = 1
+image_size = 32
+batch_size = 4
+nproc = 2
+extra = ["--weights", "none", "--workers", "0"]
+"""
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        cwd=cwd,
+        env=child_env(PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _drop(source: Path, target: Path, names: list[str]) -> None:
+    for name in names:
+        dest = target / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / name, dest)
+
+
+def test_serve_waits_with_reasons_then_runs_exactly_once_and_keeps_the_files(tmp_path):
+    from synthetic_birds import generate
+
+    source = tmp_path / "source"
+    generate(source, 10, layout="flat", seed=3)
+    names = sorted(p.relative_to(source).as_posix() for p in source.rglob("*.*"))
+    (tmp_path / "retrain.toml").write_text(CONFIG)
+    images = tmp_path / "images" / "birds"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "worker", "serve", "-c", "retrain.toml", "--max-seconds", "300", "--settle-seconds", "0.2"],
+        cwd=tmp_path, env=child_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        first = [n for n in names if n.split("/")[1][-6:-4] < "05"]  # 5 per class
+        _drop(source, images, first)
+        (images / "chicken" / "bad\x07name.jpg").write_bytes(b"hostile name")  # rejected, never counted
+
+        def waiting():
+            out = _cli("explain", "birds", "--json", "-c", "retrain.toml", cwd=tmp_path)
+            decisions = json.loads(out.stdout)["birds"] if out.returncode == 0 else []
+            return decisions and "10/16 new images" in decisions[0]["reason"] and decisions
+
+        _wait(waiting, 60, "the policy to say it waits for 16 images")
+        _drop(source, images, [n for n in names if n not in first])
+        _drop(source, images, first)  # the same files again: duplicates, not new images
+
+        def finished():
+            out = _cli("status", "birds", "--json", "-c", "retrain.toml", cwd=tmp_path)
+            runs = json.loads(out.stdout)["birds"]["last_runs"] if out.returncode == 0 else []
+            return runs and runs[0]["state"] in ("succeeded", "finalized") and runs
+
+        runs = _wait(finished, 240, "the run to finish")
+        assert len(runs) == 1
+        assert runs[0]["images"] == 20
+        run_id = runs[0]["run_id"]
+        state = tmp_path / "state"
+        manifest = json.loads((state / "manifests" / f"{run_id}.json").read_text())
+        assert len(manifest["images"]) == 20
+        assert (state / "runs" / f"{run_id}-a1" / "outputs" / "model.pt").exists()
+        metrics = json.loads((state / "runs" / f"{run_id}-a1" / "outputs" / "metrics.json").read_text())
+        assert metrics["manifest_sha256"] == manifest["sha256"]
+        assert metrics["world_size"] == 2
+        _wait(lambda: (state / "events.jsonl").exists(), 10, "the events file")
+        events = [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
+        assert [e["type"] for e in events] == ["retrain.run.submitted"]
+    finally:
+        serve.send_signal(signal.SIGINT)  # Ctrl-C, by our own child's PID
+        output = serve.communicate(timeout=30)[0]
+    assert serve.returncode == 0, output[-3000:]
+    assert "rejected" in output
+    assert "bad\\x07name.jpg" in output

@@ -1,0 +1,44 @@
+"""A worker process for the multi-process tests: feeds upload events into a shared SQLite ledger.
+
+    python -m tests.integration.ledger_client DB STATE_DIR PROCESS_INDEX EVENTS_FILE
+
+EVENTS_FILE holds one "path etag" per line; the client handles them in order through a full
+worker (real SQLite store, local runs folder via a fake launcher when given).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from shared.messages import ImageUploaded
+from worker.bootstrap import build_worker
+from worker.config import load_config
+from worker.fake_backend import FakeTrainingBackend
+from worker.sqlite_store import SqliteStore
+
+
+def config_env(state_dir: str, **knobs: str) -> dict[str, str]:
+    env = {"RETRAIN__WORKER__STATE_DIR": state_dir, "RETRAIN__WORKER__IMAGES_ROOT": str(Path(state_dir) / "images")}
+    for key, value in knobs.items():
+        env[f"RETRAIN__MODELS__BIRDS__{key.upper()}"] = value
+    return env
+
+
+def main(argv: list[str]) -> int:
+    db, state_dir, index, events_file = argv
+    config = load_config(
+        None, env=config_env(state_dir, min_new_images="1000", min_per_class="5", quiet_period="0", cooldown="1d", val_fraction="0.2")
+    )
+    worker = build_worker(config, store=SqliteStore(db), backend=FakeTrainingBackend())
+    handled = 0
+    for line in Path(events_file).read_text().splitlines():
+        path, etag = line.split(" ")
+        worker.handle(ImageUploaded.of("birds", path, etag, 1))
+        handled += 1
+    print(f"process {index} handled {handled}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""Property tests: random interleavings of uploads, duplicates, overwrites, ticks, completions,
+failures and requests never lose an image, never train one twice, never fly two runs."""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from shared.manifest_hash import manifest_sha256
+from shared.messages import ImageUploaded
+from worker.store import IN_FLIGHT_STATES
+
+from .worker_harness import make_harness
+
+pytestmark = pytest.mark.unit
+
+PATHS = [f"{label}/{i}.jpg" for label in ("chicken", "turkey") for i in range(12)]
+
+
+class WorkerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.h = make_harness(
+            Path(tempfile.mkdtemp()), min_new_images=4, min_per_class=1, quiet_period=5, cooldown=3, max_attempts=2, retry_backoff=2
+        )
+        self.delivered: list[ImageUploaded] = []
+        self.versions: dict[str, int] = {}
+
+    def _in_flight(self):
+        return self.h.runs(IN_FLIGHT_STATES)
+
+    @rule(path=st.sampled_from(PATHS))
+    def upload(self, path):
+        version = self.versions.get(path, 0) + 1
+        self.versions[path] = version
+        message = ImageUploaded.of("birds", path, f"v{version}", 10)
+        self.delivered.append(message)
+        self.h.worker.handle(message)
+
+    @rule(index=st.integers(min_value=0, max_value=10_000))
+    def redeliver(self, index):
+        if self.delivered:
+            self.h.worker.handle(self.delivered[index % len(self.delivered)])
+
+    @rule(seconds=st.sampled_from([1, 4, 6, 30]))
+    def tick(self, seconds):
+        self.h.clock.advance(seconds)
+        self.h.worker.tick()
+
+    @rule(outcome=st.sampled_from(["succeeded", "failed", "canceled", "running"]), twice=st.booleans())
+    def backend_reports(self, outcome, twice):
+        for run in self._in_flight():
+            if run.state in ("submitted", "running"):
+                self.h.backend.finish(run.backend_run_id, outcome)
+                self.h.status(run.backend_run_id, outcome, message_id=f"s-{run.backend_run_id}-{outcome}")
+                if twice:
+                    self.h.status(run.backend_run_id, outcome, message_id=f"s2-{run.backend_run_id}-{outcome}")
+
+    @rule()
+    def force(self):
+        self.h.request(force=True)
+
+    @invariant()
+    def never_two_runs_in_flight(self):
+        assert len(self._in_flight()) <= 1
+
+    @invariant()
+    def every_manifest_hash_matches_its_content(self):
+        with self.h.store.transaction() as tx:
+            for run in tx.runs("birds"):
+                entries = tx.manifest_entries(run.run_id)
+                rows = [{"path": e.path, "label": e.label, "split": e.split, "etag": e.etag} for e in entries]
+                assert manifest_sha256(run.classes, rows) == run.manifest_sha256
+                assert sorted({e.label for e in entries}) == run.classes
+
+    @invariant()
+    def no_image_is_lost_or_trained_twice(self):
+        with self.h.store.transaction() as tx:
+            runs = {r.run_id: r for r in tx.runs("birds")}
+            consumed: dict[tuple[str, str], str] = {}
+            for run in runs.values():
+                if run.outcome == "succeeded":
+                    for e in tx.manifest_entries(run.run_id):
+                        if e.is_new:
+                            assert (e.path, e.etag) not in consumed, f"{e.path} counted new by two successful runs"
+                            consumed[(e.path, e.etag)] = run.run_id
+            latest = {i.path: i for i in tx.manifest_candidates("birds", only_pending=False)}
+            for path, version in self.versions.items():
+                image = latest.get(path)
+                assert image is not None, f"{path} was lost"
+                assert image.etag == f"v{version}", f"{path} is not at its newest version"
+                if image.state == "pending":
+                    assert image.run_id is None
+                elif image.state == "in_run":
+                    assert runs[image.run_id].in_flight
+                else:
+                    assert image.state == "trained"
+                    assert consumed.get((image.path, image.etag)) is not None
+
+
+TestWorkerMachine = WorkerMachine.TestCase
+TestWorkerMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
