@@ -2,14 +2,19 @@
 
 Several processes may share the file. Every transaction starts with BEGIN IMMEDIATE, which takes
 the write lock up front, so two writers serialise instead of both reading a state and one losing
-its update; readers never block (WAL). A writer that cannot get the lock within `busy_timeout`
-gets `sqlite3.OperationalError("database is locked")`, which the message bus retries with jitter.
+its update. Writers first queue on an flock of `<db>.lock`: the kernel wakes the next waiter the
+moment the lock is free, where SQLite's own busy handler polls with sleeps of up to 100 ms (with
+4 processes that cut throughput 4x and starved a writer for 25 s). A writer that still cannot
+get SQLite's lock within `busy_timeout` (another program holding it) gets
+`sqlite3.OperationalError("database is locked")`, which the message bus retries with jitter.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -40,7 +45,28 @@ CREATE TABLE IF NOT EXISTS images (
     latest INTEGER NOT NULL, source TEXT NOT NULL,
     PRIMARY KEY (model, path, etag)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS images_pending ON images (model, state, latest, label, first_seen_at);
+CREATE INDEX IF NOT EXISTS images_by_age ON images (model, state, latest, first_seen_at);
+-- Counts per (label, split, state, latest) kept by triggers, so the policy's snapshot costs the
+-- same with 10 or 10 million images.
+CREATE TABLE IF NOT EXISTS image_counts (
+    model TEXT NOT NULL, label TEXT NOT NULL, split TEXT NOT NULL, state TEXT NOT NULL, latest INTEGER NOT NULL,
+    n INTEGER NOT NULL, PRIMARY KEY (model, label, split, state, latest)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS images_count_insert AFTER INSERT ON images BEGIN
+    INSERT INTO image_counts VALUES (new.model, new.label, new.split, new.state, new.latest, 1)
+        ON CONFLICT (model, label, split, state, latest) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS images_count_update AFTER UPDATE OF state, latest ON images
+    WHEN old.state != new.state OR old.latest != new.latest BEGIN
+    UPDATE image_counts SET n = n - 1
+        WHERE model = old.model AND label = old.label AND split = old.split AND state = old.state AND latest = old.latest;
+    INSERT INTO image_counts VALUES (new.model, new.label, new.split, new.state, new.latest, 1)
+        ON CONFLICT (model, label, split, state, latest) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS images_count_delete AFTER DELETE ON images BEGIN
+    UPDATE image_counts SET n = n - 1
+        WHERE model = old.model AND label = old.label AND split = old.split AND state = old.state AND latest = old.latest;
+END;
 CREATE INDEX IF NOT EXISTS images_run ON images (run_id) WHERE run_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, model TEXT NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL,
@@ -123,18 +149,24 @@ class SqliteTx(Tx):
 
     # images
     def add_image(self, row: ImageRow) -> Literal["new", "duplicate", "stale"]:
-        if self._one("SELECT 1 FROM images WHERE model=? AND path=? AND etag=?", row.key):
+        # All versions of the path, by primary-key prefix: usually none, rarely more than one.
+        versions = self.conn.execute(
+            "SELECT etag, latest, occurred_at, first_seen_at FROM images WHERE model=? AND path=?", (row.model, row.path)
+        ).fetchall()
+        if any(v["etag"] == row.etag for v in versions):
             return "duplicate"
-        newest = self._one("SELECT occurred_at, first_seen_at FROM images WHERE model=? AND path=? AND latest=1", (row.model, row.path))
+        newest = next((v for v in versions if v["latest"]), None)
         stale = False
         if newest is not None:
             known_at = _dt(newest["occurred_at"]) or _dt(newest["first_seen_at"])
             mine = row.occurred_at or row.first_seen_at
             stale = known_at is not None and mine is not None and mine < known_at
-        if not stale:
-            # The new version replaces older ones; an older version nobody trained on yet is obsolete.
-            self.conn.execute("UPDATE images SET latest=0 WHERE model=? AND path=? AND latest=1", (row.model, row.path))
-            self.conn.execute("UPDATE images SET state='superseded' WHERE model=? AND path=? AND state='pending'", (row.model, row.path))
+            if not stale:
+                # The new version replaces older ones; an older version nobody trained on yet is obsolete.
+                self.conn.execute(
+                    "UPDATE images SET latest=0, state=CASE WHEN state='pending' THEN 'superseded' ELSE state END WHERE model=? AND path=? AND latest=1",
+                    (row.model, row.path),
+                )
         state = "superseded" if stale else row.state
         self.conn.execute(
             "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -157,22 +189,27 @@ class SqliteTx(Tx):
 
     def pending_stats(self, model: str) -> PendingStats:
         rows = self.conn.execute(
-            "SELECT label, COUNT(*) AS n, MIN(first_seen_at) AS oldest, MAX(first_seen_at) AS newest FROM images "
-            "WHERE model=? AND state='pending' AND latest=1 GROUP BY label",
+            "SELECT label, SUM(n) AS n FROM image_counts WHERE model=? AND state='pending' AND latest=1 GROUP BY label HAVING SUM(n) > 0",
             (model,),
         ).fetchall()
         if not rows:
             return PendingStats()
+        ages = self._one(
+            "SELECT (SELECT first_seen_at FROM images WHERE model=? AND state='pending' AND latest=1 ORDER BY first_seen_at LIMIT 1) AS oldest, "
+            "(SELECT first_seen_at FROM images WHERE model=? AND state='pending' AND latest=1 ORDER BY first_seen_at DESC LIMIT 1) AS newest",
+            (model, model),
+        )
         return PendingStats(
             count=sum(r["n"] for r in rows),
             per_class={r["label"]: r["n"] for r in rows},
-            oldest_at=_dt(min(r["oldest"] for r in rows)),
-            newest_at=_dt(max(r["newest"] for r in rows)),
+            oldest_at=_dt(ages["oldest"]),
+            newest_at=_dt(ages["newest"]),
         )
 
     def data_stats(self, model: str) -> DataStats:
         rows = self.conn.execute(
-            "SELECT label, split, COUNT(*) AS n FROM images WHERE model=? AND latest=1 AND state IN ('pending','in_run','trained') GROUP BY label, split",
+            "SELECT label, split, SUM(n) AS n FROM image_counts WHERE model=? AND latest=1 AND state IN ('pending','in_run','trained') "
+            "GROUP BY label, split HAVING SUM(n) > 0",
             (model,),
         ).fetchall()
         return DataStats(
@@ -367,16 +404,27 @@ class SqliteStore(Store):
             conn = self._local.conn = self._connect_once()
         return conn
 
+    @property
+    def _lock_fd(self) -> int:
+        fd = getattr(self._local, "lock_fd", None)
+        if fd is None:
+            fd = self._local.lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        return fd
+
     @contextmanager
     def transaction(self) -> Iterator[SqliteTx]:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        tx = SqliteTx(conn)
+        conn, lock_fd = self._conn, self._lock_fd
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
-            yield tx
+            conn.execute("BEGIN IMMEDIATE")
+            tx = SqliteTx(conn)
+            try:
+                yield tx
+            finally:
+                if not tx.committed:
+                    conn.execute("ROLLBACK")
         finally:
-            if not tx.committed:
-                conn.execute("ROLLBACK")
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
     def unpublished_events(self, limit: int = 100) -> list[OutboxRow]:
         rows = self._conn.execute("SELECT * FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT ?", (limit,)).fetchall()
@@ -405,6 +453,10 @@ class SqliteStore(Store):
         if conn is not None:
             conn.close()
             self._local.conn = None
+        fd = getattr(self._local, "lock_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._local.lock_fd = None
 
 
 def is_busy_error(exc: BaseException) -> bool:
