@@ -75,6 +75,31 @@ class Worker:
         except Exception:
             log.exception("submitting %s failed; it stays planned and the next tick retries", run_id)
 
+    def cancel(self, run_id: str) -> str:
+        """Ask the backend to stop the run's current attempt; the next poll records the outcome.
+
+        A planned run that never reached the backend is finalized here directly.
+        """
+        with self.store.transaction() as tx:
+            run = tx.get_run(run_id)
+            if run is None:
+                raise KeyError(f"no run {run_id!r}")
+            if not run.in_flight:
+                return f"{run_id} is not in flight ({run.state})"
+        status = self.backend.cancel(run.backend_run_id)
+        if status.state == "unknown" and run.state == "planned":
+            message = RunStatusChanged(
+                message_id=f"cancel-{run.backend_run_id}",
+                model=run.model,
+                backend_run_id=run.backend_run_id,
+                status="canceled",
+                detail="canceled before submission",
+            )
+            self.handle(message)
+        else:
+            self.poll()
+        return f"{run_id}: cancel requested (backend says {status.state})"
+
     def poll(self) -> list[Effects]:
         """Ask the backend about every submitted or running run; apply what changed (lost events)."""
         with self.store.transaction() as tx:

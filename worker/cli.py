@@ -190,6 +190,19 @@ def explain(
             typer.echo("  no decisions yet")
 
 
+@app.command()
+def cancel(run_id: Annotated[str, typer.Argument(help="the run to stop")], config: ConfigOption = None) -> None:
+    """Stop a run in flight; its new images go back to pending (a canceled run is not retried)."""
+    from worker.bootstrap import build_worker
+
+    cfg = _config(config)
+    try:
+        typer.echo(build_worker(cfg).cancel(run_id))
+    except KeyError as exc:
+        typer.echo(f"error: {exc.args[0]}", err=True)
+        raise typer.Exit(2) from exc
+
+
 def _known(cfg, model: str | None) -> None:
     if model is not None and model not in cfg.models:
         typer.echo(f"error: unknown model {model!r} (configured: {', '.join(sorted(cfg.models))})", err=True)

@@ -85,3 +85,10 @@ def test_durations(text, seconds):
 def test_bad_durations(bad):
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)
+
+
+def test_the_example_config_in_the_readme_is_valid():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[2] / "examples" / "retrain.toml", env={})
+    assert config.model("birds").max_wait == 3600

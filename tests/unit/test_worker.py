@@ -223,3 +223,23 @@ def test_every_run_id_is_deterministic_and_names_its_manifest(h):
     assert run.run_id == f"birds-0001-{run.manifest_sha256[:8]}"
     spec = h.backend.specs[run.backend_run_id]
     assert spec.manifest["sha256"] == run.manifest_sha256
+
+
+def test_canceling_a_run_returns_its_images_to_pending_without_a_retry(h):
+    ready(h)
+    run = h.runs()[0]
+    h.worker.cancel(run.run_id)
+    final = h.runs()[0]
+    assert (final.state, final.outcome, final.attempt) == ("finalized", "canceled", 1)
+    with h.store.transaction() as tx:
+        assert tx.pending_stats("birds").count == 12
+    assert h.backend.calls_to("cancel") == [run.backend_run_id]
+    assert [e.type for e in h.events()] == [ev.RUN_SUBMITTED, ev.RUN_FAILED]
+
+
+def test_canceling_a_run_that_never_reached_the_backend_finalizes_it(h):
+    h.backend.fail_next_submit(ConnectionError("down"))
+    ready(h)
+    assert h.runs()[0].state == "planned"
+    h.worker.cancel(h.runs()[0].run_id)
+    assert h.runs()[0].outcome == "canceled"
