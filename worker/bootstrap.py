@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from worker.bus import Worker
+from worker.completion import Completer
 from worker.config import RetrainConfig
 from worker.directory_blobs import DirectoryBlobStore
+from worker.exporter import LocalOnnxExporter, OnnxExporter
 from worker.jsonl_publisher import JsonlPublisher
 from worker.ports import BlobStore, Clock, Publisher, SystemClock, TrainingBackend
+from worker.registry import LocalModelRegistry, ModelRegistry
 from worker.store import Store
 from worker.submission import Submitter
 
@@ -25,6 +28,8 @@ def build_worker(
     clock: Clock | None = None,
     publisher: Publisher | None = None,
     blobs: dict[str, BlobStore] | None = None,
+    registry: ModelRegistry | None = None,
+    exporter: OnnxExporter | None = None,
 ) -> Worker:
     if store is None:
         from worker.sqlite_store import SqliteStore
@@ -38,5 +43,17 @@ def build_worker(
     publisher = publisher or JsonlPublisher(config.events_file)
     if blobs is None:
         blobs = {name: DirectoryBlobStore(config.images_dir(name)) for name in config.models}
-    submitter = Submitter(store, backend, config, clock, manifests_dir=config.worker.state_dir / "manifests")
-    return Worker(store, backend, config, clock, submitter, blobs=blobs, publisher=publisher)
+    registry = registry or LocalModelRegistry(config.registry_dir)
+    exporter = exporter or LocalOnnxExporter()
+    manifests_dir = config.worker.state_dir / "manifests"
+
+    def champion_checkpoint(model: str) -> str | None:
+        """Warm start from the champion's weights (train.py then measures it as the baseline)."""
+        with store.transaction() as tx:
+            version = tx.model_head(model).champion_version
+        path = registry.local_model_path(model, version) if version else None
+        return str(path) if path else None
+
+    submitter = Submitter(store, backend, config, clock, manifests_dir=manifests_dir, init_checkpoint=champion_checkpoint)
+    completer = Completer(store, backend, registry, exporter, config, clock, manifests_dir=manifests_dir)
+    return Worker(store, backend, config, clock, submitter, blobs=blobs, publisher=publisher, completer=completer)

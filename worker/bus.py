@@ -16,6 +16,7 @@ import uuid
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.messages import Message, RunStatusChanged, Tick
+from worker.completion import Completer
 from worker.config import RetrainConfig
 from worker.crashpoints import crashpoint
 from worker.handlers import HANDLERS, Context, Effects
@@ -37,19 +38,33 @@ class Worker:
         submitter: Submitter,
         blobs: dict[str, BlobStore] | None = None,
         publisher: Publisher | None = None,
+        completer: Completer | None = None,
     ):
         self.store, self.backend, self.config, self.clock = store, backend, config, clock
         self.submitter = submitter
+        self.completer = completer
         self.blobs = blobs or {}
         self.publisher = publisher
 
     def handle(self, message: Message) -> Effects:
         effects = self._apply(message)
+        for run_id in effects.completed_runs:
+            effects.planned_runs += self.complete(run_id)
         if effects.planned_runs:
             crashpoint("after_plan")
-        for run_id in effects.planned_runs:
+        for run_id in dict.fromkeys(effects.planned_runs):
             self.submit(run_id)
         return effects
+
+    def complete(self, run_id: str) -> list[str]:
+        """Gate, export, register a succeeded run. A failure leaves it succeeded; the next tick retries."""
+        if self.completer is None:
+            return []
+        try:
+            return self.completer.complete(run_id)
+        except Exception:
+            log.exception("completing %s failed; it stays succeeded and the next tick retries", run_id)
+            return []
 
     def _apply(self, message: Message) -> Effects:
         for attempt in Retrying(
@@ -126,6 +141,9 @@ class Worker:
 
     def tick(self, model: str | None = None) -> Effects:
         self.poll()
+        if self.completer is not None:
+            for name in [model] if model else sorted(self.config.models):
+                self.completer.sync_champion_alias(name)
         now = self.clock.now()
         return self.handle(Tick(message_id=f"tick-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}", model=model, occurred_at=now))
 

@@ -75,6 +75,16 @@ class TrainingConfig(_Section):
         return json.loads(value) if isinstance(value, str) and value.startswith("[") else value
 
 
+class GateConfig(_Section):
+    """When a trained model replaces the champion (see README, "Completion")."""
+
+    metric: str = "best_val_acc"
+    min_value: float = Field(0.6, ge=0, le=1, description="never register a model below this")
+    min_improvement: float = Field(0.0, ge=-1, le=1, description="0: strictly better than the champion on the same validation set")
+    onnx_tolerance: float = Field(1e-4, gt=0, description="largest |PyTorch - onnxruntime| logit difference accepted")
+    onnx_samples: int = Field(32, ge=1, le=1024)
+
+
 class ModelConfig(_Section):
     """The retrain policy's knobs for one model (see README, "The policy")."""
 
@@ -91,6 +101,7 @@ class ModelConfig(_Section):
     training_data: Literal["all", "new"] = Field("all", description="train on all images so far, or only the new ones")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     training: TrainingConfig = TrainingConfig()
+    gate: GateConfig = GateConfig()
 
 
 class WorkerConfig(_Section):
@@ -100,6 +111,7 @@ class WorkerConfig(_Section):
     scan_seconds: Seconds = 2.0
     backend: Literal["local"] = "local"
     events_file: Path | None = Field(None, description="JSON lines sink for published events; default <state_dir>/events.jsonl")
+    registry_dir: Path | None = Field(None, description="local model registry; default <state_dir>/registry")
 
 
 class RetrainConfig(_Section):
@@ -123,6 +135,10 @@ class RetrainConfig(_Section):
     @property
     def events_file(self) -> Path:
         return self.worker.events_file or self.worker.state_dir / "events.jsonl"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.worker.registry_dir or self.worker.state_dir / "registry"
 
 
 def _apply_env(document: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
@@ -151,6 +167,7 @@ def _resolve_paths(config: RetrainConfig, base: Path) -> RetrainConfig:
             "state_dir": resolve(config.worker.state_dir),
             "images_root": resolve(config.worker.images_root),
             "events_file": resolve(config.worker.events_file),
+            "registry_dir": resolve(config.worker.registry_dir),
         }
     )
     models = {

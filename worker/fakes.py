@@ -64,3 +64,29 @@ class RecordingPublisher(Publisher):
             self.fail_times -= 1
             raise ConnectionError("publisher unavailable")
         self.published.extend(events)
+
+
+class FakeOnnxExporter:
+    """Writes a stand-in ONNX file and a report with the parity figure the test chooses."""
+
+    def __init__(self, max_abs_diff: float = 3e-7):
+        self.max_abs_diff = max_abs_diff
+        self.calls: list[Path] = []
+
+    def export(self, model_pt: Path, out_dir: Path, *, data_dir, manifest, tolerance: float, samples: int):
+        import json as _json
+
+        from worker.exporter import ExportResult
+
+        self.calls.append(model_pt)
+        onnx_path, report_path = out_dir / "model.onnx", out_dir / "onnx_report.json"
+        onnx_path.write_bytes(b"onnx:" + model_pt.read_bytes()[:16])
+        report = {
+            "max_abs_diff": self.max_abs_diff,
+            "tolerance": tolerance,
+            "passed": self.max_abs_diff <= tolerance,
+            "opset": 17,
+            "samples": samples,
+        }
+        report_path.write_text(_json.dumps(report))
+        return ExportResult(onnx_path, report_path, report)

@@ -36,6 +36,7 @@ class Effects:
     """What the bus must do after the commit, and what to tell the caller."""
 
     planned_runs: list[str] = field(default_factory=list)
+    completed_runs: list[str] = field(default_factory=list)  # succeeded runs awaiting completion
     outcome: str = "ok"
     detail: str = ""
 
@@ -222,7 +223,7 @@ def handle_run_status_changed(ctx: Context, tx: Tx, msg: RunStatusChanged) -> Ef
     run = tx.get_run(parsed[0]) if parsed else None
     if run is None or run.model != msg.model:
         return Effects(outcome="ignored", detail=f"unknown run {msg.backend_run_id}")
-    if parsed[1] != run.attempt or not run.in_flight:
+    if parsed[1] != run.attempt or run.state not in ("planned", "submitted", "running"):
         return Effects(
             outcome="ignored", detail=f"stale status {msg.status} for {msg.backend_run_id} (run is {run.state}, attempt {run.attempt})"
         )
@@ -237,7 +238,7 @@ def handle_run_status_changed(ctx: Context, tx: Tx, msg: RunStatusChanged) -> Ef
             tx.update_run(run)
     elif msg.status == "succeeded":
         run_succeeded(ctx, tx, run)
-        effects.planned_runs += _after_run(ctx, tx, run.model, msg.message_id)
+        effects.completed_runs.append(run.run_id)
     else:
         effects.planned_runs += run_failed(ctx, tx, run, msg.status, msg.detail, msg.message_id)
     return effects
@@ -300,10 +301,10 @@ def run_failed(ctx: Context, tx: Tx, run: RunRow, status: str, detail: str, mess
             message_id=message_id,
         )
     )
-    return _after_run(ctx, tx, run.model, message_id)
+    return after_run(ctx, tx, run.model, message_id)
 
 
-def _after_run(ctx: Context, tx: Tx, model: str, message_id: str | None) -> list[str]:
+def after_run(ctx: Context, tx: Tx, model: str, message_id: str | None) -> list[str]:
     _, run = evaluate(ctx, tx, model, message_id)
     return [run.run_id] if run else []
 
@@ -319,6 +320,8 @@ def handle_tick(ctx: Context, tx: Tx, msg: Tick) -> Effects:
         for planned in tx.runs(model, frozenset({"planned"})):
             if planned.run_id not in effects.planned_runs and (planned.next_attempt_at is None or planned.next_attempt_at <= ctx.now):
                 effects.planned_runs.append(planned.run_id)
+        # A completion interrupted by a crash (or a transient error) is finished by the next tick.
+        effects.completed_runs += [r.run_id for r in tx.runs(model, frozenset({"succeeded"}))]
         tx.prune_decisions(model, DECISIONS_KEPT)
     return effects
 

@@ -22,6 +22,7 @@ from worker.store import (
     ImageState,
     ManifestEntry,
     ModelHead,
+    ModelVersionRow,
     OutboxRow,
     PendingStats,
     RequestRow,
@@ -41,6 +42,7 @@ class _State:
     outbox: list[OutboxRow] = field(default_factory=list)
     decisions: list[DecisionRow] = field(default_factory=list)
     heads: dict[str, ModelHead] = field(default_factory=dict)
+    versions: list[ModelVersionRow] = field(default_factory=list)
 
 
 class MemoryTx(Tx):
@@ -165,6 +167,17 @@ class MemoryTx(Tx):
             return False
         self.s.outbox.append(row)
         return True
+
+    def add_model_version(self, row: ModelVersionRow) -> bool:
+        if any(v.run_id == row.run_id for v in self.s.versions):
+            return False
+        if any(v.model == row.model and v.version == row.version for v in self.s.versions):
+            raise KeyError(f"{row.model} v{row.version} exists")
+        self.s.versions.append(row)
+        return True
+
+    def model_versions(self, model: str) -> list[ModelVersionRow]:
+        return sorted((v for v in self.s.versions if v.model == model), key=lambda v: v.version, reverse=True)
 
     def model_head(self, model: str) -> ModelHead:
         return copy.deepcopy(self.s.heads.get(model) or ModelHead(model=model))

@@ -29,6 +29,7 @@ from worker.store import (
     ImageState,
     ManifestEntry,
     ModelHead,
+    ModelVersionRow,
     OutboxRow,
     PendingStats,
     RequestRow,
@@ -104,7 +105,12 @@ CREATE TABLE IF NOT EXISTS decisions (
 CREATE INDEX IF NOT EXISTS decisions_model ON decisions (model, seq);
 CREATE TABLE IF NOT EXISTS model_heads (
     model TEXT PRIMARY KEY, next_seq INTEGER NOT NULL, followup_wanted INTEGER NOT NULL,
-    last_run_finished_at TEXT
+    last_run_finished_at TEXT, champion_version INTEGER, champion_sha256 TEXT
+);
+CREATE TABLE IF NOT EXISTS model_versions (
+    model TEXT NOT NULL, version INTEGER NOT NULL, run_id TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL,
+    location TEXT NOT NULL, metrics TEXT NOT NULL, card TEXT NOT NULL,
+    PRIMARY KEY (model, version)
 );
 """
 
@@ -352,23 +358,60 @@ class SqliteTx(Tx):
         )
         return cur.rowcount == 1
 
+    # model versions
+    def add_model_version(self, row: ModelVersionRow) -> bool:
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO model_versions VALUES (?,?,?,?,?,?,?)",
+            (
+                row.model,
+                row.version,
+                row.run_id,
+                _ts(row.created_at),
+                row.location,
+                json.dumps(row.metrics, sort_keys=True),
+                json.dumps(row.card, sort_keys=True),
+            ),
+        )
+        return cur.rowcount == 1
+
+    def model_versions(self, model: str) -> list[ModelVersionRow]:
+        rows = self.conn.execute("SELECT * FROM model_versions WHERE model=? ORDER BY version DESC", (model,)).fetchall()
+        return [
+            ModelVersionRow(
+                model=r["model"],
+                version=r["version"],
+                run_id=r["run_id"],
+                created_at=_dt(r["created_at"]),
+                location=r["location"],
+                metrics=json.loads(r["metrics"]),
+                card=json.loads(r["card"]),
+            )  # fmt: skip
+            for r in rows
+        ]
+
     # model head
     def model_head(self, model: str) -> ModelHead:
         row = self._one("SELECT * FROM model_heads WHERE model=?", (model,))
         if row is None:
             return ModelHead(model=model)
         return ModelHead(
-            model=model,
-            next_seq=row["next_seq"],
-            followup_wanted=bool(row["followup_wanted"]),
-            last_run_finished_at=_dt(row["last_run_finished_at"]),
-        )
+            model=model, next_seq=row["next_seq"], followup_wanted=bool(row["followup_wanted"]), last_run_finished_at=_dt(row["last_run_finished_at"]),
+            champion_version=row["champion_version"], champion_sha256=row["champion_sha256"],
+        )  # fmt: skip
 
     def save_model_head(self, head: ModelHead) -> None:
         self.conn.execute(
-            "INSERT INTO model_heads VALUES (?,?,?,?) ON CONFLICT(model) DO UPDATE SET next_seq=excluded.next_seq, "
-            "followup_wanted=excluded.followup_wanted, last_run_finished_at=excluded.last_run_finished_at",
-            (head.model, head.next_seq, int(head.followup_wanted), _ts(head.last_run_finished_at)),
+            "INSERT INTO model_heads VALUES (?,?,?,?,?,?) ON CONFLICT(model) DO UPDATE SET next_seq=excluded.next_seq, "
+            "followup_wanted=excluded.followup_wanted, last_run_finished_at=excluded.last_run_finished_at, "
+            "champion_version=excluded.champion_version, champion_sha256=excluded.champion_sha256",
+            (
+                head.model,
+                head.next_seq,
+                int(head.followup_wanted),
+                _ts(head.last_run_finished_at),
+                head.champion_version,
+                head.champion_sha256,
+            ),
         )
 
     def commit(self) -> None:

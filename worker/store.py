@@ -18,7 +18,9 @@ from typing import Any, Literal
 
 ImageState = Literal["pending", "in_run", "trained", "superseded"]
 RunState = Literal["planned", "submitted", "running", "succeeded", "failed", "canceled", "finalized"]
-IN_FLIGHT_STATES: frozenset[str] = frozenset({"planned", "submitted", "running"})
+# A succeeded run is still in flight until its completion (gate, registration) finalizes it: the
+# next run must warm-start from the champion that completion may produce.
+IN_FLIGHT_STATES: frozenset[str] = frozenset({"planned", "submitted", "running", "succeeded"})
 ENDED_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 
 
@@ -124,6 +126,19 @@ class ModelHead:
     next_seq: int = 1
     followup_wanted: bool = False  # a trigger arrived while a run was in flight (coalesce)
     last_run_finished_at: dt.datetime | None = None
+    champion_version: int | None = None  # the `champion` alias
+    champion_sha256: str | None = None  # of the champion's model.pt
+
+
+@dataclass(frozen=True)
+class ModelVersionRow:
+    model: str
+    version: int
+    run_id: str
+    created_at: dt.datetime
+    location: str
+    metrics: dict[str, Any]
+    card: dict[str, Any]  # lineage: manifest, parent version, config, code version, artifacts
 
 
 @dataclass(frozen=True)
@@ -222,6 +237,15 @@ class Tx(abc.ABC):
     @abc.abstractmethod
     def enqueue_event(self, row: OutboxRow) -> bool:
         """Queue an event for publishing; False if an event with that id is already queued."""
+
+    # model versions -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_model_version(self, row: ModelVersionRow) -> bool:
+        """Record a registered version; False if the run already has one (nothing changes)."""
+
+    @abc.abstractmethod
+    def model_versions(self, model: str) -> list[ModelVersionRow]:
+        """Newest first."""
 
     # model head -----------------------------------------------------------------------------
     @abc.abstractmethod

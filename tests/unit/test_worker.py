@@ -68,11 +68,14 @@ def test_every_handler_delivered_twice_has_one_effect(h):
     assert h.worker.handle(request).outcome == "duplicate"
     assert len(h.runs()) == 1
     run = h.runs()[0]
-    done = RunStatusChanged(message_id="done-1", model="birds", backend_run_id=run.backend_run_id, status="Completed")
-    h.worker.handle(done)
+    h.succeed(run)  # writes outputs, delivers "succeeded" once
+    done = RunStatusChanged(
+        message_id=f"st-{run.backend_run_id}-succeeded", model="birds", backend_run_id=run.backend_run_id, status="Completed"
+    )
     assert h.worker.handle(done).outcome == "duplicate"
     assert h.worker.handle(done.model_copy(update={"message_id": "done-2"})).outcome == "ignored"  # same fact, other id
-    assert [e.type for e in h.events()] == [ev.RUN_SUBMITTED]
+    assert [e.type for e in h.events()] == [ev.RUN_SUBMITTED, ev.MODEL_REGISTERED]
+    assert len(h.versions()) == 1
 
 
 def test_only_one_run_is_in_flight_and_later_triggers_coalesce_into_one_follow_up(h):
@@ -84,7 +87,7 @@ def test_only_one_run_is_in_flight_and_later_triggers_coalesce_into_one_follow_u
     h.request(force=True)
     assert len(h.runs()) == 1
     assert "coalescing into one follow-up" in h.decisions()[0].reason
-    h.status(first.backend_run_id, "succeeded")
+    h.succeed(first)
     h.clock.advance(31)  # cooldown
     h.worker.tick()
     runs = h.runs()
@@ -124,7 +127,7 @@ def test_queue_mode_runs_each_forced_request_in_turn(tmp_path):
     h.request(force=True, message_id="q1", overrides={"epochs": 1})
     h.request(force=True, message_id="q2", overrides={"epochs": 2})
     for expected in (["q1"], ["q2"]):
-        h.status(h.runs()[0].backend_run_id, "succeeded")
+        h.succeed()
         assert h.runs()[0].request_ids == expected
     assert len(h.runs()) == 3
 
@@ -164,9 +167,9 @@ def test_a_stale_or_unknown_status_changes_nothing(h):
     ready(h)
     run = h.runs()[0]
     assert h.status("someone-else-0001-a1", "failed").outcome == "ignored"
-    h.status(run.backend_run_id, "succeeded")
+    h.succeed(run)
     assert h.status(run.backend_run_id, "running", message_id="late-running").outcome == "ignored"
-    assert h.runs()[0].state == "succeeded"
+    assert (h.runs()[0].state, h.runs()[0].outcome) == ("finalized", "registered")
 
 
 def test_a_submit_that_fails_leaves_the_run_planned_and_the_next_tick_submits_it(h):
@@ -181,9 +184,10 @@ def test_a_submit_that_fails_leaves_the_run_planned_and_the_next_tick_submits_it
 def test_a_lost_completion_event_is_recovered_by_polling(h):
     ready(h)
     run = h.runs()[0]
-    h.backend.finish(run.backend_run_id, "succeeded")
+    h.backend.finish(run.backend_run_id, "succeeded")  # no event arrives; the outputs are missing
     h.worker.tick()
-    assert h.runs()[0].state == "succeeded"
+    assert (h.runs()[0].state, h.runs()[0].outcome) == ("finalized", "rejected")
+    assert "no outputs" in h.runs()[0].detail
 
 
 def test_a_run_the_backend_forgot_is_treated_as_failed(h):

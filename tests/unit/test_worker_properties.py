@@ -50,12 +50,19 @@ class WorkerMachine(RuleBasedStateMachine):
         self.h.clock.advance(seconds)
         self.h.worker.tick()
 
-    @rule(outcome=st.sampled_from(["succeeded", "failed", "canceled", "running"]), twice=st.booleans())
-    def backend_reports(self, outcome, twice):
+    @rule(
+        outcome=st.sampled_from(["succeeded", "failed", "canceled", "running"]),
+        twice=st.booleans(),
+        accuracy=st.sampled_from([0.5, 0.8, 0.95]),
+    )
+    def backend_reports(self, outcome, twice, accuracy):
         for run in self._in_flight():
             if run.state in ("submitted", "running"):
-                self.h.backend.finish(run.backend_run_id, outcome)
-                self.h.status(run.backend_run_id, outcome, message_id=f"s-{run.backend_run_id}-{outcome}")
+                if outcome == "succeeded":
+                    self.h.succeed(run, best=accuracy, baseline=0.8)  # gate: registered or rejected
+                else:
+                    self.h.backend.finish(run.backend_run_id, outcome)
+                    self.h.status(run.backend_run_id, outcome, message_id=f"s-{run.backend_run_id}-{outcome}")
                 if twice:
                     self.h.status(run.backend_run_id, outcome, message_id=f"s2-{run.backend_run_id}-{outcome}")
 
@@ -66,6 +73,16 @@ class WorkerMachine(RuleBasedStateMachine):
     @invariant()
     def never_two_runs_in_flight(self):
         assert len(self._in_flight()) <= 1
+
+    @invariant()
+    def one_champion_and_one_version_per_registered_run(self):
+        versions = self.h.versions()
+        registered = [r for r in self.h.runs() if r.outcome == "registered"]
+        assert sorted(v.run_id for v in versions) == sorted(r.run_id for r in registered)
+        assert len({v.version for v in versions}) == len(versions)
+        head = self.h.head()
+        assert head.champion_version == (max(v.version for v in versions) if versions else None)
+        assert len([e for e in self.h.events() if e.type == "retrain.model.registered"]) == len(versions)
 
     @invariant()
     def every_manifest_hash_matches_its_content(self):
@@ -82,7 +99,7 @@ class WorkerMachine(RuleBasedStateMachine):
             runs = {r.run_id: r for r in tx.runs("birds")}
             consumed: dict[tuple[str, str], str] = {}
             for run in runs.values():
-                if run.outcome == "succeeded":
+                if run.outcome in ("succeeded", "registered", "rejected"):  # training succeeded
                     for e in tx.manifest_entries(run.run_id):
                         if e.is_new:
                             assert (e.path, e.etag) not in consumed, f"{e.path} counted new by two successful runs"

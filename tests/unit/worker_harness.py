@@ -9,8 +9,9 @@ from shared.messages import ImageUploaded, RetrainRequested, RunStatusChanged
 from worker.bootstrap import build_worker
 from worker.config import RetrainConfig, load_config
 from worker.fake_backend import FakeTrainingBackend
-from worker.fakes import FakeBlobStore, FakeClock, RecordingPublisher
+from worker.fakes import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
 from worker.memory_store import MemoryStore
+from worker.registry import LocalModelRegistry
 from worker.store import Store
 
 
@@ -44,6 +45,9 @@ class Harness:
     clock: FakeClock
     publisher: RecordingPublisher
     blobs: FakeBlobStore
+    exporter: FakeOnnxExporter
+    registry: LocalModelRegistry
+    root: Path
     n: int = 0
 
     def upload(self, label: str = "chicken", name: str | None = None, etag: str = "e1", model: str = "birds"):
@@ -73,6 +77,39 @@ class Harness:
             )
         )
 
+    def succeed(self, run=None, best: float = 0.9, baseline: float | None = None, **metrics):
+        """Write real-looking outputs for the run's current attempt, then report it succeeded."""
+        import hashlib
+        import json
+        import os
+
+        run = run or self.runs()[0]
+        spec = self.backend.specs[run.backend_run_id]
+        outputs = self.root / "outputs" / run.backend_run_id
+        outputs.mkdir(parents=True, exist_ok=True)
+        model_bytes = os.urandom(64)
+        (outputs / "model.pt").write_bytes(model_bytes)
+        init = spec.init_checkpoint
+        body = {
+            "best_val_acc": best,
+            "baseline_val_acc": baseline,
+            "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
+            "manifest_sha256": run.manifest_sha256,
+            "init_checkpoint_sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest() if init else None,
+        }
+        body.update(metrics)
+        (outputs / "metrics.json").write_text(json.dumps(body))
+        self.backend.finish(run.backend_run_id, "succeeded", outputs_dir=str(outputs))
+        return self.status(run.backend_run_id, "succeeded")
+
+    def head(self):
+        with self.store.transaction() as tx:
+            return tx.model_head("birds")
+
+    def versions(self):
+        with self.store.transaction() as tx:
+            return tx.model_versions("birds")
+
     def runs(self, states=None):
         with self.store.transaction() as tx:
             return tx.runs("birds", states)
@@ -89,6 +126,18 @@ def make_harness(tmp_path: Path, store: Store | None = None, **knobs) -> Harness
     config = small_config(tmp_path, **knobs)
     store = store or MemoryStore()
     backend, clock, publisher = FakeTrainingBackend(), FakeClock(), RecordingPublisher()
-    blobs = FakeBlobStore()
-    worker = build_worker(config, store=store, backend=backend, clock=clock, publisher=publisher, blobs={"birds": blobs})
-    return Harness(worker=worker, store=store, backend=backend, clock=clock, publisher=publisher, blobs=blobs)
+    blobs, exporter, registry = FakeBlobStore(), FakeOnnxExporter(), LocalModelRegistry(tmp_path / "registry")
+    worker = build_worker(
+        config, store=store, backend=backend, clock=clock, publisher=publisher, blobs={"birds": blobs}, registry=registry, exporter=exporter
+    )
+    return Harness(
+        worker=worker,
+        store=store,
+        backend=backend,
+        clock=clock,
+        publisher=publisher,
+        blobs=blobs,
+        exporter=exporter,
+        registry=registry,
+        root=tmp_path,
+    )

@@ -1,0 +1,179 @@
+"""Completion: gate, ONNX parity, registry, champion alias, events; idempotent under redelivery and crashes."""
+
+import threading
+
+import pytest
+
+from shared import events as ev
+from worker import completion as completion_module
+from worker.memory_store import MemoryStore
+from worker.sqlite_store import SqliteStore
+
+from .worker_harness import make_harness
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def h(request, tmp_path):
+    store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "ledger.db")
+    yield make_harness(tmp_path, store=store, cooldown=0)
+    store.close()
+
+
+def first_run(h):
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    return h.runs()[0]
+
+
+def second_run(h):
+    h.uploads(4)
+    h.clock.advance(11)
+    h.worker.tick()
+    return h.runs()[0]
+
+
+def test_a_first_good_model_is_registered_as_champion_with_its_lineage(h):
+    run = first_run(h)
+    h.succeed(run, best=0.82)
+    final = h.runs()[0]
+    assert (final.state, final.outcome) == ("finalized", "registered")
+    [version] = h.versions()
+    assert (version.version, version.run_id) == (1, run.run_id)
+    assert h.head().champion_version == 1
+    assert h.registry.champion_alias("birds") == 1
+    card = h.registry.card("birds", 1)
+    assert card["manifest"]["sha256"] == run.manifest_sha256
+    assert card["manifest"]["images"] == 12
+    assert card["parent_version"] is None
+    assert card["artifacts"]["model.pt"]["sha256"] == h.head().champion_sha256
+    assert card["config"]["training"]["epochs"] == 8
+    assert card["code_version"]["training_snapshot"]
+    assert card["gate"]["passed"] is True
+    registered = [e for e in h.events() if e.type == ev.MODEL_REGISTERED]
+    assert len(registered) == 1
+    data = registered[0].payload["data"]
+    assert (data["version"], data["run_id"], data["champion"]) == (1, run.run_id, True)
+    assert data["onnx"]["max_abs_diff"] == pytest.approx(3e-7)
+    for name in ("model.pt", "model.onnx", "card.json", "metrics.json", "onnx_report.json"):
+        assert (h.root / "registry" / "birds" / "champion" / name).exists()
+
+
+def test_the_next_run_warm_starts_from_the_champion_and_replaces_it_when_better(h):
+    h.succeed(first_run(h), best=0.8)
+    run = second_run(h)
+    spec = h.backend.specs[run.backend_run_id]
+    assert spec.init_checkpoint == str(h.root / "registry" / "birds" / "1" / "model.pt")
+    h.succeed(run, best=0.9, baseline=0.8)
+    assert h.head().champion_version == 2
+    assert h.registry.card("birds", 2)["parent_version"] == 1
+    assert "beats champion v1 at 0.8000" in h.registry.card("birds", 2)["gate"]["reason"]
+
+
+@pytest.mark.parametrize(("best", "baseline"), [(0.79, 0.8), (0.8, 0.8)], ids=["worse", "tie"])
+def test_a_challenger_that_is_not_better_is_rejected_and_the_champion_stays(h, best, baseline):
+    h.succeed(first_run(h), best=0.8)
+    run = second_run(h)
+    h.succeed(run, best=best, baseline=baseline)
+    final = h.runs()[0]
+    assert (final.state, final.outcome) == ("finalized", "rejected")
+    assert "does not beat champion v1" in final.detail
+    assert h.head().champion_version == 1
+    assert len(h.versions()) == 1
+    rejected = [e for e in h.events() if e.type == ev.MODEL_REJECTED]
+    assert rejected[0].payload["data"]["champion_version"] == 1
+
+
+def test_a_model_below_the_minimum_is_rejected_even_as_the_first(h):
+    h.succeed(first_run(h), best=0.5)
+    assert h.runs()[0].outcome == "rejected"
+    assert h.head().champion_version is None
+    assert h.registry.champion_alias("birds") is None
+
+
+def test_failed_onnx_parity_blocks_registration_with_the_reason(h):
+    h.exporter.max_abs_diff = 5e-3
+    h.succeed(first_run(h), best=0.9)
+    final = h.runs()[0]
+    assert final.outcome == "rejected"
+    assert "ONNX parity failed" in final.detail
+    assert "5.00e-03" in final.detail
+    assert h.versions() == []
+
+
+def test_a_model_file_that_does_not_match_training_is_rejected(h):
+    run = first_run(h)
+    h.succeed(run, best=0.9, model_sha256="0" * 64)
+    assert "model.pt has sha256" in h.runs()[0].detail
+    assert h.exporter.calls == []
+
+
+def test_outputs_from_another_manifest_are_rejected(h):
+    run = first_run(h)
+    h.succeed(run, best=0.9, manifest_sha256="f" * 64)
+    assert "not its own" in h.runs()[0].detail
+
+
+def test_a_crash_between_register_and_publish_is_repaired_without_a_second_version_or_event(h, monkeypatch):
+    run = first_run(h)
+
+    def crash(name):
+        if name == "after_register":
+            raise RuntimeError("power cut")
+
+    monkeypatch.setattr(completion_module, "crashpoint", crash)
+    h.succeed(run, best=0.9)
+    assert h.runs()[0].state == "succeeded"  # registered in the registry, not yet in the ledger
+    assert h.registry.find("birds", run.run_id).version == 1
+    assert h.versions() == []
+    monkeypatch.undo()
+    h.worker.tick()
+    h.worker.tick()
+    assert h.runs()[0].outcome == "registered"
+    assert [v.version for v in h.versions()] == [1]
+    assert len([e for e in h.events() if e.type == ev.MODEL_REGISTERED]) == 1
+    assert len(h.exporter.calls) == 2  # the export ran again; the registration did not
+
+
+def test_a_crash_after_the_ledger_commit_is_repaired_by_the_alias_sync(h, monkeypatch):
+    run = first_run(h)
+
+    def crash(name):
+        if name == "after_finalize":
+            raise RuntimeError("power cut")
+
+    monkeypatch.setattr(completion_module, "crashpoint", crash)
+    h.succeed(run, best=0.9)
+    assert h.head().champion_version == 1
+    assert h.registry.champion_alias("birds") is None
+    monkeypatch.undo()
+    h.worker.tick()
+    assert h.registry.champion_alias("birds") == 1
+
+
+def test_two_completions_of_the_same_run_at_once_make_one_version_and_one_event(tmp_path):
+    store = SqliteStore(tmp_path / "ledger.db")
+    h = make_harness(tmp_path, store=store, cooldown=0)
+    run = first_run(h)
+    h.worker.completer = None  # deliver "succeeded" without completing, then complete twice at once
+    h.succeed(run, best=0.9)
+    from worker.bootstrap import build_worker
+
+    racers = [build_worker(h.worker.config, store=SqliteStore(tmp_path / "ledger.db"), backend=h.backend, clock=h.clock, publisher=h.publisher,
+                           blobs={"birds": h.blobs}, registry=h.registry, exporter=h.exporter) for _ in range(2)]  # fmt: skip
+    barrier = threading.Barrier(2)
+
+    def race(worker):
+        barrier.wait()
+        worker.completer.complete(run.run_id)
+
+    threads = [threading.Thread(target=race, args=(w,)) for w in racers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [v.version for v in h.versions()] == [1]
+    assert len([e for e in h.events() if e.type == ev.MODEL_REGISTERED]) == 1
+    assert h.head().champion_version == 1

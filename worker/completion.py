@@ -1,0 +1,264 @@
+"""Completion of a succeeded run: verify outputs, gate, export ONNX, register, move `champion`, publish.
+
+Like submission it is a protocol, idempotent by run id, because the slow parts (reading the
+model, exporting ONNX) cannot sit inside a ledger transaction:
+
+1. read the run (it must be `succeeded`) and the champion it will be compared with;
+2. fetch and verify outputs (model.pt's sha256 must be the one training recorded, and the run
+   must have trained on its own manifest), gate, export + parity;
+3. register the files in the model registry (idempotent by run id);
+4. in one transaction: check the run is still `succeeded` and the champion unchanged (else a
+   concurrent completion won; start over), record the version, move `champion`, finalize the
+   run and queue `retrain.model.registered` (or, for a rejection, finalize and queue
+   `retrain.model.rejected`);
+5. point the registry's champion alias at the version.
+
+A crash anywhere leaves the run `succeeded`; the next tick runs completion again, the registry
+returns the version it already has for the run id, and the event ids are derived from the run
+id, so there is never a second version or a second event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from shared import events as ev
+from worker.config import RetrainConfig
+from worker.crashpoints import crashpoint
+from worker.exporter import ExportError, OnnxExporter
+from worker.gate import Champion, GateResult, GateRules, evaluate_gate
+from worker.handlers import Context, after_run, queue_event
+from worker.ports import Clock, TrainingBackend
+from worker.registry import ModelRegistry
+from worker.snapshot import training_dir
+from worker.store import DecisionRow, ModelVersionRow, RunRow, Store
+from worker.submission import training_args
+
+log = logging.getLogger("retrain.completion")
+SUMMARY_KEYS = (
+    "best_val_acc",
+    "baseline_val_acc",
+    "best_epoch",
+    "final_val_acc",
+    "images_per_s",
+    "world_size",
+    "num_train",
+    "num_val",
+    "skipped_images",
+    "duration_s",
+)
+
+
+class CompletionRejected(Exception):
+    """The run's outputs cannot be accepted; the message is the reason recorded and published."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def snapshot_version() -> str:
+    """A digest of the training code that produced a model (part of its lineage)."""
+    digest = hashlib.sha256()
+    for path in sorted(training_dir().glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class Completer:
+    def __init__(
+        self,
+        store: Store,
+        backend: TrainingBackend,
+        registry: ModelRegistry,
+        exporter: OnnxExporter,
+        config: RetrainConfig,
+        clock: Clock,
+        manifests_dir: Path,
+    ):
+        self.store, self.backend, self.registry, self.exporter = store, backend, registry, exporter
+        self.config, self.clock, self.manifests_dir = config, clock, manifests_dir
+
+    def complete(self, run_id: str) -> list[str]:
+        """Finish the run if it is succeeded; returns runs the policy planned afterwards."""
+        with self.store.transaction() as tx:
+            run = tx.get_run(run_id)
+            if run is None or run.state != "succeeded":
+                return []
+            head = tx.model_head(run.model)
+        champion = Champion(head.champion_version, head.champion_sha256 or "") if head.champion_version else None
+        timings: dict[str, float] = {}
+        try:
+            outputs = self._outputs(run)
+            metrics = self._verified_metrics(run, outputs)
+            rules = self._rules(run.model)
+            gate = evaluate_gate(metrics, champion, rules)
+            if not gate.passed:
+                return self._finalize_rejected(run, champion, gate.reason, metrics, gate)
+            started = time.perf_counter()
+            export = self.exporter.export(
+                outputs / "model.pt",
+                outputs,
+                data_dir=str(self.config.images_dir(run.model)),
+                manifest=self.manifests_dir / f"{run.run_id}.json",
+                tolerance=self.config.model(run.model).gate.onnx_tolerance,
+                samples=self.config.model(run.model).gate.onnx_samples,
+            )
+            timings["export_s"] = time.perf_counter() - started
+            if not export.passed:
+                reason = f"ONNX parity failed: max |PyTorch - onnxruntime| {export.report.get('max_abs_diff', float('nan')):.2e} > tolerance {export.report.get('tolerance')}"
+                return self._finalize_rejected(run, champion, reason, metrics, gate)
+        except CompletionRejected as exc:
+            return self._finalize_rejected(run, champion, str(exc), {}, None)
+        except ExportError as exc:
+            return self._finalize_rejected(run, champion, f"ONNX export failed: {exc}", metrics, gate)
+        started = time.perf_counter()
+        card = self._card(run, champion, metrics, gate, export.report, outputs)
+        files = {name: outputs / name for name in ("model.pt", "model.onnx", "onnx_report.json", "metrics.json")}
+        registered = self.registry.register(run.model, run.run_id, files, card)
+        timings["register_s"] = time.perf_counter() - started
+        crashpoint("after_register")
+        return self._finalize_registered(run, champion, registered.version, registered.location, metrics, card, timings)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _outputs(self, run: RunRow) -> Path:
+        status = self.backend.status(run.backend_run_id)
+        if not status.outputs_dir:
+            raise CompletionRejected(f"the backend reports no outputs for {run.backend_run_id}")
+        outputs = Path(status.outputs_dir)
+        missing = [name for name in ("model.pt", "metrics.json") if not (outputs / name).is_file()]
+        if missing:
+            raise CompletionRejected(f"the run's outputs lack {', '.join(missing)}")
+        return outputs
+
+    def _verified_metrics(self, run: RunRow, outputs: Path) -> dict[str, Any]:
+        try:
+            metrics = json.loads((outputs / "metrics.json").read_text())
+        except (ValueError, OSError) as exc:
+            raise CompletionRejected(f"metrics.json is unreadable: {exc}") from None
+        if not isinstance(metrics, dict):
+            raise CompletionRejected("metrics.json is not an object")
+        recorded = metrics.get("model_sha256")
+        if not recorded:
+            raise CompletionRejected("metrics.json records no model_sha256, so model.pt cannot be verified")
+        actual = file_sha256(outputs / "model.pt")
+        if actual != recorded:
+            raise CompletionRejected(f"model.pt has sha256 {actual[:12]}..., but training recorded {recorded[:12]}...")
+        if metrics.get("manifest_sha256") != run.manifest_sha256:
+            raise CompletionRejected(
+                f"the run trained on manifest {str(metrics.get('manifest_sha256'))[:12]}..., not its own {run.manifest_sha256[:12]}..."
+            )
+        return metrics
+
+    def _rules(self, model: str) -> GateRules:
+        g = self.config.model(model).gate
+        return GateRules(metric=g.metric, min_value=g.min_value, min_improvement=g.min_improvement)
+
+    def _card(self, run: RunRow, champion: Champion | None, metrics: dict, gate: GateResult, onnx: dict, outputs: Path) -> dict[str, Any]:
+        cfg = self.config.model(run.model)
+        return {
+            "run_id": run.run_id,
+            "backend_run_id": run.backend_run_id,
+            "manifest": {
+                "sha256": run.manifest_sha256,
+                "images": run.image_count,
+                "new_images": run.new_image_count,
+                "classes": run.classes,
+            },
+            "parent_version": champion.version if champion else None,
+            "metrics": {k: metrics.get(k) for k in SUMMARY_KEYS},
+            "gate": gate.as_dict(),
+            "onnx": {k: onnx.get(k) for k in ("opset", "max_abs_diff", "tolerance", "argmax_agreement", "onnxruntime_version", "samples")},
+            "artifacts": {
+                name: {"sha256": file_sha256(outputs / name), "bytes": (outputs / name).stat().st_size}
+                for name in ("model.pt", "model.onnx")
+            },
+            "config": {"training": dataclasses.asdict(training_args(self.config, run)), "gate": cfg.gate.model_dump()},
+            "code_version": {"training_snapshot": snapshot_version(), "torch": metrics.get("torch_version")},
+            "registered_at": self.clock.now().isoformat(),
+        }
+
+    def _finalize_registered(
+        self, run: RunRow, champion: Champion | None, version: int, location: str, metrics: dict, card: dict, timings: dict[str, float]
+    ) -> list[str]:
+        now = self.clock.now()
+        with self.store.transaction() as tx:
+            current = tx.get_run(run.run_id)
+            head = tx.model_head(run.model)
+            if current is None or current.state != "succeeded":
+                return []  # another completion of the same run finished first
+            if head.champion_version != (champion.version if champion else None):
+                log.warning("champion of %s changed while %s was completing; gating again", run.model, run.run_id)
+                return []  # still succeeded: the next tick gates against the new champion
+            summary = {k: metrics.get(k) for k in SUMMARY_KEYS}
+            tx.add_model_version(
+                ModelVersionRow(
+                    model=run.model, version=version, run_id=run.run_id, created_at=now, location=location, metrics=summary, card=card
+                )
+            )
+            head.champion_version, head.champion_sha256 = version, card["artifacts"]["model.pt"]["sha256"]
+            tx.save_model_head(head)
+            current.state, current.outcome = "finalized", "registered"
+            current.detail = f"registered as v{version}: {card['gate']['reason']}"
+            tx.update_run(current)
+            data = {
+                "model": run.model, "version": version, "run_id": run.run_id, "champion": True, "parent_version": card["parent_version"],
+                "metrics": summary, "gate": card["gate"], "manifest": card["manifest"], "onnx": card["onnx"], "artifacts": card["artifacts"],
+                "location": location, "timings": {k: round(v, 3) for k, v in timings.items()},
+            }  # fmt: skip
+            queue_event(tx, ev.MODEL_REGISTERED, f"models/{run.model}/versions/{version}", data, now, discriminator=run.run_id)
+            tx.record_decision(
+                DecisionRow(
+                    model=run.model,
+                    at=now,
+                    outcome="registered",
+                    reason=f"v{version} is champion: {card['gate']['reason']}",
+                    run_id=run.run_id,
+                )
+            )
+            planned = after_run(Context(self.config, now), tx, run.model, None)
+            tx.commit()
+        crashpoint("after_finalize")
+        self.registry.set_champion(run.model, version)
+        log.info("%s registered as %s v%d (champion)", run.run_id, run.model, version)
+        return planned
+
+    def _finalize_rejected(self, run: RunRow, champion: Champion | None, reason: str, metrics: dict, gate: GateResult | None) -> list[str]:
+        now = self.clock.now()
+        with self.store.transaction() as tx:
+            current = tx.get_run(run.run_id)
+            if current is None or current.state != "succeeded":
+                return []
+            current.state, current.outcome, current.detail = "finalized", "rejected", reason[:2000]
+            tx.update_run(current)
+            data = {
+                "model": run.model, "run_id": run.run_id, "reason": reason, "champion_version": champion.version if champion else None,
+                "metrics": {k: metrics.get(k) for k in SUMMARY_KEYS}, "gate": gate.as_dict() if gate else None,
+            }  # fmt: skip
+            queue_event(tx, ev.MODEL_REJECTED, f"runs/{run.run_id}", data, now)
+            tx.record_decision(
+                DecisionRow(model=run.model, at=now, outcome="rejected", reason=f"{run.run_id} not registered: {reason}", run_id=run.run_id)
+            )
+            planned = after_run(Context(self.config, now), tx, run.model, None)
+            tx.commit()
+        log.info("%s rejected: %s", run.run_id, reason)
+        return planned
+
+    def sync_champion_alias(self, model: str) -> None:
+        """Repair the registry's alias after a crash between the ledger commit and the alias move."""
+        with self.store.transaction() as tx:
+            version = tx.model_head(model).champion_version
+        if version is not None and self.registry.champion_alias(model) != version:
+            self.registry.set_champion(model, version)

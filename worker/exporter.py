@@ -1,0 +1,63 @@
+"""The ONNX export port and its local adapter: training/export_onnx.py in a subprocess.
+
+The export runs where the model file is (next to the worker for local runs); export_onnx.py
+checks the graph and its parity with PyTorch on the run's own validation images and writes a
+JSON report, which is what the completion handler reads.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.snapshot import training_dir
+
+
+class ExportError(RuntimeError):
+    """The export could not run at all (bad model file, bad data); not a parity verdict."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    report_path: Path
+    report: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("passed"))
+
+
+class OnnxExporter(abc.ABC):
+    @abc.abstractmethod
+    def export(
+        self, model_pt: Path, out_dir: Path, *, data_dir: str | None, manifest: Path | None, tolerance: float, samples: int
+    ) -> ExportResult: ...
+
+
+class LocalOnnxExporter(OnnxExporter):
+    def __init__(self, python: str = sys.executable, timeout_s: float = 900):
+        self.python, self.timeout_s = python, timeout_s
+
+    def export(
+        self, model_pt: Path, out_dir: Path, *, data_dir: str | None, manifest: Path | None, tolerance: float, samples: int
+    ) -> ExportResult:
+        onnx_path, report_path = out_dir / "model.onnx", out_dir / "onnx_report.json"
+        cmd = [self.python, str(training_dir() / "export_onnx.py"), "--model", str(model_pt), "--output", str(onnx_path), "--report", str(report_path),
+               "--tolerance", repr(tolerance), "--samples", str(samples)]  # fmt: skip
+        if data_dir:
+            cmd += ["--data_dir", data_dir]
+        if manifest:
+            cmd += ["--manifest", str(manifest)]
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, env=env, check=False)
+        if proc.returncode not in (0, 3) or not report_path.exists():
+            raise ExportError(f"export_onnx.py exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-800:]}")
+        return ExportResult(onnx_path, report_path, json.loads(report_path.read_text()))

@@ -1,0 +1,69 @@
+"""The champion/challenger gate: a pure function of the run's metrics, the champion and the rules.
+
+Like is compared with like: train.py evaluates its init checkpoint (the champion) on this run's
+own validation set before training and records it as `baseline_val_acc`, so the challenger's
+`best_val_acc` and the baseline come from the same images, the same preprocessing, the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GateRules:
+    metric: str = "best_val_acc"
+    baseline_metric: str = "baseline_val_acc"
+    min_value: float = 0.6  # a model below this is never registered
+    min_improvement: float = 0.0  # 0: strictly better than the champion; >0 a margin; <0 tolerate a small loss
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: int
+    model_sha256: str
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    reason: str
+    value: float | None
+    baseline: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reason": self.reason, "value": self.value, "baseline": self.baseline}
+
+
+def evaluate_gate(metrics: dict[str, Any], champion: Champion | None, rules: GateRules) -> GateResult:
+    value = metrics.get(rules.metric)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return GateResult(False, f"metrics.json has no numeric {rules.metric}", None, None)
+    value = float(value)
+    if value < rules.min_value:
+        return GateResult(False, f"{rules.metric} {value:.4f} is below the minimum {rules.min_value:.4f}", value, None)
+    if champion is None:
+        return GateResult(True, f"first model: {rules.metric} {value:.4f} meets the minimum {rules.min_value:.4f}", value, None)
+    baseline = metrics.get(rules.baseline_metric)
+    started_from = metrics.get("init_checkpoint_sha256")
+    if baseline is None or started_from != champion.model_sha256:
+        why = (
+            "the class list changed"
+            if baseline is None and started_from == champion.model_sha256
+            else "the run did not start from the current champion"
+        )
+        return GateResult(
+            True, f"no like-for-like baseline ({why}); {rules.metric} {value:.4f} meets the minimum {rules.min_value:.4f}", value, None
+        )
+    baseline = float(baseline)
+    gain = value - baseline
+    passed = gain > 0 if rules.min_improvement == 0 else gain >= rules.min_improvement
+    verdict = "beats" if passed else "does not beat"
+    need = "strictly better" if rules.min_improvement == 0 else f"needs {rules.min_improvement:+.4f}"
+    return GateResult(
+        passed,
+        f"{rules.metric} {value:.4f} {verdict} champion v{champion.version} at {baseline:.4f} on the same validation set ({gain:+.4f}; {need})",
+        value,
+        baseline,
+    )
