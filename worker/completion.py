@@ -55,7 +55,7 @@ SUMMARY_KEYS = (
 )
 
 
-class CompletionRejected(Exception):
+class CompletionRejected(Exception):  # noqa: N818 - a verdict, raised to leave the pipeline early
     """The run's outputs cannot be accepted; the message is the reason recorded and published."""
 
 

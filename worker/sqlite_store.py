@@ -385,7 +385,7 @@ class SqliteTx(Tx):
                 location=r["location"],
                 metrics=json.loads(r["metrics"]),
                 card=json.loads(r["card"]),
-            )  # fmt: skip
+            )
             for r in rows
         ]
 
