@@ -191,6 +191,67 @@ def explain(
 
 
 @app.command()
+def models(
+    args: Annotated[list[str] | None, typer.Argument(help="[MODEL] to list versions, or: show MODEL[:VERSION]")] = None,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Registered versions with their metrics and the champion; `models show MODEL[:VERSION]` for lineage."""
+    from worker.views import models_view, version_view
+
+    cfg = _config(config)
+    args = args or []
+    if args[:1] == ["show"]:
+        if len(args) != 2:
+            typer.echo("error: usage: retrain models show MODEL[:VERSION]", err=True)
+            raise typer.Exit(2)
+        name, _, version = args[1].partition(":")
+        _known(cfg, name)
+        if version and not version.isdigit():
+            typer.echo(f"error: version must be a number, got {version!r}", err=True)
+            raise typer.Exit(2)
+        card = version_view(_store(cfg), name, int(version) if version else None)
+        if card is None:
+            typer.echo(f"error: {name} has no version {version or '(no champion yet)'}", err=True)
+            raise typer.Exit(1)
+        typer.echo(json.dumps(card, indent=2, sort_keys=True))
+        return
+    if len(args) > 1:
+        typer.echo("error: usage: retrain models [MODEL] | retrain models show MODEL[:VERSION]", err=True)
+        raise typer.Exit(2)
+    model = args[0] if args else None
+    _known(cfg, model)
+    view = models_view(_store(cfg), cfg, model)
+    if json_out:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    for name, info in view.items():
+        table = Table(
+            title=f"{name}: champion v{info['champion']}" if info["champion"] else f"{name}: no champion yet", title_justify="left"
+        )
+        for column in ("version", "best_val_acc", "baseline", "images", "parent", "run", "registered"):
+            table.add_column(column)
+        for v in info["versions"]:
+            acc = f"{v['best_val_acc']:.4f}" if v["best_val_acc"] is not None else "-"
+            base = f"{v['baseline_val_acc']:.4f}" if v["baseline_val_acc"] is not None else "-"
+            table.add_row(
+                f"{v['version']}{' *' if v['champion'] else ''}",
+                acc,
+                base,
+                str(v["images"]),
+                str(v["parent_version"] or "-"),
+                v["run_id"],
+                v["created_at"][:19],
+            )
+        Console().print(table)
+        if info["champion_onnx"]:
+            typer.echo(f"champion ONNX: {info['champion_onnx']}")
+
+
+@app.command()
 def cancel(run_id: Annotated[str, typer.Argument(help="the run to stop")], config: ConfigOption = None) -> None:
     """Stop a run in flight; its new images go back to pending (a canceled run is not retried)."""
     from worker.bootstrap import build_worker
@@ -211,20 +272,24 @@ def _known(cfg, model: str | None) -> None:
 
 @app.command()
 def demo(
-    workspace: Annotated[Path, typer.Option(help="where data, runs and outputs go")] = Path("retrain-demo"),
-    per_class: Annotated[int, typer.Option(min=4, help="synthetic images per class")] = 120,
-    epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 8,
+    workspace: Annotated[Path, typer.Option(help="where data, the ledger, runs and the registry go (emptied each time)")] = Path(
+        "retrain-demo"
+    ),
+    per_class: Annotated[int, typer.Option(min=8, help="synthetic images per class (half arrive in each round)")] = 120,
+    epochs: Annotated[int, typer.Option(min=1, help="training epochs per run")] = 4,
     image_size: Annotated[int, typer.Option(min=16, help="training image size in pixels")] = 64,
-    nproc: Annotated[int, typer.Option(min=1, help="DDP processes (torchrun --nproc_per_node)")] = 2,
+    nproc: Annotated[int, typer.Option(min=1, help="DDP processes per run (torchrun --nproc_per_node)")] = 2,
+    min_value: Annotated[float, typer.Option(help="the gate's minimum best_val_acc")] = 0.6,
 ) -> None:
-    """Train on a synthetic set with 2-process DDP, export ONNX, check parity, show the results."""
+    """The whole loop on this machine: images arrive, the policy waits, DDP runs, gate, registry, ONNX, events."""
     from rich.console import Console
 
     from worker.demo import DemoConfig, DemoError, run_demo
     from worker.demo_report import render_summary
 
-    console = Console(highlight=False)
-    cfg = DemoConfig(workspace=workspace, per_class=per_class, epochs=epochs, image_size=image_size, nproc=nproc)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+    cfg = DemoConfig(workspace=workspace, per_class=per_class, epochs=epochs, image_size=image_size, nproc=nproc, min_value=min_value)
     try:
         result = run_demo(cfg, echo=lambda line: console.print(line, markup=False))
     except DemoError as exc:
@@ -232,6 +297,7 @@ def demo(
         raise typer.Exit(1) from exc
     render_summary(result, console)
     if not result.ok:
+        console.print("[red]the demo did not end with two finalized runs and a champion[/red]")
         raise typer.Exit(1)
 
 

@@ -1,15 +1,17 @@
-"""`retrain demo`: the training path on one machine, end to end, on embedded defaults.
+"""`retrain demo`: the whole loop on one machine with the embedded defaults, narrated.
 
-Makes a synthetic two-class image set (with a few corrupt files), trains it with a 2-process DDP
-run under torchrun (gloo on CPU), exports ONNX, checks parity with onnxruntime and prints what
-happened and where everything is.
+It makes a synthetic chickens-vs-turkeys set (with a few corrupt files), starts the local
+worker (SQLite ledger, torchrun backend, local registry, JSON-lines events), drops images in
+batches and shows the policy's reasons, lets the threshold start a 2-rank DDP run, shows its
+progress, the gate, registration, ONNX parity and the published events; then a second batch
+starts a run warm-started from the champion, whose gate compares both models on the same
+validation set. It ends with a summary of runs, models, timings and where the files are.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,124 +25,219 @@ from worker.snapshot import training_dir
 @dataclass(frozen=True)
 class DemoConfig:
     workspace: Path
-    per_class: int = 120
+    per_class: int = 120  # images per class in all; half arrive in round one
     corrupt: int = 3
     image_size: int = 64
-    epochs: int = 8
+    epochs: int = 4
     batch_size: int = 16
     learning_rate: float = 0.01
     nproc: int = 2
+    batches: int = 4  # round one arrives in this many drops
+    min_value: float = 0.6  # the gate's absolute minimum
+    quiet_period: float = 1.0
     seed: int = 0
+    run_timeout_s: float = 900
 
 
 @dataclass
 class DemoResult:
-    data_dir: Path
-    run_dir: Path
-    metrics: dict[str, Any] = field(default_factory=dict)
-    onnx_report: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    workspace: Path
+    state_dir: Path
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    models: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return bool(self.metrics) and bool(self.onnx_report.get("passed"))
+        return len(self.runs) >= 2 and all(r["state"] == "finalized" for r in self.runs) and self.models.get("champion") is not None
 
 
 class DemoError(RuntimeError):
-    """A demo step failed; the message names the step and its log."""
+    """A demo step failed; the message says which and where its log is."""
 
 
-def _stream(cmd: list[str], log_path: Path, echo: Callable[[str], None], env: dict[str, str]) -> int:
-    """Run `cmd`, echoing its output line by line and keeping a copy in `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        open(log_path, "w", encoding="utf-8") as log,
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1) as proc,
-    ):
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            echo(line.rstrip("\n"))
-        return proc.wait()
+def _config(cfg: DemoConfig, state: Path, images: Path):
+    from worker.config import load_config
+
+    threshold = max(4, int(cfg.per_class * 2 * 0.5 * 0.8))  # crossed by round one's last batch
+    env = {
+        "RETRAIN__WORKER__STATE_DIR": str(state),
+        "RETRAIN__WORKER__IMAGES_ROOT": str(images),
+        "RETRAIN__WORKER__TICK_SECONDS": "0.5",
+        "RETRAIN__MODELS__BIRDS__MIN_NEW_IMAGES": str(threshold),
+        "RETRAIN__MODELS__BIRDS__MIN_PER_CLASS": "4",
+        "RETRAIN__MODELS__BIRDS__QUIET_PERIOD": str(cfg.quiet_period),
+        "RETRAIN__MODELS__BIRDS__COOLDOWN": "0",
+        "RETRAIN__MODELS__BIRDS__VAL_FRACTION": "0.25",
+        "RETRAIN__MODELS__BIRDS__TRAINING__EPOCHS": str(cfg.epochs),
+        "RETRAIN__MODELS__BIRDS__TRAINING__IMAGE_SIZE": str(cfg.image_size),
+        "RETRAIN__MODELS__BIRDS__TRAINING__BATCH_SIZE": str(cfg.batch_size),
+        "RETRAIN__MODELS__BIRDS__TRAINING__LEARNING_RATE": str(cfg.learning_rate),
+        "RETRAIN__MODELS__BIRDS__TRAINING__NPROC": str(cfg.nproc),
+        "RETRAIN__MODELS__BIRDS__TRAINING__EXTRA": json.dumps(["--step_size", str(max(1, cfg.epochs * 3 // 4))]),
+        "RETRAIN__MODELS__BIRDS__GATE__MIN_VALUE": str(cfg.min_value),
+    }
+    return load_config(None, env=env)
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # One intra-op thread per rank: two ranks share this machine's cores. Setting it also
-    # silences torchrun's warning that it chose this for us.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult:
-    snapshot = training_dir()
-    workspace = cfg.workspace.resolve()
-    data_dir = workspace / "data" / f"birds-{cfg.per_class}-{cfg.corrupt}-{cfg.seed}"
-    run_dir = workspace / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    suffix = 1
-    while run_dir.exists():  # two demos in the same second get separate folders
-        suffix += 1
-        run_dir = workspace / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
-    result = DemoResult(data_dir=data_dir, run_dir=run_dir)
-    env = _child_env()
-
-    started = time.perf_counter()
-    if not (data_dir / ".complete").exists():
-        echo(f"== making a synthetic chickens-vs-turkeys set in {data_dir}")
-        sys.path.insert(0, str(snapshot))
+def _source_set(cfg: DemoConfig, workspace: Path, echo: Callable[[str], None]) -> tuple[Path, list[str]]:
+    source = workspace / "source" / f"birds-{cfg.per_class}-{cfg.corrupt}-{cfg.seed}"
+    if not (source / ".complete").exists():
+        echo(f"== making a synthetic chickens-vs-turkeys set ({cfg.per_class} per class, {cfg.corrupt} corrupt files) in {source}")
+        sys.path.insert(0, str(training_dir()))
         try:
             from synthetic_birds import generate
         finally:
-            sys.path.remove(str(snapshot))
-        paths = generate(data_dir, cfg.per_class, layout="flat", corrupt=cfg.corrupt, seed=cfg.seed)
-        (data_dir / ".complete").write_text(f"{len(paths)}\n")
+            sys.path.remove(str(training_dir()))
+        shutil.rmtree(source, ignore_errors=True)
+        generate(source, cfg.per_class, layout="flat", corrupt=cfg.corrupt, seed=cfg.seed)
+        (source / ".complete").write_text("ok\n")
     else:
-        echo(f"== reusing the synthetic set in {data_dir}")
-    result.timings["data_s"] = time.perf_counter() - started
+        echo(f"== reusing the synthetic set in {source}")
+    files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return source, files
 
-    echo(f"== training: {cfg.nproc}-process DDP with torchrun ({'gloo on CPU' if not _cuda() else 'nccl on GPU'})")
-    outputs = run_dir / "outputs"
-    train_cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-        str(snapshot / "train.py"),
-        "--data_dir", str(data_dir),
-        "--output_dir", str(outputs),
-        "--num_epochs", str(cfg.epochs),
-        "--image_size", str(cfg.image_size),
-        "--batch_size", str(cfg.batch_size),
-        "--learning_rate", str(cfg.learning_rate),
-        "--step_size", str(max(1, cfg.epochs * 3 // 4)),
-        "--seed", str(cfg.seed),
-    ]  # fmt: skip
-    started = time.perf_counter()
-    code = _stream(train_cmd, run_dir / "train.log", lambda line: echo(f"  {line}"), env)
-    result.timings["train_s"] = time.perf_counter() - started
-    if code != 0:
-        raise DemoError(f"training exited with status {code}; see {run_dir / 'train.log'}")
-    result.metrics = json.loads((outputs / "metrics.json").read_text())
 
-    echo("== exporting ONNX and checking parity with onnxruntime")
-    export_cmd = [
-        sys.executable, str(snapshot / "export_onnx.py"),
-        "--model", str(outputs / "model.pt"),
-        "--data_dir", str(data_dir),
-        "--samples", "32",
-    ]  # fmt: skip
-    started = time.perf_counter()
-    code = _stream(export_cmd, run_dir / "export.log", lambda line: echo(f"  {line}"), env)
-    result.timings["export_s"] = time.perf_counter() - started
-    report_path = outputs / "onnx_report.json"
-    if report_path.exists():
-        result.onnx_report = json.loads(report_path.read_text())
-    if code != 0:
-        raise DemoError(f"ONNX export/parity exited with status {code}; see {run_dir / 'export.log'}")
+class _Narrator:
+    """Follows the ledger and the run's log and says what changed."""
+
+    def __init__(self, worker, echo: Callable[[str], None]):
+        self.worker, self.echo = worker, echo
+        self.last_decision: tuple[str, str] | None = None
+        self.log_offsets: dict[str, int] = {}
+        self.seen_events: set[str] = set()
+
+    def decisions(self) -> None:
+        with self.worker.store.transaction() as tx:
+            latest = next(iter(tx.decisions("birds", 1)), None)
+        if latest and (latest.outcome, latest.reason) != self.last_decision:
+            self.last_decision = (latest.outcome, latest.reason)
+            self.echo(f"  policy: {latest.outcome}: {latest.reason}")
+
+    def training_log(self, run) -> None:
+        log = self.worker.config.worker.state_dir / "runs" / run.backend_run_id / "train.log"
+        if not log.exists():
+            return
+        with open(log, encoding="utf-8", errors="replace") as fh:
+            fh.seek(self.log_offsets.get(run.backend_run_id, 0))
+            for line in fh:
+                if "[train]" in line and (
+                    "epoch" in line or "baseline" in line or "best_val_acc" in line or "skipping" in line or "training " in line
+                ):
+                    self.echo(f"    {line.strip()}")
+            self.log_offsets[run.backend_run_id] = fh.tell()
+
+    def events(self) -> None:
+        for event in self.worker.store.all_events():
+            if event.published_at and event.event_id not in self.seen_events:
+                self.seen_events.add(event.event_id)
+                data = event.payload["data"]
+                detail = {
+                    "retrain.run.submitted": lambda d: f"{d['run_id']}: {d['image_count']} images ({d['new_image_count']} new)",
+                    "retrain.model.registered": lambda d: (
+                        f"birds v{d['version']} from {d['run_id']}: {d['gate']['reason']}; ONNX parity {d['onnx']['max_abs_diff']:.1e}"
+                    ),
+                    "retrain.model.rejected": lambda d: f"{d['run_id']}: {d['reason']}",
+                    "retrain.run.failed": lambda d: f"{d['run_id']}: {d['detail'][-300:]}",
+                }.get(event.type, lambda d: json.dumps(d)[:200])(data)
+                self.echo(f"  event {event.type}: {detail}")
+
+
+def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult:
+    from worker.bootstrap import build_worker
+    from worker.serve import LocalService
+    from worker.views import models_view
+
+    started = time.monotonic()
+    workspace = cfg.workspace.resolve()
+    state, images = workspace / "state", workspace / "images"
+    for folder in (state, images):  # each demo starts from an empty ledger and registry
+        shutil.rmtree(folder, ignore_errors=True)
+    source, files = _source_set(cfg, workspace, echo)
+    config = _config(cfg, state, images)
+    worker = build_worker(config)
+    service = LocalService(worker, settle_seconds=0.0)
+    narrator = _Narrator(worker, echo)
+    m = config.model("birds")
+    echo(
+        f"== worker: ledger {state / 'ledger.db'}, images {images / 'birds'}; policy: run at {m.min_new_images} new images after {m.quiet_period:g}s quiet"
+    )
+
+    half = [f for i, f in enumerate(files) if i % 2 == 0]
+    rest = [f for f in files if f not in set(half)]
+    batches = [half[i :: cfg.batches] for i in range(cfg.batches)]
+    timeline: list[dict[str, Any]] = []
+    for round_no, drops in ((1, batches), (2, [rest])):
+        echo(f"== round {round_no}: {sum(len(d) for d in drops)} new images arrive in {len(drops)} batch(es)")
+        for batch in drops:
+            for name in batch:
+                target = images / "birds" / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / name, target)
+            dropped_at = time.time()
+            echo(f"  dropped {len(batch)} images")
+            service.cycle()
+            narrator.decisions()
+        timeline.append(_follow_run(service, narrator, cfg, dropped_at, echo))
+    result = DemoResult(workspace=workspace, state_dir=state, timeline=timeline, seconds=time.monotonic() - started)
+    with worker.store.transaction() as tx:
+        result.runs = [_run_summary(r, state) for r in reversed(tx.runs("birds"))]
+    result.models = models_view(worker.store, config, "birds")["birds"]
+    result.events = [e.payload for e in worker.store.all_events()]
     return result
 
 
-def _cuda() -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return False
-    return torch.cuda.is_available()
+def _follow_run(service, narrator: _Narrator, cfg: DemoConfig, dropped_at: float, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Cycle the worker until the run this round started is finalized; return its timeline."""
+    worker = service.worker
+    deadline = time.monotonic() + cfg.run_timeout_s
+    run = None
+    while time.monotonic() < deadline:
+        service.cycle()
+        narrator.decisions()
+        with worker.store.transaction() as tx:
+            latest = next(iter(tx.runs("birds", limit=1)), None)
+        if latest is not None and latest.created_at.timestamp() >= dropped_at - 1:
+            if run is None:
+                init = "warm start from the champion" if latest.seq > 1 else "random init (no ImageNet weights here)"
+                echo(f"== run {latest.run_id}: {latest.image_count} images, {cfg.nproc}-rank DDP under torchrun (gloo on CPU), {init}")
+            run = latest
+            narrator.training_log(run)
+            narrator.events()
+            if run.state == "finalized":
+                narrator.training_log(run)
+                break
+        time.sleep(0.3)
+    else:
+        raise DemoError(f"no run finished within {cfg.run_timeout_s:.0f}s; see {worker.config.worker.state_dir / 'runs'}")
+    service.worker.relay()
+    narrator.events()
+    return {"run_id": run.run_id, "dropped_at": dropped_at, "created_at": run.created_at.timestamp(), "outcome": run.outcome}
+
+
+def _run_summary(run, state: Path) -> dict[str, Any]:
+    metrics_path = state / "runs" / run.backend_run_id / "outputs" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    report_path = metrics_path.with_name("onnx_report.json")
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return {
+        "run_id": run.run_id,
+        "state": run.state,
+        "outcome": run.outcome,
+        "images": run.image_count,
+        "new_images": run.new_image_count,
+        "best_val_acc": metrics.get("best_val_acc"),
+        "baseline_val_acc": metrics.get("baseline_val_acc"),
+        "skipped_images": metrics.get("skipped_images"),
+        "world_size": metrics.get("world_size"),
+        "train_s": metrics.get("duration_s"),
+        "images_per_s": metrics.get("images_per_s"),
+        "onnx_max_abs_diff": report.get("max_abs_diff"),
+        "created_at": run.created_at.timestamp(),
+        "submitted_at": run.submitted_at.timestamp() if run.submitted_at else None,
+        "finished_at": run.finished_at.timestamp() if run.finished_at else None,
+        "detail": run.detail,
+        "outputs": str(metrics_path.parent),
+    }

@@ -1,6 +1,8 @@
-"""Renders the end-of-demo summary: what was trained, how well, how fast, and where the files are."""
+"""Renders the end-of-demo summary: runs, models, events, timings and where the files are."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 from rich.console import Console
 from rich.table import Table
@@ -8,30 +10,54 @@ from rich.table import Table
 from worker.demo import DemoResult
 
 
+def _f(value, fmt: str = ".3f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def render_summary(result: DemoResult, console: Console) -> None:
-    m, r = result.metrics, result.onnx_report
-    chance = 1.0 / max(1, len(m.get("class_names", [])) or 2)
-    table = Table(title="retrain demo", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row(
-        "data", f"{m['num_train']} train / {m['num_val']} val images, classes {m['class_names']}, {m['skipped_images']} unreadable skipped"
+    runs = Table(title="runs", title_justify="left")
+    for column in (
+        "run",
+        "images (new)",
+        "outcome",
+        "best_val_acc",
+        "baseline (champion)",
+        "skipped",
+        "ranks",
+        "train s",
+        "img/s",
+        "ONNX |diff|",
+    ):
+        runs.add_column(column)
+    for r in result.runs:
+        runs.add_row(
+            r["run_id"], f"{r['images']} ({r['new_images']})", r["outcome"] or r["state"], _f(r["best_val_acc"]), _f(r["baseline_val_acc"]),
+            str(r["skipped_images"]), str(r["world_size"]), _f(r["train_s"], ".1f"), _f(r["images_per_s"], ".0f"), _f(r["onnx_max_abs_diff"], ".1e"),
+        )  # fmt: skip
+    console.print(runs)
+    models = Table(title=f"models: birds, champion v{result.models.get('champion')}", title_justify="left")
+    for column in ("version", "best_val_acc", "baseline", "images", "parent", "run"):
+        models.add_column(column)
+    for v in result.models.get("versions", []):
+        models.add_row(
+            f"{v['version']}{' *' if v['champion'] else ''}",
+            _f(v["best_val_acc"]),
+            _f(v["baseline_val_acc"]),
+            str(v["images"]),
+            str(v["parent_version"] or "-"),
+            v["run_id"],
+        )
+    console.print(models)
+    counts = Counter(e["type"] for e in result.events)
+    files = Table(title="where things are", title_justify="left", show_header=False)
+    files.add_row("champion ONNX", str(result.models.get("champion_onnx")))
+    files.add_row("registry", str(result.state_dir / "registry" / "birds"))
+    files.add_row("ledger", str(result.state_dir / "ledger.db"))
+    files.add_row("manifests", str(result.state_dir / "manifests"))
+    files.add_row("runs (logs, outputs)", str(result.state_dir / "runs"))
+    files.add_row("events", f"{result.state_dir / 'events.jsonl'}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())))
+    files.add_row("demo time", f"{result.seconds:.0f}s")
+    console.print(files)
+    console.print(
+        "Load the champion:  onnxruntime.InferenceSession(champion ONNX).run(['logits'], {'image': x})  # x: float32 RGB in [0, 1], NCHW"
     )
-    table.add_row(
-        "training",
-        f"{m['distributed']} x{m['world_size']} ({m['backend']}) on {m['device']}, {len(m['history'])} epochs, {m['images_per_s']:.1f} img/s, data wait {100 * m['data_wait_fraction']:.1f}%",
-    )
-    table.add_row("accuracy", f"best val_acc {m['best_val_acc']:.3f} (epoch {m['best_epoch']}), chance {chance:.3f}")
-    table.add_row(
-        "onnx",
-        f"opset {r['opset']}, {r['onnx_bytes'] / 1e6:.1f} MB, parity max |diff| {r['max_abs_diff']:.1e} (tolerance {r['tolerance']:g}) {'ok' if r['passed'] else 'FAILED'}",
-    )
-    table.add_row("inference", f"torch {r['torch_ms_per_image']} ms/img, onnxruntime {r['onnxruntime_ms_per_image']} ms/img")
-    table.add_row("timings", ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.timings.items()))
-    outputs = result.run_dir / "outputs"
-    table.add_row(
-        "files",
-        f"{outputs / 'model.pt'}\n{outputs / 'model.onnx'}\n{outputs / 'metrics.json'}\n{outputs / 'onnx_report.json'}\n{result.run_dir / 'train.log'}",
-    )
-    table.add_row("data set", str(result.data_dir))
-    console.print(table)

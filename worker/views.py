@@ -43,6 +43,7 @@ def status_view(store: Store, config: RetrainConfig, model: str | None = None) -
                 "in_flight": [_run(r) for r in tx.runs(name, IN_FLIGHT_STATES)],
                 "last_runs": [_run(r) for r in tx.runs(name, limit=5)],
                 "followup_wanted": tx.model_head(name).followup_wanted,
+                "champion": tx.model_head(name).champion_version,
                 "last_decision": {"at": decisions[0].at.isoformat(), "outcome": decisions[0].outcome, "reason": decisions[0].reason}
                 if decisions
                 else None,
@@ -60,3 +61,43 @@ def explain_view(store: Store, config: RetrainConfig, model: str | None = None, 
             ]
             for name in models
         }
+
+
+def models_view(store: Store, config: RetrainConfig, model: str | None = None) -> dict[str, Any]:
+    """Registered versions per model, newest first, with their headline metrics and the champion."""
+    models = [model] if model else sorted(config.models)
+    out: dict[str, Any] = {}
+    with store.transaction() as tx:
+        for name in models:
+            champion = tx.model_head(name).champion_version
+            out[name] = {
+                "champion": champion,
+                "champion_onnx": str(config.registry_dir / name / "champion" / "model.onnx") if champion else None,
+                "versions": [
+                    {
+                        "version": v.version,
+                        "champion": v.version == champion,
+                        "run_id": v.run_id,
+                        "created_at": v.created_at.isoformat(),
+                        "best_val_acc": v.metrics.get("best_val_acc"),
+                        "baseline_val_acc": v.metrics.get("baseline_val_acc"),
+                        "images": v.card.get("manifest", {}).get("images"),
+                        "parent_version": v.card.get("parent_version"),
+                        "location": v.location,
+                    }
+                    for v in tx.model_versions(name)
+                ],
+            }
+    return out
+
+
+def version_view(store: Store, model: str, version: int | None = None) -> dict[str, Any] | None:
+    """One version's full lineage card (the champion when no version is given)."""
+    with store.transaction() as tx:
+        versions = tx.model_versions(model)
+        champion = tx.model_head(model).champion_version
+    wanted = version if version is not None else champion
+    found = next((v for v in versions if v.version == wanted), None)
+    if found is None:
+        return None
+    return {"model": model, "version": found.version, "champion": found.version == champion, "location": found.location, **found.card}

@@ -1,15 +1,15 @@
-"""`retrain demo` end to end with a tiny configuration: real data, real torchrun, real ONNX Runtime."""
+"""`retrain demo` end to end with a tiny configuration: real torchrun, gate, registry, ONNX Runtime, events."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
-import torch
 
 from tests.conftest import ROOT, child_env
 
@@ -27,38 +27,51 @@ def _demo(workspace: Path) -> subprocess.CompletedProcess:
         "--workspace",
         str(workspace),
         "--per-class",
-        "16",
+        "24",
         "--epochs",
-        "2",
+        "1",
         "--image-size",
         "32",
+        "--min-value",
+        "0",
     ]
-    env = child_env(COLUMNS="200", PYTHONPATH=str(ROOT))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env(PYTHONPATH=str(ROOT)), check=False, cwd=ROOT)
 
 
-def test_demo_trains_with_two_ranks_exports_onnx_and_says_where_things_are(tmp_path):
+def test_demo_runs_the_whole_loop_and_leaves_a_champion_onnx_that_loads(tmp_path):
     proc = _demo(tmp_path / "ws")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = list((tmp_path / "ws" / "runs").iterdir())
-    assert len(runs) == 1
-    outputs = runs[0] / "outputs"
-    metrics = json.loads((outputs / "metrics.json").read_text())
-    assert (metrics["distributed"], metrics["world_size"]) == ("ddp", 2)
-    assert metrics["skipped_images"] == 3
-    report = json.loads((outputs / "onnx_report.json").read_text())
-    assert report["passed"]
-    assert report["max_abs_diff"] < 1e-4
-    torch.load(outputs / "model.pt", weights_only=True)
-    assert str(outputs / "model.onnx") in proc.stdout
-    assert "epoch 2/2" in proc.stdout  # progress is shown while training runs
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "policy: wait: waiting:" in out  # it said why it waited
+    assert "2-rank DDP under torchrun" in out
+    assert "epoch 1/1" in out  # training progress is shown while it runs
+    assert "warm start from the champion" in out
+    state = tmp_path / "ws" / "state"
+    events = [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
+    types = [e["type"] for e in events]
+    assert types.count("retrain.run.submitted") == 2
+    assert types.count("retrain.model.registered") >= 1
+    assert types.count("retrain.model.registered") + types.count("retrain.model.rejected") == 2
+    assert len({e["id"] for e in events}) == len(events)
+    first = next(e for e in events if e["type"] == "retrain.model.registered")
+    assert first["data"]["version"] == 1
+    assert first["data"]["onnx"]["max_abs_diff"] < 1e-4
+    second = [e for e in events if e["type"] in ("retrain.model.registered", "retrain.model.rejected")][1]
+    assert second["data"]["gate"]["baseline"] is not None, "the second run was judged against the champion on its own validation set"
+    champion = state / "registry" / "birds" / "champion"
+    card = json.loads((champion / "card.json").read_text())
+    assert card["version"] == int(champion.resolve().name)
+    session = ort.InferenceSession(str(champion / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"image": np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)})[0]
+    assert logits.shape == (2, 2)
+    assert "champion ONNX" in out
 
 
-def test_running_the_demo_again_reuses_the_data_and_keeps_both_runs(tmp_path):
+def test_running_the_demo_again_starts_clean_and_reuses_the_data(tmp_path):
     workspace = tmp_path / "ws"
     assert _demo(workspace).returncode == 0
-    second = _demo(workspace)
-    assert second.returncode == 0, second.stdout[-3000:]
-    assert "reusing the synthetic set" in second.stdout
-    assert len(list((workspace / "runs").iterdir())) == 2
-    shutil.rmtree(workspace)
+    again = _demo(workspace)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "reusing the synthetic set" in again.stdout
+    runs = [p.name for p in (workspace / "state" / "runs").iterdir()]
+    assert len(runs) == 2
