@@ -97,7 +97,7 @@ def export(model: torch.nn.Module, example: torch.Tensor, output: Path, opset: i
     tmp.unlink(missing_ok=True)
 
 
-def _time_per_image(fn, batch: torch.Tensor, repeats: int = 3) -> float:
+def _time_per_image(fn, batch: torch.Tensor, repeats: int = 1) -> float:
     fn(batch)  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):

@@ -8,7 +8,7 @@ from worker.bus import Worker
 from worker.completion import Completer
 from worker.config import RetrainConfig
 from worker.directory_blobs import DirectoryBlobStore
-from worker.exporter import LocalOnnxExporter, OnnxExporter
+from worker.exporter import InProcessOnnxExporter, LocalOnnxExporter, OnnxExporter
 from worker.jsonl_publisher import JsonlPublisher
 from worker.ports import BlobStore, Clock, Publisher, SystemClock, TrainingBackend
 from worker.registry import LocalModelRegistry, ModelRegistry
@@ -44,7 +44,7 @@ def build_worker(
     if blobs is None:
         blobs = {name: DirectoryBlobStore(config.images_dir(name)) for name in config.models}
     registry = registry or LocalModelRegistry(config.registry_dir)
-    exporter = exporter or LocalOnnxExporter()
+    exporter = exporter or (InProcessOnnxExporter() if config.worker.export_in_process else LocalOnnxExporter())
     manifests_dir = config.worker.state_dir / "manifests"
 
     def champion_checkpoint(model: str) -> str | None:

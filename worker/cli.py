@@ -155,6 +155,7 @@ def status(
             "pending", f"{s['pending']['total']} new images " + (str(s["pending"]["per_class"]) if s["pending"]["per_class"] else "")
         )
         table.add_row("images", ", ".join(f"{k} {v}" for k, v in s["images_by_state"].items()) or "none")
+        table.add_row("champion", f"v{s['champion']}" if s["champion"] else "none yet")
         table.add_row("in flight", ", ".join(f"{r['run_id']} ({r['state']}, attempt {r['attempt']})" for r in s["in_flight"]) or "none")
         for r in s["last_runs"]:
             table.add_row(

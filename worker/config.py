@@ -112,6 +112,9 @@ class WorkerConfig(_Section):
     backend: Literal["local"] = "local"
     events_file: Path | None = Field(None, description="JSON lines sink for published events; default <state_dir>/events.jsonl")
     registry_dir: Path | None = Field(None, description="local model registry; default <state_dir>/registry")
+    export_in_process: bool = Field(
+        True, description="export ONNX inside the worker (imports torch once) or in a subprocess per completion"
+    )
 
 
 class RetrainConfig(_Section):

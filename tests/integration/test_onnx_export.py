@@ -84,3 +84,28 @@ def test_a_missing_model_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["subprocess", "in_process"])
+def test_the_worker_exporters_report_parity_for_a_trained_model(trained, tiny_birds, tmp_path, kind):
+    import shutil
+    from pathlib import Path
+
+    from worker.exporter import InProcessOnnxExporter, LocalOnnxExporter
+
+    exporter = LocalOnnxExporter() if kind == "subprocess" else InProcessOnnxExporter()
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "model.pt", out / "model.pt")
+    result = exporter.export(Path(out / "model.pt"), out, data_dir=str(tiny_birds), manifest=None, tolerance=1e-4, samples=8)
+    assert result.passed
+    assert result.report["max_abs_diff"] < 1e-4
+    assert result.onnx_path.exists()
+
+
+def test_the_subprocess_exporter_turns_a_broken_model_into_an_export_error(tmp_path):
+    from worker.exporter import ExportError, LocalOnnxExporter
+
+    (tmp_path / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(ExportError, match="exited 2"):
+        LocalOnnxExporter().export(tmp_path / "model.pt", tmp_path, data_dir=None, manifest=None, tolerance=1e-4, samples=4)

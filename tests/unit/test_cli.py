@@ -1,0 +1,78 @@
+"""The `retrain` command line, in-process: inject validation, status/explain/models output."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from worker.cli import app
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {
+        "RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"),
+        "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images"),
+        "RETRAIN_CONFIG": "",
+    }
+
+
+def invoke(env, *args):
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def test_inject_queues_a_valid_request_in_the_local_inbox(env, tmp_path):
+    result = invoke(env, "inject", "--model", "birds", "--force", "--epochs", "3", "--request-id", "req-1", "--json")
+    assert result.exit_code == 0, result.output
+    body = json.loads((tmp_path / "state" / "inbox" / "req-1.json").read_text())
+    assert (body["force"], body["overrides"]["epochs"], body["requested_by"]) == (True, 3, "cli")
+    assert invoke(env, "inject", "--model", "birds", "--force", "--epochs", "3", "--request-id", "req-1").exit_code == 0  # same again: fine
+    conflict = invoke(env, "inject", "--model", "birds", "--force", "--epochs", "4", "--request-id", "req-1")
+    assert conflict.exit_code == 2
+    assert "different message" in conflict.output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--model", "cats", "--force"], "unknown_model"),
+        (["--model", "birds"], "asks for nothing"),
+        (["--model", "birds", "--prefix", "../etc"], "'..'"),
+        (["--model", "birds", "--force", "--epochs", "0"], "overrides.epochs"),
+        (["--model", "birds", "--force", "--to", "servicebus"], "not available"),
+    ],
+)
+def test_inject_refuses_bad_input_and_writes_nothing(env, tmp_path, args, words):
+    result = invoke(env, "inject", *args)
+    assert result.exit_code == 2
+    assert words in result.output
+    assert not (tmp_path / "state" / "inbox").exists() or not list((tmp_path / "state" / "inbox").glob("*.json"))
+
+
+def test_inject_reads_a_backfill_list(env, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("chicken/a.jpg\n\nturkey/b.png\n")
+    assert invoke(env, "inject", "--model", "birds", "--images-file", str(listing), "--request-id", "bf").exit_code == 0
+    body = json.loads((tmp_path / "state" / "inbox" / "bf.json").read_text())
+    assert [i["path"] for i in body["images"]] == ["chicken/a.jpg", "turkey/b.png"]
+
+
+def test_status_explain_and_models_work_on_an_empty_ledger(env):
+    status = invoke(env, "status", "--json")
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.output)["birds"]["pending"]["total"] == 0
+    assert json.loads(invoke(env, "explain", "--json").output) == {"birds": []}
+    assert json.loads(invoke(env, "models", "--json").output)["birds"]["champion"] is None
+    assert invoke(env, "models", "show", "birds").exit_code == 1
+    assert invoke(env, "status", "cats").exit_code == 2
+    assert invoke(env, "status").exit_code == 0  # the table form renders too
+
+
+def test_a_bad_config_file_is_reported_and_exits_2(env, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[models.birds]\nmin_new_images = -3\n")
+    result = invoke(env, "status", "-c", str(bad))
+    assert result.exit_code == 2
+    assert "models.birds.min_new_images" in result.output
