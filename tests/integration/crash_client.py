@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         worker.tick()
         with worker.store.transaction() as tx:
             runs = tx.runs("birds")
-        if runs and all(r.state == "succeeded" for r in runs):
+        if runs and all(r.state == "finalized" for r in runs):
             print("recovered")
             return 0
         time.sleep(0.2)
