@@ -57,3 +57,22 @@ def build_worker(
     submitter = Submitter(store, backend, config, clock, manifests_dir=manifests_dir, init_checkpoint=champion_checkpoint)
     completer = Completer(store, backend, registry, exporter, config, clock, manifests_dir=manifests_dir)
     return Worker(store, backend, config, clock, submitter, blobs=blobs, publisher=publisher, completer=completer)
+
+
+def build_worker_from_settings(env) -> Worker:
+    """The Functions app's wiring: config from RETRAIN_CONFIG/RETRAIN__*, Service Bus when configured.
+
+    Settings: RETRAIN_SERVICEBUS (a connection string) or RETRAIN_SERVICEBUS__fullyQualifiedNamespace
+    (managed identity via DefaultAzureCredential), and RETRAIN_EVENTS_TOPIC for published events.
+    """
+    from worker.config import load_config
+    from worker.servicebus import ServiceBusPublisher, client_factory
+
+    config = load_config(env.get("RETRAIN_CONFIG") or None, env=env)
+    publisher = None
+    topic = env.get("RETRAIN_EVENTS_TOPIC")
+    connection, namespace = env.get("RETRAIN_SERVICEBUS"), env.get("RETRAIN_SERVICEBUS__fullyQualifiedNamespace")
+    if topic and (connection or namespace):
+        make_client = client_factory(connection=connection or None, namespace=None if connection else namespace)
+        publisher = ServiceBusPublisher(make_client, topic, oversize_store=DirectoryBlobStore(config.worker.state_dir, images_only=False))
+    return build_worker(config, publisher=publisher)

@@ -83,6 +83,41 @@ class Worker:
                 return effects
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def reject(self, message_id: str, model: str | None, reason: str, description: str, source: str) -> bool:
+        """Record a message that can never be processed: a decision and `retrain.request.rejected`.
+
+        Claimed in the inbox like any message, so a redelivered bad message is rejected once.
+        """
+        from shared import events as ev
+        from worker.handlers import queue_event
+        from worker.store import DecisionRow
+
+        with self.store.transaction() as tx:
+            now = self.clock.now()
+            if not tx.claim_message(message_id, "rejected", model, now):
+                return False
+            data = {"request_id": message_id, "model": model, "reason": reason, "description": description[:2000], "source": source}
+            queue_event(tx, ev.REQUEST_REJECTED, f"requests/{message_id}", data, now)
+            if model in self.config.models:
+                tx.record_decision(
+                    DecisionRow(
+                        model=model,
+                        at=now,
+                        outcome="reject",
+                        reason=f"{source} message {message_id} rejected: {reason}: {description[:300]}",
+                        message_id=message_id,
+                    )
+                )
+            tx.commit()
+        return True
+
+    def remember_response(self, key: str, fingerprint: str, response: dict) -> tuple[str, dict] | None:
+        """First use of an idempotency key stores the response; later uses get (fingerprint, response) back."""
+        with self.store.transaction() as tx:
+            previous = tx.remember_response(key, fingerprint, response, self.clock.now())
+            tx.commit()
+        return previous
+
     def submit(self, run_id: str) -> None:
         """Steps 2-4 of the protocol. A failure leaves the run planned; the next Tick retries it."""
         try:

@@ -43,6 +43,7 @@ class _State:
     decisions: list[DecisionRow] = field(default_factory=list)
     heads: dict[str, ModelHead] = field(default_factory=dict)
     versions: list[ModelVersionRow] = field(default_factory=list)
+    idempotency: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
 
 class MemoryTx(Tx):
@@ -178,6 +179,12 @@ class MemoryTx(Tx):
 
     def model_versions(self, model: str) -> list[ModelVersionRow]:
         return sorted((v for v in self.s.versions if v.model == model), key=lambda v: v.version, reverse=True)
+
+    def remember_response(self, key: str, fingerprint: str, response: dict, at: dt.datetime) -> tuple[str, dict] | None:
+        if key in self.s.idempotency:
+            return copy.deepcopy(self.s.idempotency[key])
+        self.s.idempotency[key] = (fingerprint, copy.deepcopy(response))
+        return None
 
     def model_head(self, model: str) -> ModelHead:
         return copy.deepcopy(self.s.heads.get(model) or ModelHead(model=model))

@@ -107,6 +107,9 @@ CREATE TABLE IF NOT EXISTS model_heads (
     model TEXT PRIMARY KEY, next_seq INTEGER NOT NULL, followup_wanted INTEGER NOT NULL,
     last_run_finished_at TEXT, champion_version INTEGER, champion_sha256 TEXT
 );
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, response TEXT NOT NULL, created_at TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS model_versions (
     model TEXT NOT NULL, version INTEGER NOT NULL, run_id TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL,
     location TEXT NOT NULL, metrics TEXT NOT NULL, card TEXT NOT NULL,
@@ -388,6 +391,14 @@ class SqliteTx(Tx):
             )
             for r in rows
         ]
+
+    # idempotency keys
+    def remember_response(self, key: str, fingerprint: str, response: dict, at: dt.datetime) -> tuple[str, dict] | None:
+        row = self._one("SELECT fingerprint, response FROM idempotency WHERE key=?", (key,))
+        if row is not None:
+            return row["fingerprint"], json.loads(row["response"])
+        self.conn.execute("INSERT INTO idempotency VALUES (?,?,?,?)", (key, fingerprint, json.dumps(response, sort_keys=True), _ts(at)))
+        return None
 
     # model head
     def model_head(self, model: str) -> ModelHead:

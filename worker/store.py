@@ -247,6 +247,11 @@ class Tx(abc.ABC):
     def model_versions(self, model: str) -> list[ModelVersionRow]:
         """Newest first."""
 
+    # idempotency keys (HTTP) ---------------------------------------------------------------
+    @abc.abstractmethod
+    def remember_response(self, key: str, fingerprint: str, response: dict[str, Any], at: dt.datetime) -> tuple[str, dict[str, Any]] | None:
+        """Store the response for an idempotency key, or return the (fingerprint, response) stored before."""
+
     # model head -----------------------------------------------------------------------------
     @abc.abstractmethod
     def model_head(self, model: str) -> ModelHead: ...

@@ -1,0 +1,86 @@
+"""Manual injection and status over HTTP (function-level keys).
+
+POST /api/retrain          body: RetrainRequested (message_id optional); header Idempotency-Key optional
+  202 {"request_id", ...}  accepted (a repeat with the same key and body gets the same answer)
+  400 {"error", "errors"}  invalid JSON or fields (per-field messages), unknown model
+  409                      the Idempotency-Key was used with another body
+  413                      body over 256 KB
+  405                      any method but POST
+GET /api/status/{model}    the status view (pending per class, runs in flight, champion, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+
+import azure.functions as func
+
+from functions import runtime
+
+bp = func.Blueprint()
+log = logging.getLogger("retrain.functions.http")
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    return func.HttpResponse(json.dumps(body, sort_keys=True), status_code=status, mimetype="application/json", headers=headers)
+
+
+def _error(status: int, reason: str, description: str, errors: list | None = None) -> func.HttpResponse:
+    return _json(status, {"error": reason, "description": description, "errors": errors or []})
+
+
+@bp.function_name("retrain_http")
+@bp.route(route="retrain", methods=ALL_METHODS, auth_level=func.AuthLevel.FUNCTION)
+def retrain_http(req: func.HttpRequest) -> func.HttpResponse:
+    from shared.errors import InvalidMessage
+    from shared.messages import MAX_MESSAGE_BYTES, RetrainRequested, parse_as
+
+    if req.method.upper() != "POST":
+        return func.HttpResponse(status_code=405, headers={"Allow": "POST"})
+    body = req.get_body() or b""
+    if len(body) > MAX_MESSAGE_BYTES:
+        return _error(413, "too_large", f"the body is {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    key = req.headers.get("Idempotency-Key")
+    if key is not None and not (1 <= len(key) <= 200 and key.isprintable() and " " not in key):
+        return _error(400, "schema", "Idempotency-Key must be 1-200 printable characters without spaces")
+    try:
+        document = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "malformed_json", "the body is not valid JSON")
+    if not isinstance(document, dict):
+        return _error(400, "schema", "the body must be a JSON object (a RetrainRequested)")
+    document.setdefault("kind", "retrain.requested")
+    document.setdefault("requested_by", "http")
+    document.setdefault("message_id", f"http-{key}" if key else f"http-{uuid.uuid4().hex}")
+    worker = runtime.worker()
+    try:
+        request = parse_as(RetrainRequested, document, known_models=worker.config.models)
+    except InvalidMessage as exc:
+        return _error(400, exc.reason, exc.description, exc.errors)
+    response = {"request_id": request.message_id, "model": request.model, "status": "accepted"}
+    if key is not None:
+        fingerprint = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+        previous = worker.remember_response(f"http:{key}", fingerprint, response)
+        if previous is not None:
+            if previous[0] != fingerprint:
+                return _error(409, "idempotency_conflict", "this Idempotency-Key was already used with a different body")
+            return _json(202, previous[1], {"Idempotent-Replayed": "true"})
+    effects = worker.handle(request)
+    log.info("http request %s for %s: %s %s", request.message_id, request.model, effects.outcome, effects.detail)
+    return _json(202, response)
+
+
+@bp.function_name("status_http")
+@bp.route(route="status/{model}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def status_http(req: func.HttpRequest) -> func.HttpResponse:
+    from worker.views import status_view
+
+    model = req.route_params.get("model", "")
+    worker = runtime.worker()
+    if model not in worker.config.models:
+        return _error(404, "unknown_model", f"model {model[:64]!r} is not configured")
+    return _json(200, status_view(worker.store, worker.config, model)[model])

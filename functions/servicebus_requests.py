@@ -1,0 +1,72 @@
+"""Upstream requests: a Service Bus queue trigger carrying RetrainRequested messages.
+
+Settlement: the host completes a message when the function returns and abandons it when the
+function raises (then redelivers, and dead-letters after MaxDeliveryCount). So:
+- valid -> handled; the message id (the body's, else the Service Bus MessageId) is claimed in
+  the ledger, so a duplicate MessageId has one effect;
+- permanently invalid (bad JSON, wrong schema, unknown model, oversize) -> recorded once as
+  `retrain.request.rejected` with the reason and completed: never retried ten times;
+- transient failures (the ledger or the backend unavailable) -> raise, and the host retries.
+
+Dead-lettering with a reason would need the SDK-type binding extension
+(azurefunctions-extensions-bindings-servicebus); see README "Functions" for why this app
+completes with a rejected event instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import azure.functions as func
+
+from functions import runtime
+
+bp = func.Blueprint()
+log = logging.getLogger("retrain.functions.servicebus")
+
+
+def request_from(msg: func.ServiceBusMessage):
+    """(message, None) for a valid request, or (None, InvalidMessage) for a permanently bad one."""
+    from shared.errors import InvalidMessage
+    from shared.messages import MAX_MESSAGE_BYTES, RetrainRequested, parse_as
+
+    body = msg.get_body()
+    try:
+        if not body:
+            raise InvalidMessage("empty", "the message body is empty")
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise InvalidMessage("too_large", f"the message is {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidMessage("malformed_json", "the body is not valid JSON") from None
+        if not isinstance(document, dict):
+            raise InvalidMessage("schema", "the body must be a JSON object")
+        document.setdefault("message_id", f"sb-{msg.message_id}" if msg.message_id else None)
+        document.setdefault("kind", "retrain.requested")
+        if document["kind"] != "retrain.requested":
+            raise InvalidMessage("schema", f"kind must be 'retrain.requested', got {str(document['kind'])[:50]!r}")
+        return parse_as(RetrainRequested, document, known_models=runtime.worker().config.models), None
+    except InvalidMessage as exc:
+        return None, exc
+
+
+@bp.function_name("retrain_requested")
+@bp.service_bus_queue_trigger(arg_name="msg", queue_name="%RETRAIN_REQUESTS_QUEUE%", connection="RETRAIN_SERVICEBUS")
+def retrain_requested(msg: func.ServiceBusMessage) -> None:
+    request, error = request_from(msg)
+    worker = runtime.worker()
+    if error is not None:
+        message_id = f"sb-{msg.message_id}" if msg.message_id else f"sb-seq-{msg.sequence_number}"
+        try:
+            model = json.loads(msg.get_body()).get("model")
+        except Exception:
+            model = None
+        worker.reject(message_id, model if isinstance(model, str) else None, error.reason, error.description, source="servicebus")
+        log.warning(
+            "rejected Service Bus message %s (delivery %s): %s: %s", msg.message_id, msg.delivery_count, error.reason, error.description
+        )
+        return
+    effects = worker.handle(request)
+    log.info("request %s for %s: %s %s", request.message_id, request.model, effects.outcome, effects.detail)

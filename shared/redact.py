@@ -1,0 +1,91 @@
+"""Keeps secrets out of logs, exception messages and events.
+
+`redact(text)` masks the values of connection-string keys (AccountKey, SharedAccessKey, ...),
+SAS signatures, function keys (`code=`), bearer tokens and passwords. `install_log_redaction()`
+puts a filter on the root logger's handlers and on the Azure SDK loggers, so even an SDK that
+logs a connection string at DEBUG level writes it masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+_PATTERNS = [
+    # key=value pairs in connection strings and query strings
+    re.compile(
+        r"(?i)\b(AccountKey|SharedAccessKey|SharedAccessSignature|sig|code|password|pwd|client_secret|secret|token|access_token)(\s*[=:]\s*)(\"?)([^;&\s\"']+)"
+    ),
+    # Authorization: Bearer <token>, SharedAccessSignature sr=...&sig=...
+    re.compile(r"(?i)\b(Bearer|Basic)(\s+)()([A-Za-z0-9._~+/=-]{8,})"),
+]
+MASK = "***"
+
+
+def redact(text: object) -> str:
+    value = str(text)
+    for pattern in _PATTERNS:
+        value = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}", value)
+    return value
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message (with its arguments applied) in redacted form."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string is the logger's problem, not ours
+            return True
+        cleaned = redact(message)
+        if record.exc_info and record.exc_info[1] is not None:
+            cleaned += "\n" + redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = cleaned, None
+        return True
+
+
+AZURE_LOGGERS = (
+    "azure",
+    "azure.servicebus",
+    "azure.core",
+    "azure.identity",
+    "azure.data.tables",
+    "azure.storage",
+    "uamqp",
+    "azure.servicebus._pyamqp",
+)
+
+
+_FACTORY_INSTALLED = False
+
+
+def _install_record_factory() -> None:
+    """Redact every record as it is created, whichever logger or handler it then goes to."""
+    global _FACTORY_INSTALLED
+    if _FACTORY_INSTALLED:
+        return
+    previous = logging.getLogRecordFactory()
+    flt = RedactingFilter()
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        flt.filter(record)
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _FACTORY_INSTALLED = True
+
+
+def install_log_redaction() -> RedactingFilter:
+    """Idempotent: redact at record creation, plus a filter on the root handlers and Azure SDK loggers."""
+    _install_record_factory()
+    existing = next((f for f in logging.getLogger().filters if isinstance(f, RedactingFilter)), None)
+    flt = existing or RedactingFilter()
+    for logger in [logging.getLogger(), *(logging.getLogger(name) for name in AZURE_LOGGERS)]:
+        if flt not in logger.filters:
+            logger.addFilter(flt)
+        for handler in logger.handlers:
+            if flt not in handler.filters:
+                handler.addFilter(flt)
+    return flt

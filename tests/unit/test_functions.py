@@ -1,0 +1,337 @@
+"""The Functions app: each trigger called with real azure.functions binding objects, and its metadata."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import subprocess
+import sys
+
+import azure.functions as func
+import pytest
+from azure.functions.blob import InputStream
+from azure.functions.servicebus import ServiceBusMessage
+from azure.functions.timer import TimerRequest
+
+from functions import runtime
+from tests.conftest import ROOT
+
+from .worker_harness import make_harness
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def h(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRAIN_IMAGES_CONTAINER", "images")
+    harness = make_harness(tmp_path)
+    runtime.use_worker(harness.worker)
+    yield harness
+    runtime.use_worker(None)
+
+
+_FUNCTIONS: dict = {}
+
+
+def app_functions() -> dict:
+    """The app's functions by name (the SDK allows indexing an app once per process)."""
+    if not _FUNCTIONS:
+        import function_app
+
+        _FUNCTIONS.update({f.get_function_name(): f for f in function_app.app.get_functions()})
+    return _FUNCTIONS
+
+
+def call(name: str, *args):
+    return app_functions()[name].get_user_function()(*args)
+
+
+def pending(h):
+    with h.store.transaction() as tx:
+        return tx.pending_stats("birds")
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+def test_importing_the_app_pulls_in_no_heavy_packages_and_opens_nothing():
+    code = (
+        "import sys, time; t = time.perf_counter(); import function_app; ms = (time.perf_counter() - t) * 1000; "
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'azureml', 'onnx', 'onnxruntime', 'numpy', 'sqlite3') if m in sys.modules); "
+        "print(ms, heavy, len(function_app.app.get_functions()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin", "PYTHONPATH": str(ROOT)},
+    ).stdout.split()
+    print(f"function_app import took {float(out[0]):.0f} ms")  # the figure; benchmarks/ has the measurement
+    assert out[1:] == ["[]", "6"]
+
+
+def test_the_functions_declare_the_bindings_the_host_needs():
+    # The JSON the host indexes, exactly as the worker reports it.
+    bindings = {name: {b["type"]: b for b in json.loads(f.get_function_json())["bindings"]} for name, f in app_functions().items()}
+    blob = bindings["image_uploaded"]["blobTrigger"]
+    assert (blob["path"], blob["connection"], blob["source"]) == ("%RETRAIN_IMAGES_CONTAINER%/{name}", "RETRAIN_STORAGE", "EventGrid")
+    sb = bindings["retrain_requested"]["serviceBusTrigger"]
+    assert (sb["queueName"], sb["connection"]) == ("%RETRAIN_REQUESTS_QUEUE%", "RETRAIN_SERVICEBUS")
+    http = bindings["retrain_http"]["httpTrigger"]
+    assert (http["route"], http["authLevel"]) == ("retrain", "FUNCTION")
+    assert set(http["methods"]) >= {"POST", "GET", "PUT"}
+    status = bindings["status_http"]["httpTrigger"]
+    assert (status["route"], status["authLevel"], status["methods"]) == ("status/{model}", "FUNCTION", ["GET"])
+    assert "eventGridTrigger" in bindings["run_status_changed"]
+    assert bindings["tick"]["timerTrigger"]["schedule"] == "0 */1 * * * *"
+
+
+def test_host_json_settles_service_bus_messages_by_the_functions_outcome():
+    host = json.loads((ROOT / "host.json").read_text())
+    assert host["extensions"]["serviceBus"]["autoCompleteMessages"] is True
+    assert host["extensionBundle"]["id"] == "Microsoft.Azure.Functions.ExtensionBundle"
+    example = json.loads((ROOT / "local.settings.json.example").read_text())["Values"]
+    for name in (
+        "RETRAIN_STORAGE",
+        "RETRAIN_SERVICEBUS",
+        "RETRAIN_REQUESTS_QUEUE",
+        "RETRAIN_EVENTS_TOPIC",
+        "RETRAIN_IMAGES_CONTAINER",
+        "RETRAIN_AML_WORKSPACE_TOPIC",
+    ):
+        assert name in example
+
+
+# --- blob trigger -----------------------------------------------------------------------------
+
+
+def blob(name: str, etag: str = '"0x8DC1"', length: int = 1234) -> InputStream:
+    return InputStream(
+        data=b"jpeg",
+        name=name,
+        uri=f"https://acct.blob.core.windows.net/{name}",
+        length=length,
+        blob_properties={"ETag": etag, "ContentLength": length},
+    )
+
+
+def test_a_new_blob_becomes_one_pending_image_even_when_delivered_twice(h):
+    call("image_uploaded", blob("images/birds/chicken/1.jpg"))
+    call("image_uploaded", blob("images/birds/chicken/1.jpg"))
+    assert pending(h).per_class == {"chicken": 1}
+    call("image_uploaded", blob("images/birds/chicken/1.jpg", etag='"0x8DC2"'))  # overwritten: a new version
+    assert pending(h).count == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("images/birds/chicken/a\x07b.jpg", "control characters"),
+        ("images/birds/chicken/notes.txt", "unsupported image extension"),
+        ("images/birds/1.jpg", "<label>/<file>"),
+        ("images/cats/tabby/1.jpg", "not configured"),
+    ],
+)
+def test_bad_blob_names_are_logged_escaped_and_not_counted(h, caplog, name, words):
+    with caplog.at_level(logging.WARNING, logger="retrain.functions.blob"):
+        call("image_uploaded", blob(name))
+    assert pending(h).count == 0
+    assert words in caplog.text
+    assert "\x07" not in caplog.text
+
+
+def test_empty_blobs_and_blobs_without_an_etag_are_ignored(h):
+    call("image_uploaded", blob("images/birds/chicken/empty.jpg", length=0))
+    call("image_uploaded", blob("images/birds/chicken/noetag.jpg", etag=""))
+    assert pending(h).count == 0
+
+
+# --- Service Bus trigger ----------------------------------------------------------------------
+
+
+def sb(body: bytes, message_id: str = "m-1", delivery_count: int = 1) -> ServiceBusMessage:
+    return ServiceBusMessage(
+        body=body,
+        message_id=message_id,
+        delivery_count=delivery_count,
+        content_type="application/json",
+        sequence_number=7,
+        application_properties={},
+        user_properties={},
+    )
+
+
+def rejections(h):
+    return [e for e in h.events() if e.type == "retrain.request.rejected"]
+
+
+def test_a_valid_request_is_handled_once_per_message_id(h):
+    h.uploads(6)
+    body = json.dumps({"model": "birds", "force": True, "requested_by": "pipeline"}).encode()
+    call("retrain_requested", sb(body, "abc"))
+    call("retrain_requested", sb(body, "abc", delivery_count=2))
+    assert len(h.runs()) == 1
+    assert h.runs()[0].request_ids == ["sb-abc"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{nope", "malformed_json"),
+        (b"", "empty"),
+        (b"[]", "schema"),
+        (json.dumps({"model": "cats", "force": True}).encode(), "unknown_model"),
+        (json.dumps({"model": "birds", "force": "yes"}).encode(), "schema"),
+        (json.dumps({"model": "birds", "force": True, "pad": "x" * 300_000}).encode(), "too_large"),
+        (json.dumps({"kind": "tick", "model": "birds"}).encode(), "schema"),
+    ],
+)
+def test_a_permanently_bad_message_is_completed_with_one_rejected_event(h, body, reason):
+    call("retrain_requested", sb(body, "bad-1"))
+    call("retrain_requested", sb(body, "bad-1", delivery_count=2))  # redelivered: still one rejection
+    [event] = rejections(h)
+    assert event.payload["data"]["reason"] == reason
+    assert event.payload["data"]["source"] == "servicebus"
+
+
+def test_a_transient_failure_raises_so_the_host_retries(h, monkeypatch):
+    def unavailable(message):
+        raise ConnectionError("ledger unavailable")
+
+    monkeypatch.setattr(h.worker, "handle", unavailable)
+    with pytest.raises(ConnectionError):
+        call("retrain_requested", sb(json.dumps({"model": "birds", "force": True}).encode()))
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+def post(body, headers=None, method="POST"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return call("retrain_http", func.HttpRequest(method=method, url="/api/retrain", headers=headers or {}, body=data))
+
+
+def test_post_accepts_a_request_with_202_and_its_id(h):
+    h.uploads(6)
+    response = post({"model": "birds", "force": True})
+    assert response.status_code == 202
+    body = json.loads(response.get_body())
+    assert body["request_id"].startswith("http-")
+    assert h.runs()[0].request_ids == [body["request_id"]]
+
+
+def test_the_same_idempotency_key_and_body_get_the_same_answer_and_one_effect(h):
+    h.uploads(6)
+    first = post({"model": "birds", "force": True}, {"Idempotency-Key": "k1"})
+    second = post({"model": "birds", "force": True}, {"Idempotency-Key": "k1"})
+    assert (first.status_code, second.status_code) == (202, 202)
+    assert first.get_body() == second.get_body()
+    assert len(h.runs()) == 1
+    conflict = post({"model": "birds", "force": True, "reason": "other"}, {"Idempotency-Key": "k1"})
+    assert conflict.status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (b"{bad json", 400, None),
+        ({"model": "cats", "force": True}, 400, None),
+        ({"model": "birds"}, 400, None),
+        ({"model": "birds", "force": True, "overrides": {"epochs": 0}}, 400, "overrides.epochs"),
+        ({"model": "birds", "force": True, "images": [{"path": "../x.jpg"}]}, 400, "images.0.path"),
+        ({"model": "birds", "force": True, "pad": "x" * 300_000}, 413, None),
+    ],
+)
+def test_bad_posts_get_specific_errors(h, body, status, field):
+    response = post(body)
+    assert response.status_code == status
+    if field:
+        assert field in [e["field"] for e in json.loads(response.get_body())["errors"]]
+
+
+def test_other_methods_get_405(h):
+    response = post({}, method="GET")
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+
+
+def test_status_returns_the_models_view_or_404(h):
+    h.uploads(2)
+    ok = call("status_http", func.HttpRequest(method="GET", url="/api/status/birds", route_params={"model": "birds"}, body=b""))
+    assert ok.status_code == 200
+    assert json.loads(ok.get_body())["pending"]["total"] == 4
+    missing = call("status_http", func.HttpRequest(method="GET", url="/api/status/cats", route_params={"model": "cats"}, body=b""))
+    assert missing.status_code == 404
+
+
+# --- Event Grid -------------------------------------------------------------------------------
+
+TOPIC = "/subscriptions/s/resourceGroups/r/providers/Microsoft.MachineLearningServices/workspaces/w"
+
+
+def eg(event_id: str, event_type: str, data: dict, topic: str = TOPIC) -> func.EventGridEvent:
+    return func.EventGridEvent(
+        id=event_id,
+        data=data,
+        topic=topic,
+        subject="experiments/x/runs/y",
+        event_type=event_type,
+        event_time=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        data_version="2",
+    )
+
+
+@pytest.mark.parametrize(
+    ("event_type", "data"),
+    [
+        ("Microsoft.MachineLearningServices.RunCompleted", {"runId": None}),
+        ("Microsoft.MachineLearningServices.RunStatusChanged", {"RunId": None, "RunStatus": "COMPLETED"}),
+        ("microsoft.machinelearningservices.runstatuschanged", {"runId": None, "runStatus": "Completed"}),
+    ],
+)
+def test_run_events_in_any_casing_complete_the_run_once(h, monkeypatch, event_type, data):
+    monkeypatch.setenv("RETRAIN_AML_WORKSPACE_TOPIC", TOPIC)
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    run = h.runs()[0]
+    key = "runId" if "runId" in data else "RunId"
+    data[key] = run.backend_run_id
+    h.succeed(run)  # outputs in place (this also records the success once)
+    call("run_status_changed", eg("e1", event_type, data))
+    call("run_status_changed", eg("e1", event_type, data))
+    assert h.runs()[0].outcome == "registered"
+    assert len([e for e in h.events() if e.type == "retrain.model.registered"]) == 1
+
+
+def test_foreign_topics_unknown_runs_and_other_events_are_ignored(h, monkeypatch, caplog):
+    monkeypatch.setenv("RETRAIN_AML_WORKSPACE_TOPIC", TOPIC)
+    with caplog.at_level(logging.INFO, logger="retrain.functions.eventgrid"):
+        call(
+            "run_status_changed",
+            eg("e1", "Microsoft.MachineLearningServices.RunCompleted", {"runId": "birds-0001-abcdef12-a1"}, topic="/other/workspace"),
+        )
+        call("run_status_changed", eg("e2", "Microsoft.MachineLearningServices.RunCompleted", {"runId": "someone_elses_run_17"}))
+        call("run_status_changed", eg("e3", "Microsoft.Storage.BlobCreated", {"url": "x"}))
+        call(
+            "run_status_changed",
+            eg("e4", "Microsoft.MachineLearningServices.RunStatusChanged", {"runId": "birds-0009-abcdef12-a1", "runStatus": "Running"}),
+        )
+    assert "another workspace" in caplog.text
+    assert "not started by retrain" in caplog.text
+    assert "not a run event" in caplog.text
+    assert h.runs() == []
+
+
+# --- timer ------------------------------------------------------------------------------------
+
+
+def test_the_timer_ticks_and_relays_the_outbox(h):
+    h.uploads(6)
+    h.clock.advance(11)
+    call("tick", TimerRequest(past_due=False))
+    assert len(h.runs()) == 1
+    assert [e["type"] for e in h.publisher.published] == ["retrain.run.submitted"]
