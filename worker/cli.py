@@ -83,7 +83,7 @@ def inject(
     request_id: Annotated[str | None, typer.Option(help="idempotency key (default: a new UUID)")] = None,
     requested_by: Annotated[str, typer.Option(help="who asks")] = "cli",
     reason: Annotated[str, typer.Option(help="why")] = "",
-    to: Annotated[str, typer.Option(help="where to send it: local (the serve loop's inbox)")] = "local",
+    to: Annotated[str, typer.Option(help="local (the serve loop's inbox) or servicebus (RETRAIN_REQUESTS_QUEUE)")] = "local",
     json_out: JsonOption = False,
 ) -> None:
     """Send a RetrainRequested (forced run and/or backfill). Invalid input: error, nothing written."""
@@ -92,8 +92,8 @@ def inject(
     from worker.local_inbox import LocalInbox
 
     cfg = _config(config)
-    if to != "local":
-        typer.echo(f"error: --to {to!r} is not available yet (only 'local')", err=True)
+    if to not in ("local", "servicebus"):
+        typer.echo(f"error: --to must be 'local' or 'servicebus', not {to!r}", err=True)
         raise typer.Exit(2)
     body: dict = {
         "message_id": request_id or f"req-{uuid.uuid4().hex}",
@@ -118,16 +118,42 @@ def inject(
     }
     if overrides:
         body["overrides"] = overrides
+    injector = _servicebus_injector() if to == "servicebus" else None
     try:
         message = parse_as(RetrainRequested, body, known_models=cfg.models)
-        path = LocalInbox(cfg.worker.state_dir / "inbox").put(message.message_id, message.model_dump(mode="json"))
+        if injector is not None:
+            where = f"Service Bus queue {injector.queue} (message id {injector.send(message)})"
+        else:
+            where = str(LocalInbox(cfg.worker.state_dir / "inbox").put(message.message_id, message.model_dump(mode="json")))
     except InvalidMessage as exc:
         typer.echo(f"error: invalid request ({exc.reason}): {exc.description}", err=True)
         raise typer.Exit(2) from exc
+    except Exception as exc:  # a Service Bus failure: its message is already redacted
+        typer.echo(f"error: could not send the request: {exc}", err=True)
+        raise typer.Exit(1) from exc
     if json_out:
-        typer.echo(json.dumps({"request_id": message.message_id, "queued": str(path)}))
+        typer.echo(json.dumps({"request_id": message.message_id, "queued": where}))
     else:
-        typer.echo(f"queued request {message.message_id} for {model} in {path}")
+        typer.echo(f"queued request {message.message_id} for {model} in {where}")
+
+
+def _servicebus_injector():
+    """From the same settings as the Functions app: RETRAIN_SERVICEBUS (or __fullyQualifiedNamespace) and RETRAIN_REQUESTS_QUEUE."""
+    import os
+
+    from worker import servicebus
+
+    # Azure's identity-based connection setting is spelled this way (and env vars are case-sensitive).
+    connection, namespace = os.environ.get("RETRAIN_SERVICEBUS"), os.environ.get("RETRAIN_SERVICEBUS__fullyQualifiedNamespace")  # noqa: SIM112
+    queue = os.environ.get("RETRAIN_REQUESTS_QUEUE")
+    if not queue or not (connection or namespace):
+        typer.echo(
+            "error: --to servicebus needs RETRAIN_REQUESTS_QUEUE and RETRAIN_SERVICEBUS (or RETRAIN_SERVICEBUS__fullyQualifiedNamespace)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    factory = servicebus.client_factory(connection=connection or None, namespace=None if connection else namespace)
+    return servicebus.ServiceBusInjector(factory, queue)
 
 
 @app.command()

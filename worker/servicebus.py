@@ -49,12 +49,12 @@ def client_factory(connection: str | None = None, namespace: str | None = None, 
 
 
 def is_transient(exc: BaseException) -> bool:
+    """Busy, connection, communication and timeout errors may pass; auth, quota, size, missing entity will not."""
     from azure.servicebus.exceptions import (
         OperationTimeoutError,
         ServiceBusCommunicationError,
         ServiceBusConnectionError,
         ServiceBusServerBusyError,
-        ServiceBusSessionError,
     )
 
     if isinstance(exc, ServiceBusError):
@@ -65,7 +65,6 @@ def is_transient(exc: BaseException) -> bool:
         | ServiceBusConnectionError
         | ServiceBusCommunicationError
         | OperationTimeoutError
-        | ServiceBusSessionError
         | TimeoutError
         | ConnectionError,
     )

@@ -41,7 +41,8 @@ def test_inject_queues_a_valid_request_in_the_local_inbox(env, tmp_path):
         (["--model", "birds"], "asks for nothing"),
         (["--model", "birds", "--prefix", "../etc"], "'..'"),
         (["--model", "birds", "--force", "--epochs", "0"], "overrides.epochs"),
-        (["--model", "birds", "--force", "--to", "servicebus"], "not available"),
+        (["--model", "birds", "--force", "--to", "carrier-pigeon"], "must be 'local' or 'servicebus'"),
+        (["--model", "birds", "--force", "--to", "servicebus"], "needs RETRAIN_REQUESTS_QUEUE"),
     ],
 )
 def test_inject_refuses_bad_input_and_writes_nothing(env, tmp_path, args, words):
