@@ -16,6 +16,7 @@ from typing import Any
 from shared import events as ev
 from shared.manifest_hash import manifest_sha256, stable_split
 from shared.messages import ImageUploaded, RetrainRequested, RunStatusChanged, Tick, label_of
+from shared.redact import redact
 from worker.config import RetrainConfig
 from worker.policy import Decision, Snapshot, decide
 from worker.ports import BlobStore
@@ -49,8 +50,19 @@ def split_backend_run_id(backend_run_id: str) -> tuple[str, int] | None:
     return run_id, int(attempt)
 
 
+def _redacted(value: Any) -> Any:
+    """Events leave the system: mask anything secret-shaped in their strings (logs, error details)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
 def queue_event(tx: Tx, type_: str, subject: str, data: dict[str, Any], now: dt.datetime, discriminator: str = "") -> None:
-    event = ev.new_event(type_, subject, data, time=now, discriminator=discriminator)
+    event = ev.new_event(type_, subject, _redacted(data), time=now, discriminator=discriminator)
     tx.enqueue_event(OutboxRow(event_id=event.id, type=event.type, subject=event.subject, payload=event.to_json_dict(), created_at=now))
 
 

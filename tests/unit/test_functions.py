@@ -335,3 +335,22 @@ def test_the_timer_ticks_and_relays_the_outbox(h):
     call("tick", TimerRequest(past_due=False))
     assert len(h.runs()) == 1
     assert [e["type"] for e in h.publisher.published] == ["retrain.run.submitted"]
+
+
+def test_the_app_wires_service_bus_publishing_from_settings(tmp_path):
+    from worker.bootstrap import build_worker_from_settings
+    from worker.jsonl_publisher import JsonlPublisher
+    from worker.servicebus import ServiceBusPublisher
+
+    base = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path)}
+    assert isinstance(build_worker_from_settings(base).publisher, JsonlPublisher)
+    with_bus = {
+        **base,
+        "RETRAIN_SERVICEBUS": "Endpoint=sb://127.0.0.1/;SharedAccessKeyName=n;SharedAccessKey=k",
+        "RETRAIN_EVENTS_TOPIC": "retrain-events",
+    }
+    publisher = build_worker_from_settings(with_bus).publisher
+    assert isinstance(publisher, ServiceBusPublisher)
+    assert publisher.topic == "retrain-events"
+    identity = {**base, "RETRAIN_SERVICEBUS__fullyQualifiedNamespace": "ns.servicebus.windows.net", "RETRAIN_EVENTS_TOPIC": "t"}
+    assert isinstance(build_worker_from_settings(identity).publisher, ServiceBusPublisher)

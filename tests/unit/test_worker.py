@@ -247,3 +247,13 @@ def test_canceling_a_run_that_never_reached_the_backend_finalizes_it(h):
     assert h.runs()[0].state == "planned"
     h.worker.cancel(h.runs()[0].run_id)
     assert h.runs()[0].outcome == "canceled"
+
+
+def test_secrets_in_a_failure_detail_never_reach_the_published_event(h):
+    ready(h)
+    run = h.runs()[0]
+    leak = "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=SUPERSECRET123;EndpointSuffix=core.windows.net"
+    h.status(run.backend_run_id, "canceled", detail=f"train.py crashed reading {leak}")
+    failed = [e for e in h.events() if e.type == ev.RUN_FAILED][0]
+    assert "SUPERSECRET123" not in str(failed.payload)
+    assert "AccountKey=***" in failed.payload["data"]["detail"]
