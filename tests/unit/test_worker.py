@@ -254,6 +254,6 @@ def test_secrets_in_a_failure_detail_never_reach_the_published_event(h):
     run = h.runs()[0]
     leak = "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=SUPERSECRET123;EndpointSuffix=core.windows.net"
     h.status(run.backend_run_id, "canceled", detail=f"train.py crashed reading {leak}")
-    failed = [e for e in h.events() if e.type == ev.RUN_FAILED][0]
+    failed = next(e for e in h.events() if e.type == ev.RUN_FAILED)
     assert "SUPERSECRET123" not in str(failed.payload)
     assert "AccountKey=***" in failed.payload["data"]["detail"]
