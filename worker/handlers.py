@@ -269,7 +269,7 @@ def run_succeeded(ctx: Context, tx: Tx, run: RunRow) -> None:
 
 def run_failed(ctx: Context, tx: Tx, run: RunRow, status: str, detail: str, message_id: str | None) -> list[str]:
     cfg = ctx.config.model(run.model)
-    if status == "failed" and run.attempt < cfg.max_attempts:
+    if status == "failed" and run.attempt < cfg.max_attempts:  # submit_failed and canceled are final
         backoff = cfg.retry_backoff * 2 ** (run.attempt - 1)
         run.attempt += 1
         run.state, run.submitted_at, run.started_at = "planned", None, None

@@ -72,7 +72,13 @@ class Submitter:
             init_checkpoint=self.init_checkpoint(run.model),
             tags={"model": run.model, "run_id": run.run_id, "manifest_sha256": run.manifest_sha256, "attempt": str(run.attempt)},
         )
-        status = self.backend.submit(spec)
+        try:
+            status = self.backend.submit(spec)
+        except Exception as exc:
+            if getattr(exc, "__class__", None).__name__ == "PermanentSubmitError":
+                self._mark_submit_failed(run, str(exc))
+                return None
+            raise
         crashpoint("after_backend_submit")
         crashpoint("before_mark_submitted")
         self._mark_submitted(run, status)
@@ -87,7 +93,18 @@ class Submitter:
             tmp.replace(path)
         return path
 
-    def _mark_submitted(self, planned: RunRow, status: BackendStatus) -> None:
+    def _mark_submit_failed(self, planned: RunRow, reason: str) -> None:
+        """The backend refused the run for good (bad request, no permission): no retry, images back."""
+        from worker.handlers import Context, run_failed
+
+        with self.store.transaction() as tx:
+            run = tx.get_run(planned.run_id)
+            if run is None or run.state != "planned" or run.attempt != planned.attempt:
+                return
+            run.attempt = max(run.attempt, self.config.model(run.model).max_attempts)  # no retry can help
+            run_failed(Context(self.config, self.clock.now()), tx, run, "submit_failed", reason, None)
+            tx.commit()
+        log.warning("the backend refused %s for good: %s", planned.run_id, reason)
         now = self.clock.now()
         with self.store.transaction() as tx:
             run = tx.get_run(planned.run_id)

@@ -1,0 +1,177 @@
+"""The Azure ML backend and registry, offline: real azureml-core objects, a fake workspace seam."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from worker.azureml_backend import (
+    AzureMLBackend,
+    AzureMLError,
+    AzureMLModelRegistry,
+    AzureMLSettings,
+    PermanentSubmitError,
+    build_environment,
+    build_script_run_config,
+    map_status,
+    serialized_run_config,
+)
+from worker.fake_azureml import FakeAzureMLSeam
+from worker.ports import RunSpec, TrainingArgs
+
+pytestmark = pytest.mark.unit
+
+SETTINGS = AzureMLSettings(compute_target="gpu-nc24", node_count=2, gpus_per_node=4, retry_wait_seconds=0.001)
+
+
+def spec(distributed="ddp", init=None, run_id="birds-0003-abcd1234-a1") -> RunSpec:
+    return RunSpec(
+        backend_run_id=run_id,
+        model="birds",
+        manifest={"images": []},
+        data_dir="unused-on-azure",
+        training=TrainingArgs(epochs=30, batch_size=32, image_size=224, learning_rate=0.001, nproc=4, distributed=distributed),
+        init_checkpoint=init,
+        tags={"model": "birds", "run_id": "birds-0003-abcd1234", "manifest_sha256": "ab" * 32},
+    )
+
+
+@pytest.fixture(scope="module")
+def environment():
+    return build_environment(SETTINGS)
+
+
+def test_ddp_runs_are_submitted_as_the_article_does_with_nccl_on_n_nodes(environment):
+    config = serialized_run_config(build_script_run_config(spec(init="champions/birds/2/model.pt"), SETTINGS, environment))
+    assert (config["script"], config["target"], config["framework"], config["communicator"]) == ("train.py", "gpu-nc24", "PyTorch", "nccl")
+    assert config["nodeCount"] == 2
+    assert config["pytorch"]["processCount"] == 8
+    args = config["arguments"]
+    assert args[args.index("--data_dir") + 1] == "$AZUREML_DATAREFERENCE_images"
+    assert args[args.index("--manifest") + 1] == "$AZUREML_DATAREFERENCE_manifests/birds-0003-abcd1234.json"
+    assert args[args.index("--init_checkpoint") + 1] == "$AZUREML_DATAREFERENCE_champion/model.pt"
+    assert args[args.index("--num_epochs") + 1] == "30"
+    assert args[args.index("--output_dir") + 1] == "./outputs"
+    refs = config["dataReferences"]
+    assert refs["images"]["dataStoreName"] == "images"
+    assert refs["images"]["pathOnDataStore"] == "birds"
+    assert refs["champion"]["mode"] == "download"
+    assert config["environment"]["docker"]["baseImage"].startswith("mcr.microsoft.com/azureml/openmpi")
+    pip = json.dumps(config["environment"]["python"])
+    assert "torch==2.14.1" in pip
+    assert "torchvision==0.29.1" in pip
+
+
+def test_horovod_runs_use_mpi_with_processes_per_node(environment):
+    config = serialized_run_config(build_script_run_config(spec("horovod"), SETTINGS, environment))
+    assert config["mpi"] == {"processCountPerNode": 4, "nodeCount": 2}
+    assert config["nodeCount"] == 2
+    assert "--distributed" in config["arguments"]
+    assert config["arguments"][config["arguments"].index("--distributed") + 1] == "horovod"
+    assert "champion" not in config["dataReferences"]
+
+
+@pytest.mark.parametrize(
+    ("azure", "ours"),
+    [("NotStarted", "queued"), ("Starting", "queued"), ("Provisioning", "queued"), ("Preparing", "queued"), ("Queued", "queued"), ("Running", "running"),
+     ("Finalizing", "running"), ("CancelRequested", "running"), ("NotResponding", "running"), ("Completed", "succeeded"), ("Failed", "failed"), ("Canceled", "canceled")],
+)  # fmt: skip
+def test_azure_ml_statuses_map_to_ours(azure, ours):
+    assert map_status(azure) == ours
+
+
+def backend(seam, tmp_path, environment):
+    return AzureMLBackend(seam, SETTINGS, environment=environment, outputs_root=tmp_path / "aml-outputs")
+
+
+def test_submitting_twice_makes_one_run_and_tags_it(tmp_path, environment):
+    seam = FakeAzureMLSeam()
+    b = backend(seam, tmp_path, environment)
+    assert b.submit(spec()).state == "queued"
+    assert b.submit(spec()).state == "queued"
+    assert [c for c in seam.calls if c[0] == "submit"] == [("submit", "birds-0003-abcd1234-a1")]
+    assert seam.tags["birds-0003-abcd1234-a1"]["manifest_sha256"] == "ab" * 32
+    assert seam.tags["birds-0003-abcd1234-a1"]["worker_version"]
+
+
+def test_429_three_times_is_retried_to_one_run(tmp_path, environment):
+    seam = FakeAzureMLSeam()
+    seam.submit_failures.extend([AzureMLError("throttled", 429)] * 3)
+    assert backend(seam, tmp_path, environment).submit(spec()).state == "queued"
+    assert len([c for c in seam.calls if c[0] == "submit"]) == 4
+    assert len(seam.runs) == 1
+
+
+def test_a_timeout_after_the_run_was_created_finds_the_run_instead_of_making_another(tmp_path, environment):
+    seam = FakeAzureMLSeam()
+    seam.create_then_fail = TimeoutError("read timed out")
+    assert backend(seam, tmp_path, environment).submit(spec()).state == "queued"
+    assert len([c for c in seam.calls if c[0] == "submit"]) == 1
+    assert len(seam.runs) == 1
+
+
+def test_a_403_is_permanent_and_not_retried(tmp_path, environment):
+    seam = FakeAzureMLSeam()
+    seam.submit_failures.append(PermanentSubmitError("AuthorizationFailed: no access to compute", 403))
+    with pytest.raises(PermanentSubmitError):
+        backend(seam, tmp_path, environment).submit(spec())
+    assert len([c for c in seam.calls if c[0] == "submit"]) == 1
+
+
+def test_a_succeeded_run_downloads_its_outputs_and_cancel_reaches_the_run(tmp_path, environment):
+    seam = FakeAzureMLSeam()
+    b = backend(seam, tmp_path, environment)
+    b.submit(spec())
+    seam.set_status("birds-0003-abcd1234-a1", "NotResponding")
+    assert b.status("birds-0003-abcd1234-a1").state == "running"
+    seam.outputs["birds-0003-abcd1234-a1"] = {"model.pt": b"weights", "metrics.json": b"{}"}
+    seam.set_status("birds-0003-abcd1234-a1", "Completed")
+    status = b.status("birds-0003-abcd1234-a1")
+    assert status.state == "succeeded"
+    assert (tmp_path / "aml-outputs" / "birds-0003-abcd1234-a1" / "model.pt").read_bytes() == b"weights"
+    assert b.status("nobody").state == "unknown"
+    b.submit(spec(run_id="birds-0004-abcd1234-a1"))
+    assert b.cancel("birds-0004-abcd1234-a1").state == "canceled"
+
+
+def test_registration_is_idempotent_by_run_id_and_carries_lineage(tmp_path):
+    seam = FakeAzureMLSeam()
+    registry = AzureMLModelRegistry(seam, tmp_path / "staging")
+    files = {}
+    for name in ("model.pt", "model.onnx"):
+        (tmp_path / name).write_bytes(name.encode())
+        files[name] = tmp_path / name
+    card = {
+        "manifest": {"sha256": "cd" * 32},
+        "parent_version": 1,
+        "metrics": {"best_val_acc": 0.93},
+        "artifacts": {"model.pt": {"sha256": "ef" * 32}},
+    }
+    first = registry.register("birds", "birds-0003-abcd1234", files, card)
+    again = registry.register("birds", "birds-0003-abcd1234", files, card)
+    assert first.version == again.version == 1
+    [model] = seam.models["birds"]
+    assert model["tags"] == {"run_id": "birds-0003-abcd1234", "manifest_sha256": "cd" * 32, "parent_version": "1"}
+    assert model["properties"]["best_val_acc"] == "0.93"
+    assert model["files"] == ["card.json", "model.onnx", "model.pt"]
+    registry.set_champion("birds", 1)
+    assert registry.champion_alias("birds") == 1
+
+
+def test_a_permanently_refused_submission_fails_the_run_without_retries(tmp_path):
+    from shared import events as ev
+
+    from .worker_harness import make_harness
+
+    h = make_harness(tmp_path)
+    h.backend.fail_next_submit(PermanentSubmitError("BadRequest: unknown compute target", 400))
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    run = h.runs()[0]
+    assert (run.state, run.outcome) == ("finalized", "submit_failed")
+    assert "unknown compute target" in run.detail
+    with h.store.transaction() as tx:
+        assert tx.pending_stats("birds").count == 12
+    assert [e.type for e in h.events()] == [ev.RUN_FAILED]
