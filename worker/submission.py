@@ -105,6 +105,8 @@ class Submitter:
             run_failed(Context(self.config, self.clock.now()), tx, run, "submit_failed", reason, None)
             tx.commit()
         log.warning("the backend refused %s for good: %s", planned.run_id, reason)
+
+    def _mark_submitted(self, planned: RunRow, status: BackendStatus) -> None:
         now = self.clock.now()
         with self.store.transaction() as tx:
             run = tx.get_run(planned.run_id)
