@@ -35,6 +35,8 @@ def build_worker(
         from worker.sqlite_store import SqliteStore
 
         store = SqliteStore(ledger_path(config))
+    if backend is None and config.worker.backend == "azureml":
+        backend, registry = _azureml(config, registry)
     if backend is None:
         from worker.local_backend import LocalTorchrunBackend
 
@@ -57,6 +59,19 @@ def build_worker(
     submitter = Submitter(store, backend, config, clock, manifests_dir=manifests_dir, init_checkpoint=champion_checkpoint)
     completer = Completer(store, backend, registry, exporter, config, clock, manifests_dir=manifests_dir)
     return Worker(store, backend, config, clock, submitter, blobs=blobs, publisher=publisher, completer=completer)
+
+
+def _azureml(config: RetrainConfig, registry: ModelRegistry | None):
+    """Azure ML for training and the registry: configuration alone switches a deployment to it."""
+    import os
+
+    from worker import azureml_backend as aml
+
+    workspace = aml.load_workspace(config.azureml, os.environ)
+    aml.ensure_compute(workspace, config.azureml)
+    seam = aml.WorkspaceSeam(workspace)
+    backend = aml.AzureMLBackend(seam, aml.settings_from_config(config.azureml), outputs_root=config.worker.state_dir / "azureml-outputs")
+    return backend, registry or aml.AzureMLModelRegistry(seam, config.worker.state_dir / "azureml-staging")
 
 
 def build_worker_from_settings(env) -> Worker:

@@ -104,12 +104,39 @@ class ModelConfig(_Section):
     gate: GateConfig = GateConfig()
 
 
+class AzureMLConfig(_Section):
+    """Where and how runs go when `worker.backend = "azureml"` (see README, "Deploy to Azure")."""
+
+    config_path: str | None = Field(None, description="a workspace config.json; else the three ids below")
+    subscription_id: str | None = None
+    resource_group: str | None = None
+    workspace_name: str | None = None
+    auth: Literal["interactive", "service_principal", "managed_identity"] = "managed_identity"
+    tenant_id: str | None = None
+    client_id: str | None = Field(None, description="service principal or user-assigned identity client id")
+    client_secret_env: str = Field("AZUREML_CLIENT_SECRET", description="the environment variable holding the service principal secret")
+    experiment: str = "retrain"
+    compute_target: str = "gpu-cluster"
+    create_compute: bool = Field(False, description="create the cluster if it does not exist")
+    vm_size: str = "Standard_NC4as_T4_v3"
+    min_nodes: int = Field(0, ge=0)
+    max_nodes: int = Field(2, ge=1)
+    idle_seconds_before_scaledown: int = Field(1800, ge=60)
+    node_count: int = Field(1, ge=1)
+    gpus_per_node: int = Field(1, ge=1)
+    curated_environment: str | None = None
+    base_image: str = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04"
+    images_datastore: str = "images"
+    artifacts_datastore: str = "retrain"
+    submit_budget_seconds: float = Field(240.0, gt=0, le=540, description="all retries of one submit; below the Functions timeout")
+
+
 class WorkerConfig(_Section):
     state_dir: Path = Path(".retrain")
     images_root: Path = Path("images")
     tick_seconds: Seconds = 2.0
     scan_seconds: Seconds = 2.0
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "azureml"] = "local"
     events_file: Path | None = Field(None, description="JSON lines sink for published events; default <state_dir>/events.jsonl")
     registry_dir: Path | None = Field(None, description="local model registry; default <state_dir>/registry")
     export_in_process: bool = Field(
@@ -119,6 +146,7 @@ class WorkerConfig(_Section):
 
 class RetrainConfig(_Section):
     worker: WorkerConfig = WorkerConfig()
+    azureml: AzureMLConfig = AzureMLConfig()
     models: dict[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)], ModelConfig] = Field(default_factory=lambda: {"birds": ModelConfig()})
 
     @field_validator("models")

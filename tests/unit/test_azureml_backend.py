@@ -175,3 +175,32 @@ def test_a_permanently_refused_submission_fails_the_run_without_retries(tmp_path
     with h.store.transaction() as tx:
         assert tx.pending_stats("birds").count == 12
     assert [e.type for e in h.events()] == [ev.RUN_FAILED]
+
+
+def test_configuration_chooses_azure_ml_and_its_cluster(tmp_path):
+    from worker.azureml_backend import compute_provisioning, settings_from_config
+    from worker.config import load_config
+
+    path = tmp_path / "retrain.toml"
+    path.write_text(
+        '[worker]\nbackend = "azureml"\n[azureml]\nsubscription_id = "s"\nresource_group = "rg"\nworkspace_name = "ws"\n'
+        'compute_target = "a100"\nnode_count = 2\ngpus_per_node = 4\nvm_size = "Standard_NC24ads_A100_v4"\nmax_nodes = 4\n'
+    )
+    config = load_config(path, env={})
+    assert config.worker.backend == "azureml"
+    settings = settings_from_config(config.azureml)
+    assert (settings.compute_target, settings.node_count, settings.gpus_per_node) == ("a100", 2, 4)
+    provisioning = compute_provisioning(config.azureml)
+    scale = provisioning.scale_settings
+    assert (provisioning.vm_size, scale.maximum_node_count, scale.minimum_node_count) == ("Standard_NC24ads_A100_v4", 4, 0)
+
+
+def test_service_principal_auth_needs_its_secret_from_the_environment():
+    from worker.azureml_backend import authentication
+    from worker.config import AzureMLConfig
+
+    cfg = AzureMLConfig(auth="service_principal", tenant_id="t", client_id="c")
+    with pytest.raises(ValueError, match="AZUREML_CLIENT_SECRET"):
+        authentication(cfg, {})
+    auth = authentication(cfg, {"AZUREML_CLIENT_SECRET": "s3cret"})
+    assert type(auth).__name__ == "ServicePrincipalAuthentication"
