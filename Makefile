@@ -15,7 +15,7 @@ STAMP := $(VENV)/.requirements-$(REQS_HASH)
 HOROVOD_STAMP := $(VENV)/.horovod-0.28.1
 EDITABLE_STAMP := $(VENV)/.editable-$(TREE_HASH)
 
-.PHONY: venv horovod demo test lint format bench clean-venv
+.PHONY: venv horovod azurite demo test lint format bench clean-venv
 
 venv: $(STAMP) $(EDITABLE_STAMP)
 
@@ -37,10 +37,17 @@ $(HOROVOD_STAMP): | $(STAMP)
 	VENV=$(VENV) bash scripts/build_horovod.sh
 	@touch $@
 
+# Azurite (the Azure Storage emulator) for the Azure adapters' tests, pinned in package-lock.json.
+azurite: node_modules/.bin/azurite
+
+node_modules/.bin/azurite: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 demo: venv
 	$(BIN)/retrain demo
 
-test: venv horovod
+test: venv horovod azurite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -24,31 +24,19 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
+from shared.messages import normalize_status
 from shared.redact import redact
 from worker.ports import BackendStatus, RunSpec, TrainingBackend
 from worker.snapshot import training_dir
 
 log = logging.getLogger("retrain.azureml")
 
-# Azure ML run statuses -> ours. NotResponding is not terminal: Azure ML may recover the run.
-STATUS_MAP = {
-    "notstarted": "queued",
-    "starting": "queued",
-    "provisioning": "queued",
-    "preparing": "queued",
-    "queued": "queued",
-    "running": "running",
-    "finalizing": "running",
-    "cancelrequested": "running",
-    "notresponding": "running",
-    "completed": "succeeded",
-    "failed": "failed",
-    "canceled": "canceled",
-}
-
-
 def map_status(azure_status: str) -> str:
-    return STATUS_MAP.get((azure_status or "").replace(" ", "").lower(), "unknown")
+    """Azure ML's status names -> ours (NotResponding is not terminal; shared with the Event Grid path)."""
+    try:
+        return normalize_status(azure_status or "")
+    except ValueError:
+        return "unknown"
 
 
 class AzureMLError(RuntimeError):
