@@ -17,7 +17,7 @@ SAS signatures or connection-string fragments.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,10 +155,8 @@ class AzureBlobStore(BlobStore):
 
         with self._errors("create container", ""):
             if not self.container.exists():
-                try:
+                with suppress(ResourceExistsError):  # another worker created it between our check and our create
                     self.container.create_container()
-                except ResourceExistsError:
-                    pass  # another worker created it between our check and our create
 
     def close(self) -> None:
         """Close the client (and credential) this store created; a ContainerClient passed in stays open."""
@@ -182,6 +180,7 @@ class AzureBlobStore(BlobStore):
         except AzureError as exc:
             status = exc.status_code if isinstance(exc, HttpResponseError) else None
             code = getattr(exc, "error_code", None)
+            code = getattr(code, "value", code)  # StorageErrorCode is a str enum; keep the service's spelling
             summary = (str(exc.message or exc).strip().splitlines() or [""])[0]
             request_id = None
             response = getattr(exc, "response", None)

@@ -31,6 +31,7 @@ from worker.snapshot import training_dir
 
 log = logging.getLogger("retrain.azureml")
 
+
 def map_status(azure_status: str) -> str:
     """Azure ML's status names -> ours (NotResponding is not terminal; shared with the Event Grid path)."""
     try:

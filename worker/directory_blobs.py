@@ -40,27 +40,30 @@ class DirectoryBlobStore(BlobStore):
         if not self.root.is_dir():
             return
         cutoff = time.time() - self.settle_seconds
+        names = []
         for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith(".") or (self.images_only and not name.lower().endswith(IMAGE_EXTENSIONS)):
                     continue
-                full = Path(dirpath) / name
-                rel = full.relative_to(self.root).as_posix()
-                if not rel.startswith(prefix) or (self.images_only and not name.lower().endswith(IMAGE_EXTENSIONS)):
+                rel = (Path(dirpath) / name).relative_to(self.root).as_posix()
+                if rel.startswith(prefix):
+                    names.append(rel)
+        for rel in sorted(names):  # by full path, like a blob listing (os.walk order is not)
+            try:
+                stat = (self.root / rel).stat()
+                if self.settle_seconds and stat.st_mtime > cutoff:
                     continue
-                try:
-                    stat = full.stat()
-                    if self.settle_seconds and stat.st_mtime > cutoff:
-                        continue
-                    yield BlobInfo(path=rel, etag=self._etag(rel, stat), size=stat.st_size)
-                except FileNotFoundError:
-                    continue  # deleted while we looked
+                yield BlobInfo(path=rel, etag=self._etag(rel, stat), size=stat.st_size)
+            except FileNotFoundError:
+                continue  # deleted while we looked
 
     def info(self, path: str) -> BlobInfo | None:
         try:
             stat = (self.root / path).stat()
         except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not (self.root / path).is_file():
             return None
         return BlobInfo(path=path, etag=self._etag(path, stat), size=stat.st_size)
 
