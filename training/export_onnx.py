@@ -171,6 +171,7 @@ def export_and_verify(
         "opset": opset,
         "onnx_bytes": output.stat().st_size,
         "onnx_sha256": file_sha256(output),
+        "model_sha256": metadata["source_model_sha256"],
         "model_pt_bytes": Path(model_path).stat().st_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "class_names": checkpoint["class_names"],

@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", default="./outputs", help="where rank 0 writes model.pt and metrics.json (Azure ML uploads ./outputs)")
+    out.add_argument(
+        "--export_onnx",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="rank 0 also writes model.onnx and onnx_report.json (parity on this run's validation images) before metrics.json",
+    )
+    out.add_argument("--onnx_tolerance", type=float, default=1e-4, help="with --export_onnx: the parity tolerance recorded in the report")
     out.add_argument("--log_every", type=int, default=20, help="steps between progress updates with a loss value")
 
     d = p.add_argument_group("distributed")
@@ -565,7 +572,10 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
         "torch_version": str(torch.__version__),
     }
     if topo.is_writer:
-        write_outputs(Path(args.output_dir), arch, best_state, data.class_names, args.image_size, metrics, manifest.sha256)
+        onnx = None
+        if args.export_onnx:
+            onnx = {"data_dir": args.data_dir, "manifest": args.manifest, "tolerance": args.onnx_tolerance, "samples": 32}
+        write_outputs(Path(args.output_dir), arch, best_state, data.class_names, args.image_size, metrics, manifest.sha256, onnx)
         aml.log("best_val_acc", best_val_acc)
         if baseline_val_acc is not None:
             aml.log("baseline_val_acc", baseline_val_acc)
@@ -580,9 +590,20 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
 
 
 def write_outputs(
-    output_dir: Path, arch: str, state: dict, class_names: list[str], image_size: int, metrics: dict[str, Any], manifest_sha256: str
+    output_dir: Path,
+    arch: str,
+    state: dict,
+    class_names: list[str],
+    image_size: int,
+    metrics: dict[str, Any],
+    manifest_sha256: str,
+    onnx: dict[str, Any] | None = None,
 ) -> None:
-    """model.pt first, metrics.json last: a metrics.json on disk means the outputs are complete."""
+    """model.pt first, then (optionally) the ONNX export, metrics.json last: its presence means complete.
+
+    `onnx` holds export_onnx.export_and_verify's keyword arguments when the run exports ONNX
+    itself (on a cluster the worker then needs neither torch nor the data to complete the run).
+    """
     summary = {
         k: v for k, v in metrics.items() if isinstance(v, (int, float, str, type(None))) and not (isinstance(v, float) and math.isnan(v))
     }
@@ -590,6 +611,17 @@ def write_outputs(
         arch=arch, state_dict=state, class_names=class_names, image_size=image_size, metrics=summary, manifest_sha256=manifest_sha256
     )
     metrics["model_sha256"] = save_checkpoint(checkpoint, output_dir / "model.pt")
+    if onnx is not None:
+        from export_onnx import export_and_verify
+
+        report = export_and_verify(output_dir / "model.pt", output_dir / "model.onnx", report_path=output_dir / "onnx_report.json", **onnx)
+        metrics["onnx"] = {k: report[k] for k in ("passed", "max_abs_diff", "tolerance", "onnx_sha256", "opset")}
+        log.info(
+            "ONNX parity max |diff| %.2e (tolerance %g): %s",
+            report["max_abs_diff"],
+            report["tolerance"],
+            "ok" if report["passed"] else "FAILED",
+        )
     atomic_write_bytes(output_dir / "metrics.json", (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
 
 

@@ -143,6 +143,8 @@ def build_script_run_config(spec: RunSpec, settings: AzureMLSettings, environmen
     ]  # fmt: skip
     if spec.training.distributed == "ddp":
         arguments += ["--distributed", "ddp"]
+    # Export and check ONNX on the cluster, where torch and the validation images already are.
+    arguments += ["--export_onnx"]
     references = {
         "images": DataReferenceConfiguration(datastore_name=settings.images_datastore, mode="mount", path_on_datastore=spec.model),
         "manifests": DataReferenceConfiguration(
@@ -224,7 +226,8 @@ class AzureMLBackend(TrainingBackend):
             return BackendStatus(backend_run_id, "unknown")
         status = self._status(info)
         if status.state == "succeeded":
-            self.seam.download_outputs(backend_run_id, ["outputs/model.pt", "outputs/metrics.json"], self.outputs_root / backend_run_id)
+            names = ["outputs/model.pt", "outputs/model.onnx", "outputs/onnx_report.json", "outputs/metrics.json"]
+            self.seam.download_outputs(backend_run_id, names, self.outputs_root / backend_run_id)
         return status
 
     def cancel(self, backend_run_id: str) -> BackendStatus:

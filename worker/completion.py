@@ -107,7 +107,7 @@ class Completer:
             if not gate.passed:
                 return self._finalize_rejected(run, champion, gate.reason, metrics, gate)
             started = time.perf_counter()
-            export = self.exporter.export(
+            export = self._exported_in_run(outputs, metrics) or self.exporter.export(
                 outputs / "model.pt",
                 outputs,
                 data_dir=str(self.config.images_dir(run.model)),
@@ -161,6 +161,22 @@ class Completer:
                 f"the run trained on manifest {str(metrics.get('manifest_sha256'))[:12]}..., not its own {run.manifest_sha256[:12]}..."
             )
         return metrics
+
+    def _exported_in_run(self, outputs: Path, metrics: dict[str, Any]):
+        """The ONNX the run exported itself (train.py --export_onnx), if it is there and matches this model.pt."""
+        from worker.exporter import ExportResult
+
+        onnx_path, report_path = outputs / "model.onnx", outputs / "onnx_report.json"
+        if not (onnx_path.is_file() and report_path.is_file()):
+            return None
+        try:
+            report = json.loads(report_path.read_text())
+        except ValueError:
+            return None
+        if report.get("model_sha256") != metrics.get("model_sha256") or report.get("onnx_sha256") != file_sha256(onnx_path):
+            log.warning("ignoring the run's own ONNX export in %s: it does not match model.pt", outputs)
+            return None
+        return ExportResult(onnx_path, report_path, report)
 
     def _rules(self, model: str) -> GateRules:
         g = self.config.model(model).gate

@@ -177,3 +177,35 @@ def test_two_completions_of_the_same_run_at_once_make_one_version_and_one_event(
     assert [v.version for v in h.versions()] == [1]
     assert len([e for e in h.events() if e.type == ev.MODEL_REGISTERED]) == 1
     assert h.head().champion_version == 1
+
+
+def test_an_onnx_export_made_by_the_run_itself_is_used_when_it_matches(h):
+    import hashlib
+    import json as _json
+
+    h.succeed(first_run(h), best=0.9)  # completed with the worker's own exporter
+    assert len(h.exporter.calls) == 1
+    run = second_run(h)
+    outputs = h.root / "outputs" / run.backend_run_id
+    outputs.mkdir(parents=True)
+    weights, onnx = b"weights of run 2", b"onnx exported on the cluster"
+    (outputs / "model.onnx").write_bytes(onnx)
+    report = {"passed": True, "max_abs_diff": 1e-6, "tolerance": 1e-4, "opset": 17}
+    report.update(onnx_sha256=hashlib.sha256(onnx).hexdigest(), model_sha256=hashlib.sha256(weights).hexdigest())
+    (outputs / "onnx_report.json").write_text(_json.dumps(report))
+    h.succeed(run, best=0.95, baseline=0.9, model_bytes=weights)
+    assert h.runs()[0].outcome == "registered"
+    assert len(h.exporter.calls) == 1, "the worker did not export again"
+    assert h.registry.card("birds", 2)["onnx"]["max_abs_diff"] == 1e-6
+
+
+def test_an_onnx_export_for_another_model_file_is_ignored_and_redone(h):
+    import json as _json
+
+    run = first_run(h)
+    outputs = h.root / "outputs" / run.backend_run_id
+    outputs.mkdir(parents=True)
+    (outputs / "model.onnx").write_bytes(b"stale")
+    (outputs / "onnx_report.json").write_text(_json.dumps({"passed": True, "model_sha256": "0" * 64, "onnx_sha256": "1" * 64}))
+    h.succeed(run, best=0.9)
+    assert len(h.exporter.calls) == 1

@@ -68,3 +68,13 @@ def test_a_manifest_restricts_training_to_exactly_its_images(tiny_birds, tmp_pat
     assert metrics["manifest_sha256"] == doc["sha256"]
     assert metrics["num_train"] + metrics["num_val"] == len(chosen)
     assert metrics["skipped_images"] == 0
+
+
+def test_export_onnx_writes_a_checked_model_before_metrics(tiny_birds, tmp_path):
+    out = tmp_path / "out"
+    metrics = run(parse_args(["--data_dir", str(tiny_birds), "--output_dir", str(out), "--export_onnx", *TINY]), Topology(kind="none"))
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.onnx", "model.pt", "onnx_report.json"]
+    report = json.loads((out / "onnx_report.json").read_text())
+    assert report["passed"] is True
+    assert report["model_sha256"] == metrics["model_sha256"]
+    assert json.loads((out / "metrics.json").read_text())["onnx"]["onnx_sha256"] == report["onnx_sha256"]
