@@ -20,6 +20,26 @@ def ledger_path(config: RetrainConfig) -> Path:
     return config.worker.state_dir / "ledger.db"
 
 
+def open_ledger(config: RetrainConfig, env=None) -> Store:
+    """SQLite in state_dir, or Azure Table Storage: RETRAIN_TABLES (a connection string) or
+    RETRAIN_TABLES__tableServiceUri (identity-based, DefaultAzureCredential)."""
+    import os
+
+    if config.worker.store == "table":
+        from shared.errors import ConfigError
+        from worker.table_store import TableStore
+
+        env = os.environ if env is None else env
+        if env.get("RETRAIN_TABLES"):
+            return TableStore.from_connection_string(env["RETRAIN_TABLES"], config.worker.table_name)
+        if env.get("RETRAIN_TABLES__tableServiceUri"):
+            return TableStore.from_endpoint(env["RETRAIN_TABLES__tableServiceUri"], config.worker.table_name)
+        raise ConfigError("worker.store = 'table' needs RETRAIN_TABLES or RETRAIN_TABLES__tableServiceUri")
+    from worker.sqlite_store import SqliteStore
+
+    return SqliteStore(ledger_path(config))
+
+
 def build_worker(
     config: RetrainConfig,
     *,
@@ -32,9 +52,7 @@ def build_worker(
     exporter: OnnxExporter | None = None,
 ) -> Worker:
     if store is None:
-        from worker.sqlite_store import SqliteStore
-
-        store = SqliteStore(ledger_path(config))
+        store = open_ledger(config)
     if backend is None and config.worker.backend == "azureml":
         backend, registry = _azureml(config, registry)
     if backend is None:

@@ -22,7 +22,7 @@ from worker.crashpoints import crashpoint
 from worker.handlers import HANDLERS, Context, Effects
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
 from worker.sqlite_store import is_busy_error
-from worker.store import Store
+from worker.store import ConcurrencyConflict, Store
 from worker.submission import Submitter
 
 log = logging.getLogger("retrain.worker")
@@ -68,7 +68,7 @@ class Worker:
 
     def _apply(self, message: Message) -> Effects:
         for attempt in Retrying(
-            retry=retry_if_exception(is_busy_error),
+            retry=retry_if_exception(lambda exc: is_busy_error(exc) or isinstance(exc, ConcurrencyConflict)),
             wait=wait_random_exponential(multiplier=0.005, max=0.25),
             stop=stop_after_attempt(40) | stop_after_delay(60),
             reraise=True,

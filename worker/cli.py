@@ -32,10 +32,9 @@ def _config(path: Path | None):
 
 
 def _store(config):
-    from worker.bootstrap import ledger_path
-    from worker.sqlite_store import SqliteStore
+    from worker.bootstrap import open_ledger
 
-    return SqliteStore(ledger_path(config))
+    return open_ledger(config)
 
 
 @app.callback()

@@ -137,6 +137,10 @@ class WorkerConfig(_Section):
     tick_seconds: Seconds = 2.0
     scan_seconds: Seconds = 2.0
     backend: Literal["local", "azureml"] = "local"
+    store: Literal["sqlite", "table"] = Field(
+        "sqlite", description="the ledger: a SQLite file in state_dir, or Azure Table Storage (RETRAIN_TABLES)"
+    )
+    table_name: str = Field("retrain", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
     events_file: Path | None = Field(None, description="JSON lines sink for published events; default <state_dir>/events.jsonl")
     registry_dir: Path | None = Field(None, description="local model registry; default <state_dir>/registry")
     export_in_process: bool = Field(

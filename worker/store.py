@@ -16,6 +16,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+
+class ConcurrencyConflict(RuntimeError):  # noqa: N818 - a condition to retry on, not a program error
+    """Another writer changed the same state first; retrying the whole transaction resolves it."""
+
+
 ImageState = Literal["pending", "in_run", "trained", "superseded"]
 RunState = Literal["planned", "submitted", "running", "succeeded", "failed", "canceled", "finalized"]
 # A succeeded run is still in flight until its completion (gate, registration) finalizes it: the

@@ -1,6 +1,6 @@
 """A worker process for the multi-process tests: feeds upload events into a shared SQLite ledger.
 
-    python -m tests.integration.ledger_client DB STATE_DIR PROCESS_INDEX EVENTS_FILE
+    python -m tests.integration.ledger_client STORE STATE_DIR PROCESS_INDEX EVENTS_FILE [THRESHOLD]
 
 EVENTS_FILE holds one "path etag" per line; the client handles them in order through a full
 worker (real SQLite store, local runs folder via a fake launcher when given).
@@ -25,12 +25,23 @@ def config_env(state_dir: str, **knobs: str) -> dict[str, str]:
     return env
 
 
+def open_store(spec: str):
+    """`sqlite:<path>` (or a bare path) or `table:<table name>` (connection string in $RETRAIN_TABLE_CONNECTION)."""
+    kind, _, where = spec.partition(":")
+    if kind == "table":
+        import os
+
+        from worker.table_store import TableStore
+
+        return TableStore.from_connection_string(os.environ["RETRAIN_TABLE_CONNECTION"], where)
+    return SqliteStore(where if kind == "sqlite" else spec)
+
+
 def main(argv: list[str]) -> int:
-    db, state_dir, index, events_file = argv
-    config = load_config(
-        None, env=config_env(state_dir, min_new_images="1000", min_per_class="5", quiet_period="0", cooldown="1d", val_fraction="0.2")
-    )
-    worker = build_worker(config, store=SqliteStore(db), backend=FakeTrainingBackend())
+    store, state_dir, index, events_file = argv[:4]
+    threshold = argv[4] if len(argv) > 4 else "1000"
+    env = config_env(state_dir, min_new_images=threshold, min_per_class="5", quiet_period="0", cooldown="1d", val_fraction="0.2")
+    worker = build_worker(load_config(None, env=env), store=open_store(store), backend=FakeTrainingBackend())
     handled = 0
     for line in Path(events_file).read_text().splitlines():
         path, etag = line.split(" ")
