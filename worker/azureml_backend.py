@@ -325,8 +325,9 @@ class AzureMLModelRegistry:
     stays the source of truth.
     """
 
-    def __init__(self, seam: AzureMLSeam, staging: Path):
+    def __init__(self, seam: AzureMLSeam, staging: Path, artifacts: Any = None):
         self.seam, self.staging = seam, staging
+        self.artifacts = artifacts  # BlobStore of the artifacts datastore: champion checkpoints for warm starts
 
     def register(self, model: str, run_id: str, files: dict[str, Path], card: dict[str, Any]):
         import json
@@ -354,6 +355,9 @@ class AzureMLModelRegistry:
                 if v is not None
             }
             version = self.seam.register_model(model, folder, tags, properties)
+        if self.artifacts is not None and "model.pt" in files:
+            # The next run mounts this as --init_checkpoint (datastore path, see champion_path).
+            self.artifacts.write_once(self.champion_path(model, version), Path(files["model.pt"]).read_bytes())
         return RegisteredModel(model, version, run_id, f"azureml://models/{model}/versions/{version}", {})
 
     def set_champion(self, model: str, version: int) -> None:
@@ -364,6 +368,10 @@ class AzureMLModelRegistry:
 
     def local_model_path(self, model: str, version: int) -> Path | None:
         return None
+
+    @staticmethod
+    def champion_path(model: str, version: int) -> str:
+        return f"champions/{model}/{version}/model.pt"
 
 
 def settings_from_config(cfg: Any) -> AzureMLSettings:

@@ -71,10 +71,17 @@ def build_worker(
         """Warm start from the champion's weights (train.py then measures it as the baseline)."""
         with store.transaction() as tx:
             version = tx.model_head(model).champion_version
-        path = registry.local_model_path(model, version) if version else None
+        if not version:
+            return None
+        if hasattr(registry, "champion_path"):  # a remote registry: a path in the artifacts datastore
+            return registry.champion_path(model, version)
+        path = registry.local_model_path(model, version)
         return str(path) if path else None
 
-    submitter = Submitter(store, backend, config, clock, manifests_dir=manifests_dir, init_checkpoint=champion_checkpoint)
+    artifacts = getattr(registry, "artifacts", None)
+    submitter = Submitter(
+        store, backend, config, clock, manifests_dir=manifests_dir, init_checkpoint=champion_checkpoint, artifacts=artifacts
+    )
     completer = Completer(store, backend, registry, exporter, config, clock, manifests_dir=manifests_dir)
     return Worker(store, backend, config, clock, submitter, blobs=blobs, publisher=publisher, completer=completer)
 
@@ -89,7 +96,22 @@ def _azureml(config: RetrainConfig, registry: ModelRegistry | None):
     aml.ensure_compute(workspace, config.azureml)
     seam = aml.WorkspaceSeam(workspace)
     backend = aml.AzureMLBackend(seam, aml.settings_from_config(config.azureml), outputs_root=config.worker.state_dir / "azureml-outputs")
-    return backend, registry or aml.AzureMLModelRegistry(seam, config.worker.state_dir / "azureml-staging")
+    return backend, registry or aml.AzureMLModelRegistry(
+        seam, config.worker.state_dir / "azureml-staging", artifacts=artifacts_store(os.environ)
+    )
+
+
+def artifacts_store(env) -> BlobStore | None:
+    """The artifacts container (manifests, champion checkpoints, oversize events) when configured:
+    RETRAIN_ARTIFACTS (a connection string) or RETRAIN_ARTIFACTS__blobServiceUri, container RETRAIN_ARTIFACTS_CONTAINER."""
+    from worker.azure_blobs import AzureBlobStore
+
+    container = env.get("RETRAIN_ARTIFACTS_CONTAINER", "retrain")
+    if env.get("RETRAIN_ARTIFACTS"):
+        return AzureBlobStore.from_connection_string(env["RETRAIN_ARTIFACTS"], container)
+    if env.get("RETRAIN_ARTIFACTS__blobServiceUri"):
+        return AzureBlobStore.from_account_url(env["RETRAIN_ARTIFACTS__blobServiceUri"], container)
+    return None
 
 
 def build_worker_from_settings(env) -> Worker:
@@ -107,5 +129,6 @@ def build_worker_from_settings(env) -> Worker:
     connection, namespace = env.get("RETRAIN_SERVICEBUS"), env.get("RETRAIN_SERVICEBUS__fullyQualifiedNamespace")
     if topic and (connection or namespace):
         make_client = client_factory(connection=connection or None, namespace=None if connection else namespace)
-        publisher = ServiceBusPublisher(make_client, topic, oversize_store=DirectoryBlobStore(config.worker.state_dir, images_only=False))
+        oversize = artifacts_store(env) or DirectoryBlobStore(config.worker.state_dir, images_only=False)
+        publisher = ServiceBusPublisher(make_client, topic, oversize_store=oversize)
     return build_worker(config, publisher=publisher)

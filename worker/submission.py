@@ -17,7 +17,7 @@ from shared import events as ev
 from worker.config import RetrainConfig
 from worker.crashpoints import crashpoint
 from worker.handlers import manifest_document, queue_event
-from worker.ports import BackendStatus, Clock, RunSpec, TrainingArgs, TrainingBackend
+from worker.ports import BackendStatus, BlobStore, Clock, RunSpec, TrainingArgs, TrainingBackend
 from worker.store import RunRow, Store
 
 log = logging.getLogger("retrain.submit")
@@ -47,10 +47,12 @@ class Submitter:
         clock: Clock,
         manifests_dir: Path,
         init_checkpoint: Callable[[str], str | None] = lambda model: None,
+        artifacts: BlobStore | None = None,
     ):
         self.store, self.backend, self.config, self.clock = store, backend, config, clock
         self.manifests_dir = manifests_dir
         self.init_checkpoint = init_checkpoint
+        self.artifacts = artifacts  # where a remote backend reads the manifest (manifests/<model>/<run>.json)
 
     def submit(self, run_id: str) -> BackendStatus | None:
         """Submit the planned run (its current attempt); None when there is nothing to do."""
@@ -63,6 +65,8 @@ class Submitter:
             entries = tx.manifest_entries(run_id)
         document = manifest_document(run, entries)
         self._write_manifest(run_id, document)
+        if self.artifacts is not None:  # write-once: a retry or a second instance writes nothing new
+            self.artifacts.write_once(f"manifests/{run.model}/{run_id}.json", json.dumps(document, indent=1, sort_keys=True).encode())
         spec = RunSpec(
             backend_run_id=run.backend_run_id,
             model=run.model,

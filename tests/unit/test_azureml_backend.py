@@ -204,3 +204,58 @@ def test_service_principal_auth_needs_its_secret_from_the_environment():
         authentication(cfg, {})
     auth = authentication(cfg, {"AZUREML_CLIENT_SECRET": "s3cret"})
     assert type(auth).__name__ == "ServicePrincipalAuthentication"
+
+
+def test_the_worker_drives_azure_ml_end_to_end_offline(tmp_path, environment):
+    """Uploads -> a run on Azure ML (fake workspace) -> outputs -> gate -> Azure ML registry -> a warm start."""
+    import hashlib
+
+    from shared import events as ev
+    from worker.bootstrap import build_worker
+    from worker.fakes import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
+    from worker.memory_store import MemoryStore
+
+    from .worker_harness import small_config
+
+    seam, artifacts = FakeAzureMLSeam(), FakeBlobStore()
+    aml = AzureMLBackend(seam, SETTINGS, environment=environment, outputs_root=tmp_path / "aml-outputs")
+    registry = AzureMLModelRegistry(seam, tmp_path / "staging", artifacts=artifacts)
+    clock, store = FakeClock(), MemoryStore()
+    worker = build_worker(
+        small_config(tmp_path, cooldown=0), store=store, backend=aml, clock=clock, publisher=RecordingPublisher(), blobs={"birds": FakeBlobStore()},
+        registry=registry, exporter=FakeOnnxExporter(),
+    )  # fmt: skip
+
+    def upload_and_run(start: int):
+        from shared.messages import ImageUploaded
+
+        for i in range(start, start + 12):
+            worker.handle(ImageUploaded.of("birds", f"{'chicken' if i % 2 else 'turkey'}/{i:03d}.jpg", "e1", 10))
+        clock.advance(11)
+        worker.tick()
+        with store.transaction() as tx:
+            return tx.runs("birds")[0]
+
+    def finish(run, best, baseline, init_sha=None):
+        weights = f"weights of {run.run_id}".encode()
+        metrics = {"best_val_acc": best, "baseline_val_acc": baseline, "model_sha256": hashlib.sha256(weights).hexdigest(),
+                   "manifest_sha256": run.manifest_sha256, "init_checkpoint_sha256": init_sha}  # fmt: skip
+        seam.outputs[run.backend_run_id] = {"model.pt": weights, "metrics.json": json.dumps(metrics).encode()}
+        seam.set_status(run.backend_run_id, "Completed")
+        worker.tick()  # polls Azure ML, downloads outputs, completes
+        return hashlib.sha256(weights).hexdigest()
+
+    first = upload_and_run(0)
+    assert artifacts.blobs[f"manifests/birds/{first.run_id}.json"]  # the run's manifest input
+    config = serialized_run_config(seam.configs[first.backend_run_id])
+    assert "champion" not in config["dataReferences"]
+    champion_sha = finish(first, 0.8, None)
+    assert seam.models["birds"][0]["tags"]["run_id"] == first.run_id
+    assert artifacts.blobs["champions/birds/1/model.pt"] == f"weights of {first.run_id}".encode()
+    second = upload_and_run(100)
+    config = serialized_run_config(seam.configs[second.backend_run_id])
+    assert config["dataReferences"]["champion"]["pathOnDataStore"] == "champions/birds/1/model.pt"
+    finish(second, 0.9, 0.8, init_sha=champion_sha)
+    assert [m["version"] for m in seam.models["birds"]] == [1, 2]
+    assert seam.champions["birds"] == 2
+    assert [e.type for e in store.all_events()].count(ev.MODEL_REGISTERED) == 2
