@@ -77,6 +77,10 @@ class AzureMLSeam(abc.ABC):
     def submit(self, experiment: str, config: Any, run_id: str, tags: dict[str, str]) -> RunInfo: ...
 
     @abc.abstractmethod
+    def ensure_environment(self, environment: Any) -> Any:
+        """Register the environment once (a new version only when its definition changes) and return it."""
+
+    @abc.abstractmethod
     def cancel(self, run_id: str) -> None: ...
 
     @abc.abstractmethod
@@ -212,7 +216,9 @@ class AzureMLBackend(TrainingBackend):
                 existing = self.seam.get_run(spec.backend_run_id)
                 if existing is not None:  # submitted before (maybe by a call that timed out)
                     return self._status(existing)
-                environment = self._environment or build_environment(self.settings)
+                if self._environment is None:  # registered once per worker process, reused by version after
+                    self._environment = self.seam.ensure_environment(build_environment(self.settings))
+                environment = self._environment
                 src = build_script_run_config(spec, self.settings, environment)
                 tags = {**self.settings.extra_tags, **{k: str(v) for k, v in spec.tags.items()}, "worker_version": self.worker_version}
                 info = self.seam.submit(self.settings.experiment, src, spec.backend_run_id, tags)
@@ -269,9 +275,15 @@ class WorkspaceSeam(AzureMLSeam):
 
         try:
             run = Experiment(self.workspace, experiment).submit(config, tags=tags, run_id=run_id)
+            run.add_properties(tags)  # properties are immutable once set: the lineage stays as submitted
         except Exception as exc:
             raise self._wrap(f"submitting {run_id}", exc) from None
         return RunInfo(run.id, run.get_status())
+
+    def ensure_environment(self, environment: Any) -> Any:
+        if getattr(environment, "version", None):  # a curated or already registered environment
+            return environment
+        return environment.register(workspace=self.workspace)
 
     def cancel(self, run_id: str) -> None:
         from azureml.core import Run

@@ -39,6 +39,10 @@ class FakeAzureMLSeam(AzureMLSeam):
             raise exc
         return self.runs[run_id]
 
+    def ensure_environment(self, environment: Any) -> Any:
+        self.calls.append(("ensure_environment", environment.name))
+        return environment
+
     def cancel(self, run_id: str) -> None:
         self.calls.append(("cancel", run_id))
         self.runs[run_id] = RunInfo(run_id, "Canceled")

@@ -85,6 +85,14 @@ def backend(seam, tmp_path, environment):
     return AzureMLBackend(seam, SETTINGS, environment=environment, outputs_root=tmp_path / "aml-outputs")
 
 
+def test_the_environment_is_registered_once_per_worker_and_reused(tmp_path):
+    seam = FakeAzureMLSeam()
+    b = AzureMLBackend(seam, SETTINGS, outputs_root=tmp_path)
+    b.submit(spec(run_id="birds-0001-abcd1234-a1"))
+    b.submit(spec(run_id="birds-0002-abcd1234-a1"))
+    assert [c for c in seam.calls if c[0] == "ensure_environment"] == [("ensure_environment", "retrain-training")]
+
+
 def test_submitting_twice_makes_one_run_and_tags_it(tmp_path, environment):
     seam = FakeAzureMLSeam()
     b = backend(seam, tmp_path, environment)
