@@ -508,7 +508,12 @@ class TableStore(Store):
         for entity in entities:  # one at a time: a batch may not exceed 4 MB
             self.table.upsert_entity(entity)
         journal = {"txid": txid, "chunks": len(chunks), "head": head}
-        self._submit([self._guarded_head_op(pk, {**head, "journal": journal}, etag)])
+        try:
+            self._submit([self._guarded_head_op(pk, {**head, "journal": journal}, etag)])
+        except ConcurrencyConflict:
+            for entity in entities:  # the decision went to another writer: this journal never applies
+                self.table.delete_entity(pk, entity["RowKey"])
+            raise
         self._partitions.add(pk)
         self._apply_journal(pk, journal, self.get(pk, "head").metadata["etag"])
 

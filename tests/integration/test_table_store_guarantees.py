@@ -128,3 +128,22 @@ def test_configuration_alone_moves_the_ledger_to_table_storage(azurite, tmp_path
     ledger.close()
     with pytest.raises(ConfigError, match="RETRAIN_TABLES"):
         open_ledger(config, env={})
+
+
+def test_a_journaled_commit_that_loses_the_race_leaves_no_journal_behind(store, tmp_path):
+    h = make_harness(tmp_path, store=store, min_new_images=10_000)
+    for i in range(110):
+        h.blobs.blobs[f"{'chicken' if i % 2 else 'turkey'}/r{i:04d}.jpg"] = b"%d" % i
+    from shared.messages import ImageUploaded, RetrainRequested
+    from worker.handlers import Context, handle_retrain_requested
+
+    with store.transaction() as slow:
+        handle_retrain_requested(
+            Context(h.worker.config, h.clock.now(), {"birds": h.blobs}), slow, RetrainRequested(message_id="big", model="birds", prefix="")
+        )
+        h.worker.handle(ImageUploaded.of("birds", "chicken/racer.jpg", "e1"))  # commits first
+        with pytest.raises(ConcurrencyConflict):
+            slow.commit()
+    assert not list(store.query("PartitionKey eq @pk and RowKey ge 'jr|' and RowKey lt 'jr}'", {"pk": "birds"}))
+    with store.transaction() as tx:
+        assert tx.pending_stats("birds").count == 1
