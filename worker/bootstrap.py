@@ -124,6 +124,7 @@ def build_worker_from_settings(env) -> Worker:
     from worker.servicebus import ServiceBusPublisher, client_factory
 
     config = load_config(env.get("RETRAIN_CONFIG") or None, env=env)
+    blobs = images_stores(config, env)
     publisher = None
     topic = env.get("RETRAIN_EVENTS_TOPIC")
     connection, namespace = env.get("RETRAIN_SERVICEBUS"), env.get("RETRAIN_SERVICEBUS__fullyQualifiedNamespace")
@@ -131,4 +132,22 @@ def build_worker_from_settings(env) -> Worker:
         make_client = client_factory(connection=connection or None, namespace=None if connection else namespace)
         oversize = artifacts_store(env) or DirectoryBlobStore(config.worker.state_dir, images_only=False)
         publisher = ServiceBusPublisher(make_client, topic, oversize_store=oversize)
-    return build_worker(config, publisher=publisher)
+    return build_worker(config, publisher=publisher, blobs=blobs)
+
+
+def images_stores(config: RetrainConfig, env) -> dict[str, BlobStore] | None:
+    """Each model's view of the images container (for backfills by prefix or list) when RETRAIN_STORAGE is set."""
+    from worker.directory_blobs import PrefixedBlobStore
+
+    container = env.get("RETRAIN_IMAGES_CONTAINER", "images")
+    if env.get("RETRAIN_STORAGE"):
+        from worker.azure_blobs import AzureBlobStore
+
+        shared = AzureBlobStore.from_connection_string(env["RETRAIN_STORAGE"], container)
+    elif env.get("RETRAIN_STORAGE__blobServiceUri"):
+        from worker.azure_blobs import AzureBlobStore
+
+        shared = AzureBlobStore.from_account_url(env["RETRAIN_STORAGE__blobServiceUri"], container)
+    else:
+        return None
+    return {name: PrefixedBlobStore(shared, f"{name}/") for name in config.models}

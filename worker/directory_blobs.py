@@ -82,3 +82,30 @@ class DirectoryBlobStore(BlobStore):
 
     def local_path(self, path: str) -> Path | None:
         return self.root / path
+
+
+class PrefixedBlobStore(BlobStore):
+    """One model's view of a shared container: `<prefix><path>` outside, `<path>` inside.
+
+    The images container holds `<model>/<label>/<file>`; the worker's paths are `<label>/<file>`.
+    """
+
+    def __init__(self, inner: BlobStore, prefix: str):
+        self.inner, self.prefix = inner, prefix
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        for blob in self.inner.list(self.prefix + prefix):
+            yield BlobInfo(path=blob.path[len(self.prefix) :], etag=blob.etag, size=blob.size)
+
+    def info(self, path: str) -> BlobInfo | None:
+        blob = self.inner.info(self.prefix + path)
+        return None if blob is None else BlobInfo(path=path, etag=blob.etag, size=blob.size)
+
+    def read(self, path: str) -> bytes:
+        return self.inner.read(self.prefix + path)
+
+    def write_once(self, path: str, data: bytes) -> bool:
+        return self.inner.write_once(self.prefix + path, data)
+
+    def local_path(self, path: str) -> Path | None:
+        return self.inner.local_path(self.prefix + path)

@@ -224,3 +224,24 @@ def test_info_on_a_folder_is_none_like_a_missing_blob(backend):
     store.write_once("birds/chicken/1.jpg", b"x")
     assert store.info("birds") is None
     assert store.info("birds/chicken") is None
+
+
+def test_a_models_view_of_the_images_container_backfills_by_prefix(azurite, tmp_path):
+    """`retrain` in the Functions app: the images container holds <model>/<label>/<file>."""
+    from tests.unit.worker_harness import make_harness
+    from worker.bootstrap import images_stores
+    from worker.config import load_config
+
+    container = f"images{uuid.uuid4().hex[:12]}"
+    admin = AzureBlobStore.from_connection_string(azurite.connection_string, container)
+    for i in range(3):
+        admin.write_once(f"birds/chicken/{i}.jpg", b"c%d" % i)
+    admin.write_once("cats/tabby/0.jpg", b"not a bird")
+    config = load_config(None, env={"RETRAIN__WORKER__STATE_DIR": str(tmp_path)})
+    stores = images_stores(config, {"RETRAIN_STORAGE": azurite.connection_string, "RETRAIN_IMAGES_CONTAINER": container})
+    assert [b.path for b in stores["birds"].list()] == ["chicken/0.jpg", "chicken/1.jpg", "chicken/2.jpg"]
+    assert stores["birds"].info("chicken/1.jpg").etag == admin.info("birds/chicken/1.jpg").etag
+    h = make_harness(tmp_path)
+    h.worker.blobs = stores
+    assert h.request(prefix="chicken/").detail == "registered 3 images"
+    admin.close()
