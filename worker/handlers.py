@@ -15,7 +15,7 @@ from typing import Any
 
 from shared import events as ev
 from shared.manifest_hash import manifest_sha256, stable_split
-from shared.messages import ImageUploaded, RetrainRequested, RunStatusChanged, Tick, label_of
+from shared.messages import ImageUploaded, RetrainRequested, RunStatusChanged, Tick, check_blob_path, label_of
 from shared.redact import redact
 from worker.config import RetrainConfig
 from worker.policy import Decision, Snapshot, decide
@@ -184,13 +184,17 @@ def handle_image_uploaded(ctx: Context, tx: Tx, msg: ImageUploaded) -> Effects:
 
 
 def handle_retrain_requested(ctx: Context, tx: Tx, msg: RetrainRequested) -> Effects:
-    registered, missing = 0, []
+    registered, missing, invalid = 0, [], []
     blobs = ctx.blobs.get(msg.model)
     refs: list[tuple[str, str | None]] = [(r.path, r.etag) for r in msg.images]
     if msg.prefix is not None:
         if blobs is None:
             raise RuntimeError(f"no blob store configured for model {msg.model}")
-        refs += [(b.path, b.etag) for b in blobs.list(msg.prefix)]
+        for blob in blobs.list(msg.prefix):
+            try:  # a listing holds whatever was uploaded: the same rules as an upload event
+                refs.append((check_blob_path(blob.path), blob.etag))
+            except ValueError:
+                invalid.append(blob.path)
     for path, etag in refs:
         size = 0
         if etag is None:
@@ -216,6 +220,8 @@ def handle_retrain_requested(ctx: Context, tx: Tx, msg: RetrainRequested) -> Eff
             )
         )
     detail = f"registered {registered} images" + (f"; {len(missing)} not found (e.g. {missing[0]})" if missing else "")
+    if invalid:
+        detail += f"; {len(invalid)} skipped: not <label>/<file> images (e.g. {invalid[0].encode('unicode_escape').decode()[:120]})"
     if missing:
         tx.record_decision(
             DecisionRow(

@@ -203,8 +203,10 @@ def test_a_backfill_by_prefix_registers_what_the_blob_store_holds(h):
         h.blobs.blobs[f"chicken/b{i}.jpg"] = b"c%d" % i
         h.blobs.blobs[f"turkey/b{i}.jpg"] = b"t%d" % i
     h.blobs.blobs["turkey/b0.jpg.txt"] = b"x"
+    h.blobs.blobs["chicken/notes.txt"] = b"not an image"
+    h.blobs.blobs["chicken/bad\x07name.jpg"] = b"hostile"
     effects = h.request(prefix="chicken/")
-    assert effects.detail == "registered 4 images"
+    assert effects.detail.startswith("registered 4 images; 2 skipped")
     h.request(images=[{"path": "turkey/b1.jpg"}, {"path": "turkey/missing.jpg"}])
     with h.store.transaction() as tx:
         assert tx.pending_stats("birds").per_class == {"chicken": 4, "turkey": 1}
