@@ -29,6 +29,7 @@ from worker.store import (
     RunRow,
     Store,
     Tx,
+    is_stale,
 )
 
 
@@ -62,11 +63,7 @@ class MemoryTx(Tx):
             return "duplicate"
         same_path = [i for i in self.s.images.values() if i.model == row.model and i.path == row.path]
         newest = next((i for i in same_path if i.latest), None)
-        stale = False
-        if newest is not None:
-            known_at = newest.occurred_at or newest.first_seen_at
-            mine = row.occurred_at or row.first_seen_at
-            stale = known_at is not None and mine is not None and mine < known_at
+        stale = newest is not None and is_stale(row, newest.occurred_at, newest.first_seen_at)
         if not stale:
             for other in same_path:
                 other.latest = False

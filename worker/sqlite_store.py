@@ -36,6 +36,7 @@ from worker.store import (
     RunRow,
     Store,
     Tx,
+    is_stale,
 )
 
 SCHEMA = """
@@ -165,17 +166,13 @@ class SqliteTx(Tx):
         if any(v["etag"] == row.etag for v in versions):
             return "duplicate"
         newest = next((v for v in versions if v["latest"]), None)
-        stale = False
-        if newest is not None:
-            known_at = _dt(newest["occurred_at"]) or _dt(newest["first_seen_at"])
-            mine = row.occurred_at or row.first_seen_at
-            stale = known_at is not None and mine is not None and mine < known_at
-            if not stale:
-                # The new version replaces older ones; an older version nobody trained on yet is obsolete.
-                self.conn.execute(
-                    "UPDATE images SET latest=0, state=CASE WHEN state='pending' THEN 'superseded' ELSE state END WHERE model=? AND path=? AND latest=1",
-                    (row.model, row.path),
-                )
+        stale = newest is not None and is_stale(row, _dt(newest["occurred_at"]), _dt(newest["first_seen_at"]))
+        if newest is not None and not stale:
+            # The new version replaces older ones; an older version nobody trained on yet is obsolete.
+            self.conn.execute(
+                "UPDATE images SET latest=0, state=CASE WHEN state='pending' THEN 'superseded' ELSE state END WHERE model=? AND path=? AND latest=1",
+                (row.model, row.path),
+            )
         state = "superseded" if stale else row.state
         self.conn.execute(
             "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",

@@ -49,6 +49,13 @@ class ImageRow:
         return (self.model, self.path, self.etag)
 
 
+def is_stale(row: ImageRow, newest_occurred_at: dt.datetime | None, newest_first_seen_at: dt.datetime | None) -> bool:
+    """An out-of-order delivery: `row` was written before the newest version already known."""
+    known_at = newest_occurred_at or newest_first_seen_at
+    mine = row.occurred_at or row.first_seen_at
+    return known_at is not None and mine is not None and mine < known_at
+
+
 @dataclass(frozen=True)
 class ManifestEntry:
     path: str

@@ -45,6 +45,7 @@ from worker.store import (
     RunRow,
     Store,
     Tx,
+    is_stale,
 )
 
 GLOBAL = "_global"
@@ -217,16 +218,12 @@ class TableTx(Tx):
             return "duplicate"
         versions = [d for _, d in self._query(row.model, f"img|{_k(row.path)}|")]
         newest = next((v for v in versions if v["latest"]), None)
-        stale = False
-        if newest is not None:
-            known_at = _dt(newest["occurred_at"]) or _dt(newest["first_seen_at"])
-            mine = row.occurred_at or row.first_seen_at
-            stale = known_at is not None and mine is not None and mine < known_at
-            if not stale:
-                for version in versions:
-                    if version["latest"] or version["state"] == "pending":
-                        after = {**version, "latest": False, "state": "superseded" if version["state"] == "pending" else version["state"]}
-                        self._save_image(version, after)
+        stale = newest is not None and is_stale(row, _dt(newest["occurred_at"]), _dt(newest["first_seen_at"]))
+        if newest is not None and not stale:
+            for version in versions:
+                if version["latest"] or version["state"] == "pending":
+                    after = {**version, "latest": False, "state": "superseded" if version["state"] == "pending" else version["state"]}
+                    self._save_image(version, after)
         doc = _image_doc(row)
         doc.update(state="superseded" if stale else row.state, latest=not stale)
         self._save_image(None, doc)
