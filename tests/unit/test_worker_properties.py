@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from shared.manifest_hash import manifest_sha256
 from shared.messages import ImageUploaded
+from worker.sqlite_store import SqliteStore
 from worker.store import IN_FLIGHT_STATES
 
 from .worker_harness import make_harness
@@ -118,5 +119,11 @@ class WorkerMachine(RuleBasedStateMachine):
                     assert consumed.get((image.path, image.etag)) is not None
 
 
+class SqliteWorkerMachine(WorkerMachine):
+    store_factory = staticmethod(lambda root: SqliteStore(root / "ledger.db"))
+
+
 TestWorkerMachine = WorkerMachine.TestCase
 TestWorkerMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TestSqliteWorkerMachine = SqliteWorkerMachine.TestCase
+TestSqliteWorkerMachine.settings = settings(max_examples=40, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
