@@ -126,4 +126,6 @@ class SqliteWorkerMachine(WorkerMachine):
 TestWorkerMachine = WorkerMachine.TestCase
 TestWorkerMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TestSqliteWorkerMachine = SqliteWorkerMachine.TestCase
-TestSqliteWorkerMachine.settings = settings(max_examples=40, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TestSqliteWorkerMachine.settings = settings(
+    max_examples=40, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
