@@ -78,3 +78,40 @@ def test_export_onnx_writes_a_checked_model_before_metrics(tiny_birds, tmp_path)
     assert report["passed"] is True
     assert report["model_sha256"] == metrics["model_sha256"]
     assert json.loads((out / "metrics.json").read_text())["onnx"]["onnx_sha256"] == report["onnx_sha256"]
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(monkeypatch, caplog):
+    import io
+    import logging
+    import sys
+
+    from train import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = Progress(enabled=True, total_epochs=3)
+    bar.step(epoch=1, step=5, steps=10, images_per_s=42.0, loss=0.5)
+    assert "epoch 1/3 [############............] 5/10" in terminal.getvalue()
+    assert "loss 0.5000" in terminal.getvalue()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    lines = Progress(enabled=True, total_epochs=3)
+    lines.step(epoch=1, step=5, steps=10, images_per_s=42.0, loss=0.5)
+    assert sys.stderr.getvalue() == ""  # no bar in a log file
+    row = {
+        "epoch": 1,
+        "train_loss": 0.5,
+        "train_acc": 0.8,
+        "val_loss": 0.4,
+        "val_acc": 0.9,
+        "lr": 0.001,
+        "seconds": 1.0,
+        "images_per_s": 42.0,
+        "data_wait_fraction": 0.01,
+    }
+    with caplog.at_level(logging.INFO, logger="train"):
+        lines.epoch_done(row)
+    assert "epoch 1/3 train_loss=0.5000" in caplog.text
