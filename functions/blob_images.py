@@ -29,6 +29,8 @@ def parse_blob_name(name: str) -> tuple[str, str]:
 
 def image_message(blob: func.InputStream):
     """The ImageUploaded for a blob, or None (with a logged reason) when it must not count."""
+    from pydantic import ValidationError
+
     from shared.errors import InvalidMessage
     from shared.messages import ImageUploaded, check_known_model
     from worker.folder_scan import sanitize
@@ -49,8 +51,8 @@ def image_message(blob: func.InputStream):
     except InvalidMessage as exc:
         log.warning("rejected blob %s: %s", sanitize(blob.name or ""), exc.description)
         return None
-    except ValueError as exc:  # pydantic's ValidationError
-        reasons = "; ".join(e["msg"] for e in getattr(exc, "errors", lambda **_: [])(include_url=False, include_input=False)) or str(exc)
+    except ValidationError as exc:
+        reasons = "; ".join(e["msg"] for e in exc.errors(include_url=False, include_input=False))
         log.warning("rejected blob %s: %s", sanitize(blob.name or ""), sanitize(reasons, 300))
         return None
     return message

@@ -219,19 +219,17 @@ def parse_message(raw: bytes | str | dict[str, Any], known_models: Collection[st
             ) from None
     if not isinstance(raw, dict):
         raise InvalidMessage("schema", "the message must be a JSON object")
-    try:
-        message = _MESSAGE.validate_python(raw)
-    except ValidationError as exc:
-        description, errors = _describe(exc)
-        raise InvalidMessage("schema", description, errors) from None
-    check_known_model(message, known_models)
-    return message
+    return _validated(_MESSAGE.validate_python, raw, known_models)
 
 
 def parse_as(cls: type[_Strict], raw: dict[str, Any], known_models: Collection[str] | None = None) -> Any:
     """Validate input that is known to be of one message type (e.g. an HTTP body)."""
+    return _validated(cls.model_validate, raw, known_models)
+
+
+def _validated(validate, raw: dict[str, Any], known_models: Collection[str] | None) -> Any:
     try:
-        message = cls.model_validate(raw)
+        message = validate(raw)
     except ValidationError as exc:
         description, errors = _describe(exc)
         raise InvalidMessage("schema", description, errors) from None

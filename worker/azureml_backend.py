@@ -26,7 +26,8 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_afte
 
 from shared.messages import normalize_status
 from shared.redact import redact
-from worker.ports import BackendStatus, RunSpec, TrainingBackend
+from worker.ports import BackendStatus, PermanentBackendError, RunSpec, TrainingBackend
+from worker.registry import ModelRegistry, RegisteredModel
 from worker.snapshot import training_dir
 
 log = logging.getLogger("retrain.azureml")
@@ -48,7 +49,7 @@ class AzureMLError(RuntimeError):
         self.status_code = status_code
 
 
-class PermanentSubmitError(AzureMLError):
+class PermanentSubmitError(AzureMLError, PermanentBackendError):
     """Retrying cannot help (bad request, no permission, missing compute): the run is marked submit_failed."""
 
 
@@ -329,7 +330,7 @@ class WorkspaceSeam(AzureMLSeam):
         return max((m.version for m in Model.list(self.workspace, name=name, tags=[["champion", "true"]])), default=None)
 
 
-class AzureMLModelRegistry:
+class AzureMLModelRegistry(ModelRegistry):
     """Registers model.pt + model.onnx (+ card, report) as one Azure ML model version per run.
 
     Idempotent by run id: a version tagged with the run id is returned instead of a new one.
@@ -344,8 +345,6 @@ class AzureMLModelRegistry:
     def register(self, model: str, run_id: str, files: dict[str, Path], card: dict[str, Any]):
         import json
         import shutil
-
-        from worker.registry import RegisteredModel
 
         version = self.seam.find_model(model, run_id)
         if version is None:

@@ -9,7 +9,6 @@ platform redelivers; the inbox makes the redelivery safe.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import uuid
 
@@ -194,7 +193,3 @@ class Worker:
             if len(events) < batch:
                 break
         return published
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from worker.exporter import ExportResult, OnnxExporter
 from worker.ports import BlobInfo, BlobStore, Clock, Publisher
 
 
@@ -66,18 +68,16 @@ class RecordingPublisher(Publisher):
         self.published.extend(events)
 
 
-class FakeOnnxExporter:
+class FakeOnnxExporter(OnnxExporter):
     """Writes a stand-in ONNX file and a report with the parity figure the test chooses."""
 
     def __init__(self, max_abs_diff: float = 3e-7):
         self.max_abs_diff = max_abs_diff
         self.calls: list[Path] = []
 
-    def export(self, model_pt: Path, out_dir: Path, *, data_dir, manifest, tolerance: float, samples: int):
-        import json as _json
-
-        from worker.exporter import ExportResult
-
+    def export(
+        self, model_pt: Path, out_dir: Path, *, data_dir: str | None, manifest: Path | None, tolerance: float, samples: int
+    ) -> ExportResult:
         self.calls.append(model_pt)
         onnx_path, report_path = out_dir / "model.onnx", out_dir / "onnx_report.json"
         onnx_path.write_bytes(b"onnx:" + model_pt.read_bytes()[:16])
@@ -88,5 +88,5 @@ class FakeOnnxExporter:
             "opset": 17,
             "samples": samples,
         }
-        report_path.write_text(_json.dumps(report))
+        report_path.write_text(json.dumps(report))
         return ExportResult(onnx_path, report_path, report)

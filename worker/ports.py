@@ -71,6 +71,10 @@ class BackendStatus:
         return self.state in TERMINAL_BACKEND_STATES
 
 
+class PermanentBackendError(RuntimeError):
+    """The backend refused a run for good (bad request, no permission): retrying cannot help."""
+
+
 class TrainingBackend(abc.ABC):
     """Starts, watches and cancels training runs. Every method is idempotent."""
 

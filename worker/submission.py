@@ -17,7 +17,7 @@ from shared import events as ev
 from worker.config import RetrainConfig
 from worker.crashpoints import crashpoint
 from worker.handlers import manifest_document, queue_event
-from worker.ports import BackendStatus, BlobStore, Clock, RunSpec, TrainingArgs, TrainingBackend
+from worker.ports import BackendStatus, BlobStore, Clock, PermanentBackendError, RunSpec, TrainingArgs, TrainingBackend
 from worker.store import RunRow, Store
 
 log = logging.getLogger("retrain.submit")
@@ -78,11 +78,9 @@ class Submitter:
         )
         try:
             status = self.backend.submit(spec)
-        except Exception as exc:
-            if getattr(exc, "__class__", None).__name__ == "PermanentSubmitError":
-                self._mark_submit_failed(run, str(exc))
-                return None
-            raise
+        except PermanentBackendError as exc:
+            self._mark_submit_failed(run, str(exc))
+            return None
         crashpoint("after_backend_submit")
         crashpoint("before_mark_submitted")
         self._mark_submitted(run, status)
@@ -105,7 +103,6 @@ class Submitter:
             run = tx.get_run(planned.run_id)
             if run is None or run.state != "planned" or run.attempt != planned.attempt:
                 return
-            run.attempt = max(run.attempt, self.config.model(run.model).max_attempts)  # no retry can help
             run_failed(Context(self.config, self.clock.now()), tx, run, "submit_failed", reason, None)
             tx.commit()
         log.warning("the backend refused %s for good: %s", planned.run_id, reason)

@@ -66,8 +66,6 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(split_birds, tmp_p
     _ok(run_train([*common, "--output_dir", str(tmp_path / "one"), "--batch_size", "8", "--learning_rate", "0.1"], nproc=1))
     _ok(run_train([*common, "--output_dir", str(tmp_path / "two"), "--batch_size", "4", "--learning_rate", "0.05"], nproc=2))
     one, two = _weights(tmp_path / "one" / "model.pt"), _weights(tmp_path / "two" / "model.pt")
-    initial = torch.load(tmp_path / "one" / "model.pt", weights_only=True)  # sanity: training moved the weights
-    assert initial is not None
     worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
     assert worst < 1e-5
     moved = max((one[k].float() - _fresh_init(3)[k].float()).abs().max().item() for k in one if k.endswith("weight"))
