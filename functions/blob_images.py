@@ -27,6 +27,27 @@ def parse_blob_name(name: str) -> tuple[str, str]:
     return model, path
 
 
+def blob_time(properties: dict):
+    """The blob's LastModified (ISO 8601 or RFC 1123, as the host may give either), or None."""
+    import datetime as dt
+    from email.utils import parsedate_to_datetime
+
+    raw = properties.get("LastModified") or properties.get("lastModified") or properties.get("Last-Modified")
+    if isinstance(raw, dt.datetime):
+        value = raw
+    elif isinstance(raw, str) and raw.strip():
+        try:
+            value = dt.datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+        except ValueError:
+            try:
+                value = parsedate_to_datetime(raw)
+            except (TypeError, ValueError):
+                return None
+    else:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
 def image_message(blob: func.InputStream):
     """The ImageUploaded for a blob, or None (with a logged reason) when it must not count."""
     from pydantic import ValidationError
@@ -46,7 +67,8 @@ def image_message(blob: func.InputStream):
         log.warning("ignored blob %s: it is empty (a placeholder, not an image)", sanitize(blob.name or ""))
         return None
     try:
-        message = ImageUploaded.of(model, path, etag, size, source="blob")
+        # The blob's own time orders versions: a late delivery of an older write is recognised as stale.
+        message = ImageUploaded.of(model, path, etag, size, source="blob", occurred_at=blob_time(properties))
         check_known_model(message, runtime.worker().config.models)
     except InvalidMessage as exc:
         log.warning("rejected blob %s: %s", sanitize(blob.name or ""), exc.description)

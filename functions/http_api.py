@@ -37,7 +37,7 @@ def _error(status: int, reason: str, description: str, errors: list | None = Non
 @bp.route(route="retrain", methods=ALL_METHODS, auth_level=func.AuthLevel.FUNCTION)
 def retrain_http(req: func.HttpRequest) -> func.HttpResponse:
     from shared.errors import InvalidMessage
-    from shared.messages import MAX_MESSAGE_BYTES, RetrainRequested, parse_as
+    from shared.messages import MAX_MESSAGE_BYTES, RetrainRequested, load_json, parse_as
 
     if req.method.upper() != "POST":
         return func.HttpResponse(status_code=405, headers={"Allow": "POST"})
@@ -48,28 +48,35 @@ def retrain_http(req: func.HttpRequest) -> func.HttpResponse:
     if key is not None and not (1 <= len(key) <= 200 and key.isprintable() and " " not in key):
         return _error(400, "schema", "Idempotency-Key must be 1-200 printable characters without spaces")
     try:
-        document = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        return _error(400, "malformed_json", "the body is not valid JSON")
+        document = load_json(body) if body else None
+    except InvalidMessage as exc:
+        return _error(400, exc.reason, exc.description)
     if not isinstance(document, dict):
         return _error(400, "schema", "the body must be a JSON object (a RetrainRequested)")
     document.setdefault("kind", "retrain.requested")
     document.setdefault("requested_by", "http")
-    document.setdefault("message_id", f"http-{key}" if key else f"http-{uuid.uuid4().hex}")
+    # The key may hold any printable character; the message id derived from it holds none of them.
+    key_digest = hashlib.sha256(key.encode()).hexdigest()[:40] if key else None
+    document.setdefault("message_id", f"http-{key_digest}" if key else f"http-{uuid.uuid4().hex}")
     worker = runtime.worker()
     try:
         request = parse_as(RetrainRequested, document, known_models=worker.config.models)
     except InvalidMessage as exc:
         return _error(400, exc.reason, exc.description, exc.errors)
+    from worker.bus import Remember
+
     response = {"request_id": request.message_id, "model": request.model, "status": "accepted"}
+    remember = None
     if key is not None:
+        # Stored in the transaction that carries out the request: a request that failed left no key.
         fingerprint = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
-        previous = worker.remember_response(f"http:{key}", fingerprint, response)
-        if previous is not None:
-            if previous[0] != fingerprint:
-                return _error(409, "idempotency_conflict", "this Idempotency-Key was already used with a different body")
-            return _json(202, previous[1], {"Idempotent-Replayed": "true"})
-    effects = worker.handle(request)
+        remember = Remember(f"http:{key_digest}", fingerprint, response)
+    effects = worker.handle(request, remember=remember)
+    if effects.outcome == "replayed":
+        previous = json.loads(effects.detail)
+        if previous["fingerprint"] != remember.fingerprint:
+            return _error(409, "idempotency_conflict", "this Idempotency-Key was already used with a different body")
+        return _json(202, previous["response"], {"Idempotent-Replayed": "true"})
     log.info("http request %s for %s: %s %s", request.message_id, request.model, effects.outcome, effects.detail)
     return _json(202, response)
 

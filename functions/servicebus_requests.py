@@ -15,7 +15,6 @@ completes with a rejected event instead.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import azure.functions as func
@@ -29,7 +28,7 @@ log = logging.getLogger("retrain.functions.servicebus")
 def request_from(msg: func.ServiceBusMessage):
     """(message, None) for a valid request, or (None, InvalidMessage) for a permanently bad one."""
     from shared.errors import InvalidMessage
-    from shared.messages import MAX_MESSAGE_BYTES, RetrainRequested, parse_as
+    from shared.messages import MAX_MESSAGE_BYTES, RetrainRequested, load_json, parse_as
 
     body = msg.get_body()
     try:
@@ -37,10 +36,7 @@ def request_from(msg: func.ServiceBusMessage):
             raise InvalidMessage("empty", "the message body is empty")
         if len(body) > MAX_MESSAGE_BYTES:
             raise InvalidMessage("too_large", f"the message is {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidMessage("malformed_json", "the body is not valid JSON") from None
+        document = load_json(body)
         if not isinstance(document, dict):
             raise InvalidMessage("schema", "the body must be a JSON object")
         document.setdefault("message_id", f"sb-{msg.message_id}" if msg.message_id else None)
@@ -55,12 +51,14 @@ def request_from(msg: func.ServiceBusMessage):
 @bp.function_name("retrain_requested")
 @bp.service_bus_queue_trigger(arg_name="msg", queue_name="%RETRAIN_REQUESTS_QUEUE%", connection="RETRAIN_SERVICEBUS")
 def retrain_requested(msg: func.ServiceBusMessage) -> None:
+    from shared.messages import load_json
+
     request, error = request_from(msg)
     worker = runtime.worker()
     if error is not None:
         message_id = f"sb-{msg.message_id}" if msg.message_id else f"sb-seq-{msg.sequence_number}"
-        try:
-            model = json.loads(msg.get_body()).get("model")
+        try:  # only to record the rejection under a configured model; anything else goes under none
+            model = load_json(msg.get_body()).get("model")
         except Exception:
             model = None
         worker.reject(message_id, model if isinstance(model, str) else None, error.reason, error.description, source="servicebus")

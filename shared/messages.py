@@ -13,10 +13,22 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from shared.errors import InvalidMessage
 
@@ -64,7 +76,18 @@ BlobPath = Annotated[str, AfterValidator(check_blob_path)]
 Prefix = Annotated[str, Field(max_length=MAX_PATH_CHARS), AfterValidator(check_prefix)]
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
 Label = Annotated[str, Field(pattern=LABEL_PATTERN)]
-MessageId = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")]
+# Ids become inbox keys, Table RowKeys, event ids and (local inbox) file names: no separators,
+# no dots at the start, nothing that needs escaping anywhere.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@=+-]{0,199}$"
+MessageId = Annotated[str, Field(pattern=ID_PATTERN)]
+BackendRunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")]
+
+
+def safe_message_id(value: str) -> str:
+    """`value` if it is a valid id, else a digest of it (to record a rejection of a hostile message)."""
+    if isinstance(value, str) and re.fullmatch(ID_PATTERN, value):
+        return value
+    return "sha256-" + hashlib.sha256(str(value).encode("utf-8", "replace")).hexdigest()[:48]
 
 
 def label_of(path: str) -> str:
@@ -118,10 +141,11 @@ class ImageRef(_Strict):
 
 
 class TrainingOverrides(_Strict):
-    epochs: Annotated[int, Field(ge=1, le=1000)] | None = None
-    learning_rate: Annotated[float, Field(gt=0, le=10)] | None = None
-    batch_size: Annotated[int, Field(ge=1, le=4096)] | None = None
-    image_size: Annotated[int, Field(ge=16, le=1024)] | None = None
+    # Strict: `true` is not an epoch count and "8" is not a number here.
+    epochs: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None
+    learning_rate: Annotated[float, Field(gt=0, le=10, strict=True, allow_inf_nan=False)] | None = None
+    batch_size: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
+    image_size: Annotated[StrictInt, Field(ge=16, le=1024)] | None = None
 
 
 class RetrainRequested(_Strict):
@@ -177,7 +201,7 @@ class RunStatusChanged(_Strict):
     kind: Literal["run.status_changed"] = "run.status_changed"
     message_id: MessageId
     model: ModelName
-    backend_run_id: Annotated[str, Field(min_length=1, max_length=256)]
+    backend_run_id: BackendRunId
     status: Annotated[str, AfterValidator(normalize_status)]
     occurred_at: AwareDatetime | None = None
     detail: Annotated[str, Field(max_length=4000)] = ""
@@ -203,6 +227,54 @@ def _describe(exc: ValidationError) -> tuple[str, list[dict]]:
     return "; ".join(f"{e['field'] or 'message'}: {e['message']}" for e in errors[:10]), errors
 
 
+MAX_JSON_DEPTH = 32
+MAX_INT_DIGITS = 30
+
+
+def _check_shape(value: Any, depth: int = 0) -> None:
+    """Refuse what no message needs and what breaks parsers and validators downstream."""
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidMessage("too_deep", f"the message nests deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_shape(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_shape(item, depth + 1)
+    elif isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        raise InvalidMessage("schema", "the message holds NaN or Infinity, which JSON does not allow")
+
+
+def _int_within_limits(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise InvalidMessage("schema", f"the message holds an integer of more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidMessage("schema", f"the message holds {name}, which JSON does not allow")
+
+
+def load_json(raw: bytes | str) -> Any:
+    """Decode a message body, refusing malformed, too deep or oversized-number JSON with a reason.
+
+    Every entry point decodes through here, so RecursionError or a huge integer never escapes as
+    an unexpected error (which would make the platform redeliver the message forever).
+    """
+    try:
+        value = json.loads(raw, parse_int=_int_within_limits, parse_constant=_no_constant)
+    except InvalidMessage:
+        raise
+    except RecursionError:
+        raise InvalidMessage("too_deep", f"the message nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(
+            "malformed_json", f"the body is not valid JSON ({exc.__class__.__name__} at position {getattr(exc, 'pos', '?')})"
+        ) from None
+    _check_shape(value)
+    return value
+
+
 def parse_message(raw: bytes | str | dict[str, Any], known_models: Collection[str] | None = None) -> Message:
     """Validate raw input into a message, or raise InvalidMessage with a specific reason."""
     if isinstance(raw, bytes | str):
@@ -211,19 +283,16 @@ def parse_message(raw: bytes | str | dict[str, Any], known_models: Collection[st
             raise InvalidMessage("empty", "the message body is empty")
         if size > MAX_MESSAGE_BYTES:
             raise InvalidMessage("too_large", f"the message is {size} bytes; the limit is {MAX_MESSAGE_BYTES}")
-        try:
-            raw = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidMessage(
-                "malformed_json", f"the body is not valid JSON ({exc.__class__.__name__} at position {getattr(exc, 'pos', '?')})"
-            ) from None
+        raw = load_json(raw)
     if not isinstance(raw, dict):
         raise InvalidMessage("schema", "the message must be a JSON object")
+    _check_shape(raw)
     return _validated(_MESSAGE.validate_python, raw, known_models)
 
 
 def parse_as(cls: type[_Strict], raw: dict[str, Any], known_models: Collection[str] | None = None) -> Any:
     """Validate input that is known to be of one message type (e.g. an HTTP body)."""
+    _check_shape(raw)
     return _validated(cls.model_validate, raw, known_models)
 
 

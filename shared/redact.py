@@ -11,15 +11,24 @@ from __future__ import annotations
 import logging
 import re
 
+# Names whose value is secret, also as the end of a longer name (AZUREML_CLIENT_SECRET,
+# x-functions-key, "AccountKey" as a JSON or dict key).
+_SECRET_NAMES = (
+    r"[A-Za-z0-9_.-]*(?:AccountKey|SharedAccessKey|SharedAccessSignature|password|passwd|pwd|secret|token|"
+    r"api[_-]?key|functions[_-]key|client[_-]?key|credential)|sig|code"
+)
 _PATTERNS = [
-    # key=value pairs in connection strings and query strings
-    re.compile(
-        r"(?i)\b(AccountKey|SharedAccessKey|SharedAccessSignature|sig|code|password|pwd|client_secret|secret|token|access_token)(\s*[=:]\s*)(\"?)([^;&\s\"']+)"
-    ),
-    # Authorization: Bearer <token>, SharedAccessSignature sr=...&sig=...
-    re.compile(r"(?i)\b(Bearer|Basic)(\s+)()([A-Za-z0-9._~+/=-]{8,})"),
+    # key=value, key: value, "key": "value", 'key': 'value', key%3Dvalue (URL-encoded)
+    re.compile(rf"(?i)(?<![A-Za-z0-9_.-])((?:{_SECRET_NAMES}))([\"']?\s*(?:[=:]|%3D|%3A)\s*)([\"']?)((?:\\[\"']|[^;&\s\"',}}])+)"),
+    # Authorization: Bearer <token>, Basic <credentials>
+    re.compile(r"(?i)\b(Bearer|Basic)(\s+)()([A-Za-z0-9._~+/=%-]{8,})"),
+    # user info in a URL: scheme://user:password@host
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/\s:@]*)(:)()([^/\s@]+)(?=@)"),
 ]
 MASK = "***"
+# C0/C1 controls and the Unicode bidirectional and invisible formatting characters (a U+202E in
+# a file name can make a log line read backwards).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def redact(text: object) -> str:
@@ -27,6 +36,14 @@ def redact(text: object) -> str:
     for pattern in _PATTERNS:
         value = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}", value)
     return value
+
+
+def printable(text: object, keep_newlines: bool = False) -> str:
+    """Text from outside made safe to print: control and bidi characters become \\uXXXX escapes."""
+    value = str(text)
+    if not keep_newlines:
+        value = value.replace("\n", "\\n").replace("\t", "\\t")
+    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
 
 
 class RedactingFilter(logging.Filter):
@@ -37,9 +54,9 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a broken format string is the logger's problem, not ours
             return True
-        cleaned = redact(message)
+        cleaned = printable(redact(message), keep_newlines=True)
         if record.exc_info and record.exc_info[1] is not None:
-            cleaned += "\n" + redact(logging.Formatter().formatException(record.exc_info))
+            cleaned += "\n" + printable(redact(logging.Formatter().formatException(record.exc_info)), keep_newlines=True)
             record.exc_info, record.exc_text = None, None
         record.msg, record.args = cleaned, None
         return True

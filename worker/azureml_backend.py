@@ -142,7 +142,7 @@ def build_script_run_config(spec: RunSpec, settings: AzureMLSettings, environmen
         distributed = PyTorchConfiguration(communication_backend="Nccl", node_count=nodes, process_count=nodes * gpus)
     arguments = [
         "--data_dir", "$AZUREML_DATAREFERENCE_images",
-        "--manifest", f"$AZUREML_DATAREFERENCE_manifests/{spec.tags.get('run_id', spec.backend_run_id)}.json",
+        "--manifest", f"$AZUREML_DATAREFERENCE_manifests/{spec.tags['manifest_sha256']}.json",
         "--output_dir", "./outputs",
         *spec.training.train_py_args(),
     ]  # fmt: skip
@@ -152,9 +152,7 @@ def build_script_run_config(spec: RunSpec, settings: AzureMLSettings, environmen
     arguments += ["--export_onnx"]
     references = {
         "images": DataReferenceConfiguration(datastore_name=settings.images_datastore, mode="mount", path_on_datastore=spec.model),
-        "manifests": DataReferenceConfiguration(
-            datastore_name=settings.artifacts_datastore, mode="mount", path_on_datastore=f"manifests/{spec.model}"
-        ),
+        "manifests": DataReferenceConfiguration(datastore_name=settings.artifacts_datastore, mode="mount", path_on_datastore="manifests"),
     }
     if spec.init_checkpoint:
         # The champion's model.pt, as the registry stored it in the artifacts datastore.

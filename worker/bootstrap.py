@@ -65,7 +65,9 @@ def build_worker(
         blobs = {name: DirectoryBlobStore(config.images_dir(name)) for name in config.models}
     registry = registry or LocalModelRegistry(config.registry_dir)
     exporter = exporter or (InProcessOnnxExporter() if config.worker.export_in_process else LocalOnnxExporter())
-    manifests_dir = config.worker.state_dir / "manifests"
+    # Frozen manifests (manifests/<sha256>.json): the artifacts container when the registry has one
+    # (Azure ML reads them from there), else the state folder.
+    manifests = getattr(registry, "artifacts", None) or DirectoryBlobStore(config.worker.state_dir, images_only=False)
 
     def champion_checkpoint(model: str) -> str | None:
         """Warm start from the champion's weights (train.py then measures it as the baseline)."""
@@ -78,12 +80,9 @@ def build_worker(
         path = registry.local_model_path(model, version)
         return str(path) if path else None
 
-    artifacts = getattr(registry, "artifacts", None)
-    submitter = Submitter(
-        store, backend, config, clock, manifests_dir=manifests_dir, init_checkpoint=champion_checkpoint, artifacts=artifacts
-    )
-    completer = Completer(store, backend, registry, exporter, config, clock, manifests_dir=manifests_dir)
-    return Worker(store, backend, config, clock, submitter, blobs=blobs, publisher=publisher, completer=completer)
+    submitter = Submitter(store, backend, config, clock, manifests=manifests, init_checkpoint=champion_checkpoint)
+    completer = Completer(store, backend, registry, exporter, config, clock, manifests=manifests)
+    return Worker(store, backend, config, clock, submitter, blobs=blobs, publisher=publisher, completer=completer, manifests=manifests)
 
 
 def _azureml(config: RetrainConfig, registry: ModelRegistry | None):

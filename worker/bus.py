@@ -9,22 +9,39 @@ platform redelivers; the inbox makes the redelivery safe.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
-from shared.messages import Message, RunStatusChanged, Tick
+from shared.messages import Message, RetrainRequested, RunStatusChanged, Tick
+from shared.redact import redact
 from worker.completion import Completer
 from worker.config import RetrainConfig
 from worker.crashpoints import crashpoint
-from worker.handlers import HANDLERS, Context, Effects
+from worker.handlers import HANDLERS, Backfill, Context, Effects, register_backfill_chunk, resolve_backfill
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
 from worker.sqlite_store import is_busy_error
-from worker.store import ConcurrencyConflict, Store
+from worker.store import IMAGES_PER_COMMIT, ConcurrencyConflict, Store, Tx
 from worker.submission import Submitter
 
 log = logging.getLogger("retrain.worker")
+T = TypeVar("T")
+COMPLETION_ATTEMPTS = 5  # completions of one run that raised before the run is failed for good
+
+
+@dataclass(frozen=True)
+class Remember:
+    """An idempotency key with the request's fingerprint and the response to replay."""
+
+    key: str
+    fingerprint: str
+    response: dict[str, Any]
 
 
 class Worker:
@@ -38,15 +55,34 @@ class Worker:
         blobs: dict[str, BlobStore] | None = None,
         publisher: Publisher | None = None,
         completer: Completer | None = None,
+        manifests: BlobStore | None = None,
     ):
         self.store, self.backend, self.config, self.clock = store, backend, config, clock
         self.submitter = submitter
         self.completer = completer
         self.blobs = blobs or {}
         self.publisher = publisher
+        self.manifests = manifests
 
-    def handle(self, message: Message) -> Effects:
-        effects = self._apply(message)
+    def handle(self, message: Message, remember: Remember | None = None) -> Effects:
+        """Apply one message. `remember` (an HTTP Idempotency-Key) is stored in the same transaction
+        as the message's effect, so a request that failed is not "replayed" on retry."""
+        if isinstance(message, Tick) and message.model is None:
+            # One transaction per model: a commit never spans two models' partitions.
+            combined = Effects()
+            for model in sorted(self.config.models):
+                part = self.handle(message.model_copy(update={"model": model, "message_id": f"{message.message_id}.{model}"}))
+                combined.planned_runs += part.planned_runs
+                combined.completed_runs += part.completed_runs
+            return combined
+        backfill = None
+        if isinstance(message, RetrainRequested) and (message.images or message.prefix is not None):
+            backfill = self._register_backfill(message)
+            if backfill is None:
+                return Effects(outcome="duplicate", detail=f"{message.message_id} was already processed")
+        effects = self._apply(message, backfill, remember)
+        if effects.outcome in ("duplicate", "replayed"):
+            return effects
         for run_id in effects.completed_runs:
             effects.planned_runs += self.complete(run_id)
         if effects.planned_runs:
@@ -56,16 +92,35 @@ class Worker:
         return effects
 
     def complete(self, run_id: str) -> list[str]:
-        """Gate, export, register a succeeded run. A failure leaves it succeeded; the next tick retries."""
+        """Gate, export, register a succeeded run. A failure leaves it succeeded and the next tick
+        retries, up to COMPLETION_ATTEMPTS; then the run fails with the reason and its images are
+        pending again (a run whose outputs can never be completed must not block its model)."""
         if self.completer is None:
             return []
         try:
             return self.completer.complete(run_id)
-        except Exception:
+        except Exception as exc:
             log.exception("completing %s failed; it stays succeeded and the next tick retries", run_id)
-            return []
+            return self._completion_failed(run_id, f"completion failed: {exc.__class__.__name__}: {redact(exc)}")
 
-    def _apply(self, message: Message) -> Effects:
+    def _completion_failed(self, run_id: str, reason: str) -> list[str]:
+        from worker.handlers import run_failed
+
+        def step(ctx: Context, tx: Tx) -> list[str]:
+            run = tx.get_run(run_id)
+            if run is None or run.state != "succeeded":
+                return []
+            run.completion_failures += 1
+            if run.completion_failures < COMPLETION_ATTEMPTS:
+                run.detail = reason[:2000]
+                tx.update_run(run)
+                return []
+            return run_failed(ctx, tx, run, "completion_failed", f"{reason} ({run.completion_failures} attempts)", None)
+
+        return self._transaction(step)
+
+    def _transaction(self, step: Callable[[Context, Tx], T]) -> T:
+        """Run `step` in a transaction, retried on lock contention or a lost optimistic race."""
         for attempt in Retrying(
             retry=retry_if_exception(lambda exc: is_busy_error(exc) or isinstance(exc, ConcurrencyConflict)),
             wait=wait_random_exponential(multiplier=0.005, max=0.25),
@@ -73,49 +128,75 @@ class Worker:
             reraise=True,
         ):
             with attempt, self.store.transaction() as tx:
-                now = self.clock.now()
-                # Ticks are idempotent by nature and frequent; they are not worth an inbox row.
-                if not isinstance(message, Tick) and not tx.claim_message(message.message_id, message.kind, message.model, now):
-                    return Effects(outcome="duplicate", detail=f"{message.message_id} was already processed")
-                effects = HANDLERS[type(message)](Context(self.config, now, self.blobs), tx, message)
+                result = step(self._context(), tx)
                 tx.commit()
-                return effects
+                return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _context(self, backfill: Backfill | None = None) -> Context:
+        return Context(self.config, self.clock.now(), self.blobs, manifests=self.manifests, backfill=backfill)
+
+    def _register_backfill(self, message: RetrainRequested) -> Backfill | None:
+        """Register a request's images chunk by chunk, each chunk its own (idempotent) transaction.
+
+        None when the request was already processed. A crash part-way leaves some chunks
+        registered; the redelivery registers them again as duplicates and finishes the rest.
+        """
+        with self.store.transaction() as tx:
+            if tx.claim_message(message.message_id, message.kind, message.model, self.clock.now()) is False:
+                return None  # (read-only here: the claim is not committed)
+        backfill = resolve_backfill(self._context(), message)
+        for start in range(0, len(backfill.refs), IMAGES_PER_COMMIT):
+            chunk = backfill.refs[start : start + IMAGES_PER_COMMIT]
+            backfill.registered += self._transaction(lambda ctx, tx, chunk=chunk: register_backfill_chunk(ctx, tx, message.model, chunk))
+            crashpoint("after_backfill_chunk")
+        return backfill
+
+    def _apply(self, message: Message, backfill: Backfill | None = None, remember: Remember | None = None) -> Effects:
+        def step(ctx: Context, tx: Tx) -> Effects:
+            ctx.backfill = backfill
+            if remember is not None:
+                previous = tx.remember_response(message.model, remember.key, remember.fingerprint, remember.response, ctx.now)
+                if previous is not None:
+                    return Effects(outcome="replayed", detail=json.dumps({"fingerprint": previous[0], "response": previous[1]}))
+            # Ticks are idempotent by nature and frequent; they are not worth an inbox row.
+            if not isinstance(message, Tick) and not tx.claim_message(message.message_id, message.kind, message.model, ctx.now):
+                return Effects(outcome="duplicate", detail=f"{message.message_id} was already processed")
+            return HANDLERS[type(message)](ctx, tx, message)
+
+        return self._transaction(step)
 
     def reject(self, message_id: str, model: str | None, reason: str, description: str, source: str) -> bool:
         """Record a message that can never be processed: a decision and `retrain.request.rejected`.
 
-        Claimed in the inbox like any message, so a redelivered bad message is rejected once.
+        Claimed in the inbox like any message, so a redelivered bad message is rejected once. The
+        ids come from outside: a model that is not configured is recorded under no model (it never
+        names a partition or a file), and an id that does not fit the id pattern is replaced by its
+        digest.
         """
         from shared import events as ev
+        from shared.messages import safe_message_id
+        from shared.redact import printable
         from worker.handlers import queue_event
         from worker.store import DecisionRow
 
-        with self.store.transaction() as tx:
-            now = self.clock.now()
-            if not tx.claim_message(message_id, "rejected", model, now):
-                return False
-            data = {"request_id": message_id, "model": model, "reason": reason, "description": description[:2000], "source": source}
-            queue_event(tx, ev.REQUEST_REJECTED, f"requests/{message_id}", data, now)
-            if model in self.config.models:
-                tx.record_decision(
-                    DecisionRow(
-                        model=model,
-                        at=now,
-                        outcome="reject",
-                        reason=f"{source} message {message_id} rejected: {reason}: {description[:300]}",
-                        message_id=message_id,
-                    )
-                )
-            tx.commit()
-        return True
+        known = model if model in self.config.models else None
+        message_id = safe_message_id(message_id)
+        description = printable(redact(description))[:2000]
 
-    def remember_response(self, key: str, fingerprint: str, response: dict) -> tuple[str, dict] | None:
-        """First use of an idempotency key stores the response; later uses get (fingerprint, response) back."""
-        with self.store.transaction() as tx:
-            previous = tx.remember_response(key, fingerprint, response, self.clock.now())
-            tx.commit()
-        return previous
+        def step(ctx: Context, tx: Tx) -> bool:
+            if not tx.claim_message(message_id, "rejected", known, ctx.now):
+                return False
+            data = {"request_id": message_id, "model": known, "reason": reason, "description": description, "source": source}
+            if model is not None and known is None:
+                data["given_model"] = printable(model)[:100]
+            queue_event(tx, ev.REQUEST_REJECTED, f"requests/{message_id}", data, ctx.now)
+            if known is not None:
+                reason_text = f"{source} message {message_id} rejected: {reason}: {description[:300]}"
+                tx.record_decision(DecisionRow(model=known, at=ctx.now, outcome="reject", reason=reason_text, message_id=message_id))
+            return True
+
+        return self._transaction(step)
 
     def submit(self, run_id: str) -> None:
         """Steps 2-4 of the protocol. A failure leaves the run planned; the next Tick retries it."""
@@ -154,11 +235,18 @@ class Worker:
         with self.store.transaction() as tx:
             active = tx.runs(states=frozenset({"submitted", "running"}))
         results = []
+        now = self.clock.now()
         for run in active:
             status = self.backend.status(run.backend_run_id)
             state = status.state
+            timeout = self.config.model(run.model).run_timeout
+            since = run.submitted_at or run.created_at
             if state == "unknown":
                 state, detail = "failed", "the backend has no record of this run"
+            elif not status.terminal and (now - since).total_seconds() > timeout:
+                # A run that never ends would hold its model forever: cancel it and count it failed.
+                self.backend.cancel(run.backend_run_id)
+                state, detail = "failed", f"timed out: still {status.state} {timeout:.0f}s after submission (run_timeout); canceled"
             else:
                 detail = status.detail
             if (state, run.state) in {("queued", "submitted"), ("running", "running")}:
@@ -175,11 +263,17 @@ class Worker:
 
     def tick(self, model: str | None = None) -> Effects:
         self.poll()
+        self.prune_inbox()
         if self.completer is not None:
             for name in [model] if model else sorted(self.config.models):
                 self.completer.sync_champion_alias(name)
         now = self.clock.now()
         return self.handle(Tick(message_id=f"tick-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}", model=model, occurred_at=now))
+
+    def prune_inbox(self) -> int:
+        """Forget processed message ids older than `worker.inbox_retention` (longer than any redelivery)."""
+        before = self.clock.now() - dt.timedelta(seconds=self.config.worker.inbox_retention)
+        return sum(self.store.prune_inbox(model, before) for model in [None, *sorted(self.config.models)])
 
     def relay(self, batch: int = 100) -> int:
         """Publish queued events (oldest first); returns how many were published."""

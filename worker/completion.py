@@ -34,7 +34,9 @@ from worker.crashpoints import crashpoint
 from worker.exporter import ExportError, OnnxExporter
 from worker.gate import Champion, GateResult, GateRules, evaluate_gate
 from worker.handlers import Context, after_run, queue_event
-from worker.ports import Clock, TrainingBackend
+from worker.manifests import encode, manifest_path
+from worker.manifests import load as load_manifest
+from worker.ports import BlobStore, Clock, TrainingBackend
 from worker.registry import ModelRegistry
 from worker.snapshot import training_dir
 from worker.store import DecisionRow, ModelVersionRow, RunRow, Store
@@ -85,10 +87,10 @@ class Completer:
         exporter: OnnxExporter,
         config: RetrainConfig,
         clock: Clock,
-        manifests_dir: Path,
+        manifests: BlobStore,
     ):
         self.store, self.backend, self.registry, self.exporter = store, backend, registry, exporter
-        self.config, self.clock, self.manifests_dir = config, clock, manifests_dir
+        self.config, self.clock, self.manifests = config, clock, manifests
 
     def complete(self, run_id: str) -> list[str]:
         """Finish the run if it is succeeded; returns runs the policy planned afterwards."""
@@ -111,7 +113,7 @@ class Completer:
                 outputs / "model.pt",
                 outputs,
                 data_dir=str(self.config.images_dir(run.model)),
-                manifest=self.manifests_dir / f"{run.run_id}.json",
+                manifest=self._manifest_file(run, outputs),
                 tolerance=self.config.model(run.model).gate.onnx_tolerance,
                 samples=self.config.model(run.model).gate.onnx_samples,
             )
@@ -177,6 +179,16 @@ class Completer:
             log.warning("ignoring the run's own ONNX export in %s: it does not match model.pt", outputs)
             return None
         return ExportResult(onnx_path, report_path, report)
+
+    def _manifest_file(self, run: RunRow, outputs: Path) -> Path:
+        """The run's frozen manifest as a local file (the exporter checks parity on its validation images)."""
+        local = self.manifests.local_path(manifest_path(run.manifest_sha256))
+        if local is not None and local.is_file():
+            return local
+        target = outputs / "manifest.json"
+        if not target.is_file():
+            target.write_bytes(encode(load_manifest(self.manifests, run.manifest_sha256)))
+        return target
 
     def _rules(self, model: str) -> GateRules:
         g = self.config.model(model).gate
@@ -244,7 +256,7 @@ class Completer:
                     run_id=run.run_id,
                 )
             )
-            planned = after_run(Context(self.config, now), tx, run.model, None)
+            planned = after_run(Context(self.config, now, manifests=self.manifests), tx, run.model, None)
             tx.commit()
         crashpoint("after_finalize")
         self.registry.set_champion(run.model, version)
@@ -267,7 +279,7 @@ class Completer:
             tx.record_decision(
                 DecisionRow(model=run.model, at=now, outcome="rejected", reason=f"{run.run_id} not registered: {reason}", run_id=run.run_id)
             )
-            planned = after_run(Context(self.config, now), tx, run.model, None)
+            planned = after_run(Context(self.config, now, manifests=self.manifests), tx, run.model, None)
             tx.commit()
         log.info("%s rejected: %s", run.run_id, reason)
         return planned

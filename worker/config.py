@@ -17,6 +17,7 @@ problem is reported at once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -45,6 +46,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
     else:
         raise ValueError("a duration is a number of seconds or a string like '90s', '5m', '1h'")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -54,7 +57,7 @@ Seconds = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrainingConfig(_Section):
@@ -98,6 +101,10 @@ class ModelConfig(_Section):
     in_flight: Literal["coalesce", "queue", "drop"] = "coalesce"
     max_attempts: int = Field(3, ge=1, le=20, description="attempts per run (1 = no retry)")
     retry_backoff: Seconds = Field(60.0, description="wait before retry n is backoff * 2**(n-1)")
+    backoff_after_failed_runs: int = Field(3, ge=1, le=100, description="consecutive failed runs before the model backs off")
+    failure_backoff: Seconds = Field(900.0, description="the first back-off; it doubles with each further failed run")
+    failure_backoff_max: Seconds = Field(86400.0, description="the longest back-off")
+    run_timeout: Seconds = Field(172800.0, gt=0, description="a run still unfinished this long after submission is canceled and fails")
     training_data: Literal["all", "new"] = Field("all", description="train on all images so far, or only the new ones")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     training: TrainingConfig = TrainingConfig()
@@ -143,6 +150,10 @@ class WorkerConfig(_Section):
     table_name: str = Field("retrain", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
     events_file: Path | None = Field(None, description="JSON lines sink for published events; default <state_dir>/events.jsonl")
     registry_dir: Path | None = Field(None, description="local model registry; default <state_dir>/registry")
+    inbox_retention: Seconds = Field(
+        8 * 86400.0,
+        description="how long processed message ids are kept (longer than Service Bus's 7-day duplicate window and Event Grid's 24 h retries)",
+    )
     export_in_process: bool = Field(
         True, description="export ONNX inside the worker (imports torch once) or in a subprocess per completion"
     )

@@ -7,12 +7,34 @@ version but changing its bytes is. Hashes are cached by (size, mtime) so rescans
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import stat as stat_module
 from collections.abc import Iterator
 from pathlib import Path
 
 from shared.messages import IMAGE_EXTENSIONS
+from shared.redact import printable
 from worker.ports import BlobInfo, BlobStore
+
+log = logging.getLogger("retrain.blobs")
+
+
+class NotRegularFileError(OSError):
+    """The path is a FIFO, device or socket: reading it could block forever or never end."""
+
+
+def open_regular(path: str | Path):
+    """Open a regular file for reading without ever blocking on a FIFO or a device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(f"{printable(path)[:200]} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class DirectoryBlobStore(BlobStore):
@@ -21,18 +43,47 @@ class DirectoryBlobStore(BlobStore):
         self.settle_seconds = settle_seconds  # files younger than this may still be being written
         self.images_only = images_only
         self._etags: dict[str, tuple[int, int, str]] = {}
+        self._skipped: set[str] = set()
 
     def _etag(self, rel: str, stat: os.stat_result) -> str:
         cached = self._etags.get(rel)
         if cached and cached[:2] == (stat.st_size, stat.st_mtime_ns):
             return cached[2]
         digest = hashlib.sha256()
-        with open(self.root / rel, "rb") as fh:
+        with open_regular(self.root / rel) as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
         etag = digest.hexdigest()[:32]
         self._etags[rel] = (stat.st_size, stat.st_mtime_ns, etag)
         return etag
+
+    def _skip(self, rel: str, why: str) -> None:
+        if rel not in self._skipped:  # once per name, not on every scan
+            self._skipped.add(rel)
+            log.warning("skipping %s under %s: %s", printable(rel)[:200], printable(self.root)[:200], why)
+
+    def _regular_file(self, rel: str) -> os.stat_result | None:
+        """The file's stat if it is a regular file inside the root (a symlink counts only when its
+        target is one); None, logged once, for FIFOs, devices, sockets, loops and escapes."""
+        path = self.root / rel
+        try:
+            st = os.lstat(path)
+            if stat_module.S_ISLNK(st.st_mode):
+                target = Path(os.path.realpath(path))
+                root = Path(os.path.realpath(self.root))
+                if root != target and root not in target.parents:
+                    self._skip(rel, "a symlink that points outside the images folder")
+                    return None
+                st = os.stat(target)
+        except FileNotFoundError:
+            return None  # deleted while we looked
+        except OSError as exc:  # a symlink loop, a permission problem
+            self._skip(rel, f"cannot be read ({exc.strerror or exc.__class__.__name__})")
+            return None
+        if not stat_module.S_ISREG(st.st_mode):
+            self._skip(rel, "not a regular file (a FIFO, device, socket or directory)")
+            return None
+        return st
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
         import time
@@ -47,28 +98,36 @@ class DirectoryBlobStore(BlobStore):
                 if name.startswith(".") or (self.images_only and not name.lower().endswith(IMAGE_EXTENSIONS)):
                     continue
                 rel = (Path(dirpath) / name).relative_to(self.root).as_posix()
+                try:
+                    rel.encode("utf-8")
+                except UnicodeEncodeError:  # os.walk hands undecodable bytes over as surrogates
+                    self._skip(rel, "the name is not valid UTF-8")
+                    continue
                 if rel.startswith(prefix):
                     names.append(rel)
         for rel in sorted(names):  # by full path, like a blob listing (os.walk order is not)
+            stat = self._regular_file(rel)
+            if stat is None or (self.settle_seconds and stat.st_mtime > cutoff):
+                continue
             try:
-                stat = (self.root / rel).stat()
-                if self.settle_seconds and stat.st_mtime > cutoff:
-                    continue
                 yield BlobInfo(path=rel, etag=self._etag(rel, stat), size=stat.st_size)
             except FileNotFoundError:
                 continue  # deleted while we looked
+            except (OSError, NotRegularFileError) as exc:  # replaced by something else between the checks
+                self._skip(rel, str(exc))
 
     def info(self, path: str) -> BlobInfo | None:
         try:
-            stat = (self.root / path).stat()
-        except (FileNotFoundError, NotADirectoryError):
+            stat = self._regular_file(path)
+        except NotADirectoryError:
             return None
-        if not (self.root / path).is_file():
+        if stat is None:
             return None
         return BlobInfo(path=path, etag=self._etag(path, stat), size=stat.st_size)
 
     def read(self, path: str) -> bytes:
-        return (self.root / path).read_bytes()
+        with open_regular(self.root / path) as fh:
+            return fh.read()
 
     def write_once(self, path: str, data: bytes) -> bool:
         target = self.root / path

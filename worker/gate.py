@@ -7,6 +7,7 @@ own validation set before training and records it as `baseline_val_acc`, so the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +37,16 @@ class GateResult:
         return {"passed": self.passed, "reason": self.reason, "value": self.value, "baseline": self.baseline}
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def evaluate_gate(metrics: dict[str, Any], champion: Champion | None, rules: GateRules) -> GateResult:
     value = metrics.get(rules.metric)
     if not isinstance(value, int | float) or isinstance(value, bool):
         return GateResult(False, f"metrics.json has no numeric {rules.metric}", None, None)
+    if not _finite(value):  # NaN passes every comparison it is in; infinity beats every champion
+        return GateResult(False, f"{rules.metric} is {value}, not a finite number: the run diverged or its metrics are broken", None, None)
     value = float(value)
     if value < rules.min_value:
         return GateResult(False, f"{rules.metric} {value:.4f} is below the minimum {rules.min_value:.4f}", value, None)
@@ -56,6 +63,8 @@ def evaluate_gate(metrics: dict[str, Any], champion: Champion | None, rules: Gat
         return GateResult(
             True, f"no like-for-like baseline ({why}); {rules.metric} {value:.4f} meets the minimum {rules.min_value:.4f}", value, None
         )
+    if not _finite(baseline):
+        return GateResult(False, f"{rules.baseline_metric} is {str(baseline)[:40]}, not a finite number: no fair comparison", value, None)
     baseline = float(baseline)
     gain = value - baseline
     passed = gain > 0 if rules.min_improvement == 0 else gain >= rules.min_improvement

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from shared.errors import InvalidMessage
+from shared.messages import ID_PATTERN, MAX_MESSAGE_BYTES
+from shared.redact import printable
 
 
 class LocalInbox:
@@ -21,6 +25,9 @@ class LocalInbox:
 
     def put(self, message_id: str, body: dict) -> Path:
         """Write a message; the same id with the same body is a no-op, with another body an error."""
+        if not re.fullmatch(ID_PATTERN, message_id):
+            # The id becomes a file name: never a path (the message schema refuses it too).
+            raise InvalidMessage("schema", f"message id {printable(message_id)[:80]!r} does not match {ID_PATTERN}")
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.root / f"{message_id}.json"
         data = json.dumps(body, sort_keys=True)
@@ -34,8 +41,27 @@ class LocalInbox:
         return target
 
     def pending(self) -> Iterator[Path]:
-        if self.root.is_dir():
-            yield from sorted(self.root.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        """Message files, oldest first. Only regular files: a FIFO or a symlink here is moved to rejected/."""
+        if not self.root.is_dir():
+            return
+        found = []
+        for path in self.root.glob("*.json"):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                self.reject(path, "not a regular file (a symlink, FIFO or device); never read")
+                continue
+            found.append((st.st_mtime_ns, path.name, path))
+        yield from (path for _, _, path in sorted(found))
+
+    def read(self, path: Path) -> bytes:
+        """The file's bytes (at most one message's worth: a larger file is refused by the parser)."""
+        from worker.directory_blobs import open_regular
+
+        with open_regular(path) as fh:
+            return fh.read(MAX_MESSAGE_BYTES + 1)
 
     def done(self, path: Path) -> None:
         path.unlink(missing_ok=True)

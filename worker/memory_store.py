@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from worker.store import (
+    MAX_WRITES_PER_COMMIT,
+    CommitTooLargeError,
     DataStats,
     DecisionRow,
     ImageRow,
-    ImageState,
-    ManifestEntry,
     ModelHead,
     ModelVersionRow,
     OutboxRow,
@@ -29,6 +29,7 @@ from worker.store import (
     RunRow,
     Store,
     Tx,
+    image_state,
     is_stale,
 )
 
@@ -37,24 +38,31 @@ from worker.store import (
 class _State:
     images: dict[tuple[str, str, str], ImageRow] = field(default_factory=dict)
     runs: dict[str, RunRow] = field(default_factory=dict)
-    run_images: dict[str, list[ManifestEntry]] = field(default_factory=dict)
     requests: dict[str, RequestRow] = field(default_factory=dict)
     inbox: dict[str, tuple[str, str | None, dt.datetime]] = field(default_factory=dict)
     outbox: list[OutboxRow] = field(default_factory=list)
     decisions: list[DecisionRow] = field(default_factory=list)
     heads: dict[str, ModelHead] = field(default_factory=dict)
     versions: list[ModelVersionRow] = field(default_factory=list)
-    idempotency: dict[str, tuple[str, dict]] = field(default_factory=dict)
+    idempotency: dict[tuple[str, str], tuple[str, dict, dt.datetime]] = field(default_factory=dict)
 
 
 class MemoryTx(Tx):
     def __init__(self, state: _State):
         self.s = state
         self.committed = False
+        self.writes = 0
+
+    def _write(self, n: int = 1) -> None:
+        """Count writes like the Table store's batch does, so unit tests catch an unbounded commit."""
+        self.writes += n
+        if self.writes > MAX_WRITES_PER_COMMIT:
+            raise CommitTooLargeError(f"a transaction wrote more than {MAX_WRITES_PER_COMMIT} records")
 
     def claim_message(self, message_id: str, kind: str, model: str | None, at: dt.datetime) -> bool:
         if message_id in self.s.inbox:
             return False
+        self._write()
         self.s.inbox[message_id] = (kind, model, at)
         return True
 
@@ -66,17 +74,27 @@ class MemoryTx(Tx):
         stale = newest is not None and is_stale(row, newest.occurred_at, newest.first_seen_at)
         if not stale:
             for other in same_path:
+                self._write()
                 other.latest = False
-                if other.state == "pending":
-                    other.state = "superseded"
-        self.s.images[row.key] = dataclasses.replace(row, state="superseded" if stale else row.state, latest=not stale)
+        self._write(2)  # the version and its seq index, as the Table store writes them
+        seq = self.image_watermark(row.model) + 1
+        self.s.images[row.key] = dataclasses.replace(row, latest=not stale, seq=seq)
         return "stale" if stale else "new"
 
-    def _latest(self, model: str, states: tuple[str, ...]) -> list[ImageRow]:
-        return [i for i in self.s.images.values() if i.model == model and i.latest and i.state in states]
+    def image_watermark(self, model: str) -> int:
+        return max((i.seq for i in self.s.images.values() if i.model == model), default=0)
+
+    def _with_state(self, model: str) -> list[ImageRow]:
+        head = self.s.heads.get(model) or ModelHead(model=model)
+        flying = next((r.watermark for r in self.s.runs.values() if r.model == model and r.in_flight), None)
+        return [
+            dataclasses.replace(i, state=image_state(i.latest, i.seq, head.trained_watermark, flying))
+            for i in self.s.images.values()
+            if i.model == model
+        ]
 
     def pending_stats(self, model: str) -> PendingStats:
-        pending = self._latest(model, ("pending",))
+        pending = [i for i in self._with_state(model) if i.state == "pending"]
         if not pending:
             return PendingStats()
         per_class: dict[str, int] = {}
@@ -86,41 +104,28 @@ class MemoryTx(Tx):
         return PendingStats(count=len(pending), per_class=per_class, oldest_at=min(seen, default=None), newest_at=max(seen, default=None))
 
     def data_stats(self, model: str) -> DataStats:
-        usable = self._latest(model, ("pending", "in_run", "trained"))
+        usable = [i for i in self.s.images.values() if i.model == model and i.latest]
         train: dict[str, int] = {}
         for i in usable:
             if i.split == "train":
                 train[i.label] = train.get(i.label, 0) + 1
         return DataStats(train_per_class=train, val_count=sum(1 for i in usable if i.split == "val"))
 
-    def manifest_candidates(self, model: str, only_pending: bool) -> list[ImageRow]:
-        states = ("pending",) if only_pending else ("pending", "in_run", "trained")
-        return sorted((copy.copy(i) for i in self._latest(model, states)), key=lambda i: i.path)
-
-    def set_image_state(self, model: str, keys: list[tuple[str, str]], state: ImageState, run_id: str | None) -> None:
-        for path, etag in keys:
-            row = self.s.images.get((model, path, etag))
-            if row is not None:
-                row.state, row.run_id = state, run_id
-
-    def images_in_run(self, run_id: str) -> list[ImageRow]:
-        return sorted((copy.copy(i) for i in self.s.images.values() if i.run_id == run_id and i.state == "in_run"), key=lambda i: i.path)
+    def manifest_candidates(self, model: str, after_seq: int, upto_seq: int) -> list[ImageRow]:
+        found = [i for i in self._with_state(model) if i.latest and after_seq < i.seq <= upto_seq]
+        return sorted(found, key=lambda i: i.path)
 
     def count_images(self, model: str) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for i in self.s.images.values():
-            if i.model == model:
-                counts[i.state] = counts.get(i.state, 0) + 1
+        for i in self._with_state(model):
+            counts[i.state] = counts.get(i.state, 0) + 1
         return counts
 
-    def insert_run(self, run: RunRow, entries: list[ManifestEntry]) -> None:
+    def insert_run(self, run: RunRow) -> None:
         if run.run_id in self.s.runs or any(r.model == run.model and r.seq == run.seq for r in self.s.runs.values()):
             raise KeyError(f"run {run.run_id} (or seq {run.seq}) exists")
+        self._write()
         self.s.runs[run.run_id] = copy.deepcopy(run)
-        self.s.run_images[run.run_id] = list(entries)
-
-    def manifest_entries(self, run_id: str) -> list[ManifestEntry]:
-        return sorted(self.s.run_images.get(run_id, []), key=lambda e: e.path)
 
     def get_run(self, run_id: str) -> RunRow | None:
         run = self.s.runs.get(run_id)
@@ -129,6 +134,7 @@ class MemoryTx(Tx):
     def update_run(self, run: RunRow) -> None:
         if run.run_id not in self.s.runs:
             raise KeyError(f"run {run.run_id} does not exist")
+        self._write()
         self.s.runs[run.run_id] = copy.deepcopy(run)
 
     def runs(self, model: str | None = None, states: frozenset[str] | None = None, limit: int | None = None) -> list[RunRow]:
@@ -139,17 +145,21 @@ class MemoryTx(Tx):
     def add_request(self, row: RequestRow) -> None:
         if row.request_id in self.s.requests:
             raise KeyError(f"request {row.request_id} exists")
+        self._write()
+        row.seq = max((r.seq for r in self.s.requests.values() if r.model == row.model), default=0) + 1
         self.s.requests[row.request_id] = copy.deepcopy(row)
 
     def open_requests(self, model: str) -> list[RequestRow]:
-        found = [r for r in self.s.requests.values() if r.model == model and r.state == "open"]
-        return [copy.deepcopy(r) for r in sorted(found, key=lambda r: (r.created_at, r.request_id))]
+        upto = (self.s.heads.get(model) or ModelHead(model=model)).request_watermark
+        found = [r for r in self.s.requests.values() if r.model == model and r.state == "open" and r.seq > upto]
+        return [copy.deepcopy(r) for r in sorted(found, key=lambda r: r.seq)]
 
-    def update_request(self, row: RequestRow) -> None:
-        stored = self.s.requests[row.request_id]
-        stored.state, stored.run_id = row.state, row.run_id
+    def reject_request(self, row: RequestRow) -> None:
+        self._write()
+        self.s.requests[row.request_id].state = "rejected"
 
     def record_decision(self, row: DecisionRow) -> None:
+        self._write()
         self.s.decisions.append(row)
 
     def decisions(self, model: str, limit: int = 20) -> list[DecisionRow]:
@@ -163,6 +173,7 @@ class MemoryTx(Tx):
     def enqueue_event(self, row: OutboxRow) -> bool:
         if any(e.event_id == row.event_id for e in self.s.outbox):
             return False
+        self._write(2)  # the event and its id marker
         self.s.outbox.append(row)
         return True
 
@@ -171,16 +182,18 @@ class MemoryTx(Tx):
             return False
         if any(v.model == row.model and v.version == row.version for v in self.s.versions):
             raise KeyError(f"{row.model} v{row.version} exists")
+        self._write(2)
         self.s.versions.append(row)
         return True
 
     def model_versions(self, model: str) -> list[ModelVersionRow]:
         return sorted((v for v in self.s.versions if v.model == model), key=lambda v: v.version, reverse=True)
 
-    def remember_response(self, key: str, fingerprint: str, response: dict, at: dt.datetime) -> tuple[str, dict] | None:
-        if key in self.s.idempotency:
-            return copy.deepcopy(self.s.idempotency[key])
-        self.s.idempotency[key] = (fingerprint, copy.deepcopy(response))
+    def remember_response(self, model: str, key: str, fingerprint: str, response: dict, at: dt.datetime) -> tuple[str, dict] | None:
+        if (model, key) in self.s.idempotency:
+            return copy.deepcopy(self.s.idempotency[(model, key)][:2])
+        self._write()
+        self.s.idempotency[(model, key)] = (fingerprint, copy.deepcopy(response), at)
         return None
 
     def model_head(self, model: str) -> ModelHead:
@@ -221,3 +234,13 @@ class MemoryStore(Store):
     def all_events(self) -> Iterator[OutboxRow]:
         with self._lock:
             yield from list(self._state.outbox)
+
+    def prune_inbox(self, model: str | None, before: dt.datetime, limit: int = 1000) -> int:
+        with self._lock:
+            old = [k for k, (_, m, at) in self._state.inbox.items() if m == model and at < before][:limit]
+            for key in old:
+                del self._state.inbox[key]
+            keys = [k for k, (_, _, at) in self._state.idempotency.items() if k[0] == model and at < before][: limit - len(old)]
+            for key in keys:
+                del self._state.idempotency[key]
+            return len(old) + len(keys)

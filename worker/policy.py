@@ -87,6 +87,14 @@ def decide(snapshot: Snapshot, now: dt.datetime, cfg: ModelConfig) -> Decision:
         count = "" if forced or count_met else f"waiting: {pending.count}/{cfg.min_new_images} new images; "
         return Decision("wait", count + shortfall + (" (a forced request is waiting too)" if forced else ""))
 
+    if not forced and head.backoff_until is not None and now < head.backoff_until and (pending.count > 0 or head.followup_wanted):
+        return Decision(
+            "wait",
+            f"backing off: {head.failed_runs} runs failed in a row; no new run before {_hms(head.backoff_until)} "
+            "(a success or a forced request ends it)",
+            wake_at=head.backoff_until,
+        )
+
     if not forced and head.last_run_finished_at is not None:
         cooldown_ends = head.last_run_finished_at + dt.timedelta(seconds=cfg.cooldown)
         if now < cooldown_ends and (pending.count > 0 or head.followup_wanted):

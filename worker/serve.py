@@ -56,8 +56,10 @@ class LocalService:
             if self.stop.is_set():
                 return report
             try:
-                message = parse_message(path.read_bytes(), known_models=self.worker.config.models)
-            except InvalidMessage as exc:
+                message = parse_message(self.inbox.read(path), known_models=self.worker.config.models)
+            except (InvalidMessage, OSError) as exc:
+                if isinstance(exc, OSError):
+                    exc = InvalidMessage("unreadable", f"{exc.__class__.__name__}: {exc.strerror or exc}")
                 self.inbox.reject(path, f"{exc.reason}: {exc.description}")
                 log.warning("rejected inbox message %s: %s", path.name, exc.description)
                 report.rejected += 1

@@ -11,6 +11,7 @@ get SQLite's lock within `busy_timeout` (another program holding it) gets
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import fcntl
 import json
@@ -23,11 +24,10 @@ from pathlib import Path
 from typing import Literal
 
 from worker.store import (
+    IN_FLIGHT_STATES,
     DataStats,
     DecisionRow,
     ImageRow,
-    ImageState,
-    ManifestEntry,
     ModelHead,
     ModelVersionRow,
     OutboxRow,
@@ -36,64 +36,59 @@ from worker.store import (
     RunRow,
     Store,
     Tx,
+    image_state,
     is_stale,
 )
 
+SCHEMA_VERSION = 2
 SCHEMA = """
+-- One row per image version. `seq` is the model's arrival order: runs freeze a watermark on it
+-- and image states follow from the watermarks (worker.store.image_state), so no commit rewrites
+-- rows per image.
 CREATE TABLE IF NOT EXISTS images (
     model TEXT NOT NULL, path TEXT NOT NULL, etag TEXT NOT NULL,
     label TEXT NOT NULL, split TEXT NOT NULL, size INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL, run_id TEXT, occurred_at TEXT, first_seen_at TEXT NOT NULL,
+    seq INTEGER NOT NULL, occurred_at TEXT, first_seen_at TEXT NOT NULL,
     latest INTEGER NOT NULL, source TEXT NOT NULL,
     PRIMARY KEY (model, path, etag)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS images_by_age ON images (model, state, latest, first_seen_at);
--- Counts per (label, split, state, latest) kept by triggers, so the policy's snapshot costs the
--- same with 10 or 10 million images.
+CREATE UNIQUE INDEX IF NOT EXISTS images_by_seq ON images (model, seq);
+CREATE INDEX IF NOT EXISTS images_latest_by_seq ON images (model, latest, seq, label, first_seen_at);
+-- Latest versions per (label, split), kept by triggers: the policy's data check costs the same
+-- with 10 or 10 million images.
 CREATE TABLE IF NOT EXISTS image_counts (
-    model TEXT NOT NULL, label TEXT NOT NULL, split TEXT NOT NULL, state TEXT NOT NULL, latest INTEGER NOT NULL,
-    n INTEGER NOT NULL, PRIMARY KEY (model, label, split, state, latest)
+    model TEXT NOT NULL, label TEXT NOT NULL, split TEXT NOT NULL, latest INTEGER NOT NULL,
+    n INTEGER NOT NULL, PRIMARY KEY (model, label, split, latest)
 ) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS images_count_insert AFTER INSERT ON images BEGIN
-    INSERT INTO image_counts VALUES (new.model, new.label, new.split, new.state, new.latest, 1)
-        ON CONFLICT (model, label, split, state, latest) DO UPDATE SET n = n + 1;
+    INSERT INTO image_counts VALUES (new.model, new.label, new.split, new.latest, 1)
+        ON CONFLICT (model, label, split, latest) DO UPDATE SET n = n + 1;
 END;
-CREATE TRIGGER IF NOT EXISTS images_count_update AFTER UPDATE OF state, latest ON images
-    WHEN old.state != new.state OR old.latest != new.latest BEGIN
-    UPDATE image_counts SET n = n - 1
-        WHERE model = old.model AND label = old.label AND split = old.split AND state = old.state AND latest = old.latest;
-    INSERT INTO image_counts VALUES (new.model, new.label, new.split, new.state, new.latest, 1)
-        ON CONFLICT (model, label, split, state, latest) DO UPDATE SET n = n + 1;
+CREATE TRIGGER IF NOT EXISTS images_count_update AFTER UPDATE OF latest ON images WHEN old.latest != new.latest BEGIN
+    UPDATE image_counts SET n = n - 1 WHERE model = old.model AND label = old.label AND split = old.split AND latest = old.latest;
+    INSERT INTO image_counts VALUES (new.model, new.label, new.split, new.latest, 1)
+        ON CONFLICT (model, label, split, latest) DO UPDATE SET n = n + 1;
 END;
 CREATE TRIGGER IF NOT EXISTS images_count_delete AFTER DELETE ON images BEGIN
-    UPDATE image_counts SET n = n - 1
-        WHERE model = old.model AND label = old.label AND split = old.split AND state = old.state AND latest = old.latest;
+    UPDATE image_counts SET n = n - 1 WHERE model = old.model AND label = old.label AND split = old.split AND latest = old.latest;
 END;
-CREATE INDEX IF NOT EXISTS images_run ON images (run_id) WHERE run_id IS NOT NULL;
+-- A run names its manifest by digest (a blob) and its watermarks; nothing per image.
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, model TEXT NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL,
-    attempt INTEGER NOT NULL, manifest_sha256 TEXT NOT NULL, image_count INTEGER NOT NULL,
-    new_image_count INTEGER NOT NULL, classes TEXT NOT NULL, created_at TEXT NOT NULL,
-    reason TEXT NOT NULL, request_ids TEXT NOT NULL, overrides TEXT NOT NULL,
-    submitted_at TEXT, started_at TEXT, finished_at TEXT, next_attempt_at TEXT,
-    outcome TEXT, detail TEXT NOT NULL,
+    created_at TEXT NOT NULL, doc TEXT NOT NULL,
     UNIQUE (model, seq)
 );
 CREATE INDEX IF NOT EXISTS runs_model_state ON runs (model, state);
-CREATE TABLE IF NOT EXISTS run_images (
-    run_id TEXT NOT NULL, path TEXT NOT NULL, etag TEXT NOT NULL, label TEXT NOT NULL,
-    split TEXT NOT NULL, is_new INTEGER NOT NULL,
-    PRIMARY KEY (run_id, path)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS requests (
-    request_id TEXT PRIMARY KEY, model TEXT NOT NULL, force INTEGER NOT NULL,
-    created_at TEXT NOT NULL, overrides TEXT NOT NULL, state TEXT NOT NULL, run_id TEXT,
-    requested_by TEXT NOT NULL, reason TEXT NOT NULL
+    request_id TEXT PRIMARY KEY, model TEXT NOT NULL, seq INTEGER NOT NULL, force INTEGER NOT NULL,
+    created_at TEXT NOT NULL, overrides TEXT NOT NULL, state TEXT NOT NULL,
+    requested_by TEXT NOT NULL, reason TEXT NOT NULL,
+    UNIQUE (model, seq)
 );
-CREATE INDEX IF NOT EXISTS requests_open ON requests (model, state, created_at);
 CREATE TABLE IF NOT EXISTS inbox (
     message_id TEXT PRIMARY KEY, kind TEXT NOT NULL, model TEXT, processed_at TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS inbox_by_age ON inbox (processed_at);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
     subject TEXT NOT NULL, payload TEXT NOT NULL, created_at TEXT NOT NULL, published_at TEXT
@@ -104,19 +99,22 @@ CREATE TABLE IF NOT EXISTS decisions (
     outcome TEXT NOT NULL, reason TEXT NOT NULL, run_id TEXT, message_id TEXT
 );
 CREATE INDEX IF NOT EXISTS decisions_model ON decisions (model, seq);
-CREATE TABLE IF NOT EXISTS model_heads (
-    model TEXT PRIMARY KEY, next_seq INTEGER NOT NULL, followup_wanted INTEGER NOT NULL,
-    last_run_finished_at TEXT, champion_version INTEGER, champion_sha256 TEXT
-);
+CREATE TABLE IF NOT EXISTS model_heads (model TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS idempotency (
-    key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, response TEXT NOT NULL, created_at TEXT NOT NULL
+    model TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, response TEXT NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (model, key)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
 CREATE TABLE IF NOT EXISTS model_versions (
     model TEXT NOT NULL, version INTEGER NOT NULL, run_id TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL,
     location TEXT NOT NULL, metrics TEXT NOT NULL, card TEXT NOT NULL,
     PRIMARY KEY (model, version)
 );
 """
+
+
+class LedgerSchemaError(RuntimeError):
+    """The ledger file was written by an incompatible version of retrain."""
 
 
 def _ts(value: dt.datetime | None) -> str | None:
@@ -127,21 +125,44 @@ def _dt(value: str | None) -> dt.datetime | None:
     return None if value is None else dt.datetime.fromisoformat(value)
 
 
-def _image(r: sqlite3.Row) -> ImageRow:
+def _image(r: sqlite3.Row, state: str) -> ImageRow:
     return ImageRow(
-        model=r["model"], path=r["path"], etag=r["etag"], label=r["label"], split=r["split"], size=r["size"], state=r["state"],
-        run_id=r["run_id"], occurred_at=_dt(r["occurred_at"]), first_seen_at=_dt(r["first_seen_at"]), latest=bool(r["latest"]), source=r["source"],
+        model=r["model"], path=r["path"], etag=r["etag"], label=r["label"], split=r["split"], size=r["size"], state=state,
+        seq=r["seq"], occurred_at=_dt(r["occurred_at"]), first_seen_at=_dt(r["first_seen_at"]), latest=bool(r["latest"]), source=r["source"],
     )  # fmt: skip
+
+
+_RUN_TIMES = ("created_at", "submitted_at", "started_at", "finished_at", "next_attempt_at")
+
+
+def _run_doc(run: RunRow) -> str:
+    doc = dataclasses.asdict(run)
+    for key in _RUN_TIMES:
+        doc[key] = _ts(doc[key])
+    return json.dumps(doc, sort_keys=True)
 
 
 def _run(r: sqlite3.Row) -> RunRow:
-    return RunRow(
-        run_id=r["run_id"], model=r["model"], seq=r["seq"], state=r["state"], attempt=r["attempt"], manifest_sha256=r["manifest_sha256"],
-        image_count=r["image_count"], new_image_count=r["new_image_count"], classes=json.loads(r["classes"]), created_at=_dt(r["created_at"]),
-        reason=r["reason"], request_ids=json.loads(r["request_ids"]), overrides=json.loads(r["overrides"]), submitted_at=_dt(r["submitted_at"]),
-        started_at=_dt(r["started_at"]), finished_at=_dt(r["finished_at"]), next_attempt_at=_dt(r["next_attempt_at"]), outcome=r["outcome"],
-        detail=r["detail"],
-    )  # fmt: skip
+    doc = json.loads(r["doc"])
+    for key in _RUN_TIMES:
+        doc[key] = _dt(doc.get(key))
+    return RunRow(**doc)
+
+
+def _head_doc(head: ModelHead) -> str:
+    doc = dataclasses.asdict(head)
+    for key in ("last_run_finished_at", "backoff_until"):
+        doc[key] = _ts(doc[key])
+    return json.dumps(doc, sort_keys=True)
+
+
+def _head(model: str, text: str | None) -> ModelHead:
+    if text is None:
+        return ModelHead(model=model)
+    doc = json.loads(text)
+    for key in ("last_run_finished_at", "backoff_until"):
+        doc[key] = _dt(doc.get(key))
+    return ModelHead(**doc)
 
 
 class SqliteTx(Tx):
@@ -168,111 +189,80 @@ class SqliteTx(Tx):
         newest = next((v for v in versions if v["latest"]), None)
         stale = newest is not None and is_stale(row, _dt(newest["occurred_at"]), _dt(newest["first_seen_at"]))
         if newest is not None and not stale:
-            # The new version replaces older ones; an older version nobody trained on yet is obsolete.
-            self.conn.execute(
-                "UPDATE images SET latest=0, state=CASE WHEN state='pending' THEN 'superseded' ELSE state END WHERE model=? AND path=? AND latest=1",
-                (row.model, row.path),
-            )
-        state = "superseded" if stale else row.state
+            # The new version replaces older ones: only the newest version of a path is trained on.
+            self.conn.execute("UPDATE images SET latest=0 WHERE model=? AND path=? AND latest=1", (row.model, row.path))
+        seq = self.image_watermark(row.model) + 1
         self.conn.execute(
-            "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
-                row.model,
-                row.path,
-                row.etag,
-                row.label,
-                row.split,
-                row.size,
-                state,
-                row.run_id,
-                _ts(row.occurred_at),
-                _ts(row.first_seen_at),
-                0 if stale else 1,
-                row.source,
+                row.model, row.path, row.etag, row.label, row.split, row.size, seq, _ts(row.occurred_at), _ts(row.first_seen_at),
+                0 if stale else 1, row.source,
             ),
-        )
+        )  # fmt: skip
         return "stale" if stale else "new"
 
+    def image_watermark(self, model: str) -> int:
+        return self._one("SELECT COALESCE(MAX(seq), 0) AS s FROM images WHERE model=?", (model,))["s"]
+
+    def _watermarks(self, model: str) -> tuple[int, int | None]:
+        """(trained watermark, the in-flight run's watermark or None)."""
+        trained = self.model_head(model).trained_watermark
+        flying = next(iter(self.runs(model, IN_FLIGHT_STATES, limit=1)), None)
+        return trained, (flying.watermark if flying else None)
+
     def pending_stats(self, model: str) -> PendingStats:
+        trained, flying = self._watermarks(model)
+        above = max(trained, flying or 0)
         rows = self.conn.execute(
-            "SELECT label, SUM(n) AS n FROM image_counts WHERE model=? AND state='pending' AND latest=1 GROUP BY label HAVING SUM(n) > 0",
-            (model,),
+            "SELECT label, COUNT(*) AS n, MIN(first_seen_at) AS oldest, MAX(first_seen_at) AS newest FROM images "
+            "WHERE model=? AND latest=1 AND seq>? GROUP BY label",
+            (model, above),
         ).fetchall()
         if not rows:
             return PendingStats()
-        ages = self._one(
-            "SELECT (SELECT first_seen_at FROM images WHERE model=? AND state='pending' AND latest=1 ORDER BY first_seen_at LIMIT 1) AS oldest, "
-            "(SELECT first_seen_at FROM images WHERE model=? AND state='pending' AND latest=1 ORDER BY first_seen_at DESC LIMIT 1) AS newest",
-            (model, model),
-        )
         return PendingStats(
             count=sum(r["n"] for r in rows),
             per_class={r["label"]: r["n"] for r in rows},
-            oldest_at=_dt(ages["oldest"]),
-            newest_at=_dt(ages["newest"]),
+            oldest_at=_dt(min(r["oldest"] for r in rows)),
+            newest_at=_dt(max(r["newest"] for r in rows)),
         )
 
     def data_stats(self, model: str) -> DataStats:
-        rows = self.conn.execute(
-            "SELECT label, split, SUM(n) AS n FROM image_counts WHERE model=? AND latest=1 AND state IN ('pending','in_run','trained') "
-            "GROUP BY label, split HAVING SUM(n) > 0",
-            (model,),
-        ).fetchall()
+        rows = self.conn.execute("SELECT label, split, n FROM image_counts WHERE model=? AND latest=1 AND n > 0", (model,)).fetchall()
         return DataStats(
             train_per_class={r["label"]: r["n"] for r in rows if r["split"] == "train"},
             val_count=sum(r["n"] for r in rows if r["split"] == "val"),
         )
 
-    def manifest_candidates(self, model: str, only_pending: bool) -> list[ImageRow]:
-        states = "('pending')" if only_pending else "('pending','in_run','trained')"
+    def manifest_candidates(self, model: str, after_seq: int, upto_seq: int) -> list[ImageRow]:
+        trained, flying = self._watermarks(model)
         rows = self.conn.execute(
-            f"SELECT * FROM images WHERE model=? AND latest=1 AND state IN {states} ORDER BY path", (model,)
+            "SELECT * FROM images WHERE model=? AND latest=1 AND seq>? AND seq<=? ORDER BY path", (model, after_seq, upto_seq)
         ).fetchall()
-        return [_image(r) for r in rows]
-
-    def set_image_state(self, model: str, keys: list[tuple[str, str]], state: ImageState, run_id: str | None) -> None:
-        self.conn.executemany(
-            "UPDATE images SET state=?, run_id=? WHERE model=? AND path=? AND etag=?", [(state, run_id, model, p, e) for p, e in keys]
-        )
-
-    def images_in_run(self, run_id: str) -> list[ImageRow]:
-        return [_image(r) for r in self.conn.execute("SELECT * FROM images WHERE run_id=? AND state='in_run' ORDER BY path", (run_id,))]
+        return [_image(r, image_state(True, r["seq"], trained, flying)) for r in rows]
 
     def count_images(self, model: str) -> dict[str, int]:
-        return {
-            r["state"]: r["n"] for r in self.conn.execute("SELECT state, COUNT(*) AS n FROM images WHERE model=? GROUP BY state", (model,))
-        }
+        trained, flying = self._watermarks(model)
+        flying = flying if flying is not None and flying > trained else trained
+        row = self._one(
+            "SELECT SUM(latest=0) AS superseded, SUM(latest=1 AND seq<=?) AS trained, SUM(latest=1 AND seq>? AND seq<=?) AS in_run, "
+            "SUM(latest=1 AND seq>?) AS pending FROM images WHERE model=?",
+            (trained, trained, flying, flying, model),
+        )
+        return {k: row[k] for k in ("pending", "in_run", "trained", "superseded") if row[k]}
 
     # runs
-    def insert_run(self, run: RunRow, entries: list[ManifestEntry]) -> None:
-        self.conn.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", self._run_values(run))
-        self.conn.executemany(
-            "INSERT INTO run_images VALUES (?,?,?,?,?,?)", [(run.run_id, e.path, e.etag, e.label, e.split, int(e.is_new)) for e in entries]
+    def insert_run(self, run: RunRow) -> None:
+        self.conn.execute(
+            "INSERT INTO runs VALUES (?,?,?,?,?,?)", (run.run_id, run.model, run.seq, run.state, _ts(run.created_at), _run_doc(run))
         )
-
-    @staticmethod
-    def _run_values(r: RunRow) -> tuple:
-        return (
-            r.run_id, r.model, r.seq, r.state, r.attempt, r.manifest_sha256, r.image_count, r.new_image_count, json.dumps(r.classes),
-            _ts(r.created_at), r.reason, json.dumps(r.request_ids), json.dumps(r.overrides), _ts(r.submitted_at), _ts(r.started_at),
-            _ts(r.finished_at), _ts(r.next_attempt_at), r.outcome, r.detail,
-        )  # fmt: skip
-
-    def manifest_entries(self, run_id: str) -> list[ManifestEntry]:
-        rows = self.conn.execute("SELECT * FROM run_images WHERE run_id=? ORDER BY path", (run_id,)).fetchall()
-        return [ManifestEntry(path=r["path"], etag=r["etag"], label=r["label"], split=r["split"], is_new=bool(r["is_new"])) for r in rows]
 
     def get_run(self, run_id: str) -> RunRow | None:
         row = self._one("SELECT * FROM runs WHERE run_id=?", (run_id,))
         return _run(row) if row else None
 
     def update_run(self, run: RunRow) -> None:
-        values = self._run_values(run)
-        cur = self.conn.execute(
-            "UPDATE runs SET model=?, seq=?, state=?, attempt=?, manifest_sha256=?, image_count=?, new_image_count=?, classes=?, created_at=?, "
-            "reason=?, request_ids=?, overrides=?, submitted_at=?, started_at=?, finished_at=?, next_attempt_at=?, outcome=?, detail=? WHERE run_id=?",
-            (*values[1:], values[0]),
-        )
+        cur = self.conn.execute("UPDATE runs SET state=?, doc=? WHERE run_id=?", (run.state, _run_doc(run), run.run_id))
         if cur.rowcount != 1:
             raise KeyError(f"run {run.run_id} does not exist")
 
@@ -291,42 +281,30 @@ class SqliteTx(Tx):
 
     # requests
     def add_request(self, row: RequestRow) -> None:
+        seq = self._one("SELECT COALESCE(MAX(seq), 0) + 1 AS s FROM requests WHERE model=?", (row.model,))["s"]
         self.conn.execute(
             "INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?)",
             (
-                row.request_id,
-                row.model,
-                int(row.force),
-                _ts(row.created_at),
-                json.dumps(row.overrides),
-                row.state,
-                row.run_id,
-                row.requested_by,
-                row.reason,
+                row.request_id, row.model, seq, int(row.force), _ts(row.created_at), json.dumps(row.overrides), row.state,
+                row.requested_by, row.reason,
             ),
-        )
+        )  # fmt: skip
+        row.seq = seq
 
     def open_requests(self, model: str) -> list[RequestRow]:
-        rows = self.conn.execute(
-            "SELECT * FROM requests WHERE model=? AND state='open' ORDER BY created_at, request_id", (model,)
-        ).fetchall()
-        return [
-            RequestRow(
-                request_id=r["request_id"],
-                model=r["model"],
-                force=bool(r["force"]),
-                created_at=_dt(r["created_at"]),
-                overrides=json.loads(r["overrides"]),
-                state=r["state"],
-                run_id=r["run_id"],
-                requested_by=r["requested_by"],
-                reason=r["reason"],
-            )
-            for r in rows
-        ]
+        upto = self.model_head(model).request_watermark
+        rows = self.conn.execute("SELECT * FROM requests WHERE model=? AND seq>? AND state='open' ORDER BY seq", (model, upto)).fetchall()
+        return [self._request(r) for r in rows]
 
-    def update_request(self, row: RequestRow) -> None:
-        self.conn.execute("UPDATE requests SET state=?, run_id=? WHERE request_id=?", (row.state, row.run_id, row.request_id))
+    @staticmethod
+    def _request(r: sqlite3.Row) -> RequestRow:
+        return RequestRow(
+            request_id=r["request_id"], model=r["model"], force=bool(r["force"]), created_at=_dt(r["created_at"]),
+            overrides=json.loads(r["overrides"]), state=r["state"], requested_by=r["requested_by"], reason=r["reason"], seq=r["seq"],
+        )  # fmt: skip
+
+    def reject_request(self, row: RequestRow) -> None:
+        self.conn.execute("UPDATE requests SET state='rejected' WHERE request_id=?", (row.request_id,))
 
     # decisions
     def record_decision(self, row: DecisionRow) -> None:
@@ -390,36 +368,23 @@ class SqliteTx(Tx):
         ]
 
     # idempotency keys
-    def remember_response(self, key: str, fingerprint: str, response: dict, at: dt.datetime) -> tuple[str, dict] | None:
-        row = self._one("SELECT fingerprint, response FROM idempotency WHERE key=?", (key,))
+    def remember_response(self, model: str, key: str, fingerprint: str, response: dict, at: dt.datetime) -> tuple[str, dict] | None:
+        row = self._one("SELECT fingerprint, response FROM idempotency WHERE model=? AND key=?", (model, key))
         if row is not None:
             return row["fingerprint"], json.loads(row["response"])
-        self.conn.execute("INSERT INTO idempotency VALUES (?,?,?,?)", (key, fingerprint, json.dumps(response, sort_keys=True), _ts(at)))
+        self.conn.execute(
+            "INSERT INTO idempotency VALUES (?,?,?,?,?)", (model, key, fingerprint, json.dumps(response, sort_keys=True), _ts(at))
+        )
         return None
 
     # model head
     def model_head(self, model: str) -> ModelHead:
-        row = self._one("SELECT * FROM model_heads WHERE model=?", (model,))
-        if row is None:
-            return ModelHead(model=model)
-        return ModelHead(
-            model=model, next_seq=row["next_seq"], followup_wanted=bool(row["followup_wanted"]), last_run_finished_at=_dt(row["last_run_finished_at"]),
-            champion_version=row["champion_version"], champion_sha256=row["champion_sha256"],
-        )  # fmt: skip
+        row = self._one("SELECT doc FROM model_heads WHERE model=?", (model,))
+        return _head(model, row["doc"] if row else None)
 
     def save_model_head(self, head: ModelHead) -> None:
         self.conn.execute(
-            "INSERT INTO model_heads VALUES (?,?,?,?,?,?) ON CONFLICT(model) DO UPDATE SET next_seq=excluded.next_seq, "
-            "followup_wanted=excluded.followup_wanted, last_run_finished_at=excluded.last_run_finished_at, "
-            "champion_version=excluded.champion_version, champion_sha256=excluded.champion_sha256",
-            (
-                head.model,
-                head.next_seq,
-                int(head.followup_wanted),
-                _ts(head.last_run_finished_at),
-                head.champion_version,
-                head.champion_sha256,
-            ),
+            "INSERT INTO model_heads VALUES (?,?) ON CONFLICT(model) DO UPDATE SET doc=excluded.doc", (head.model, _head_doc(head))
         )
 
     def commit(self) -> None:
@@ -436,8 +401,26 @@ class SqliteStore(Store):
         self._busy_timeout_s = busy_timeout_s
         self._synchronous = synchronous
         self._local = threading.local()
-        with self._connect_once() as conn:
-            conn.executescript(SCHEMA)
+        conn = self._connect_once()
+        try:
+            self._check_schema(conn)
+        finally:
+            conn.close()
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name='images'").fetchone()[0]
+        if has_tables and version < SCHEMA_VERSION:
+            raise LedgerSchemaError(
+                f"the ledger {self.path} was written by an older retrain (schema {version}, per-image run rows); this version "
+                f"keeps watermarks instead (schema {SCHEMA_VERSION}) and does not convert it. Let in-flight runs finish with the "
+                f"old version, then move the file aside (mv {self.path} {self.path}.v{version}); the new ledger re-registers the "
+                "images from the images folder on the next scan (counted as new once)."
+            )
+        if version > SCHEMA_VERSION:
+            raise LedgerSchemaError(f"the ledger {self.path} has schema {version}, newer than this retrain understands ({SCHEMA_VERSION})")
+        conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _connect_once(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
@@ -498,6 +481,21 @@ class SqliteStore(Store):
             event_id=r["event_id"], type=r["type"], subject=r["subject"], payload=json.loads(r["payload"]), created_at=_dt(r["created_at"]),
             published_at=_dt(r["published_at"]),
         )  # fmt: skip
+
+    def prune_inbox(self, model: str | None, before: dt.datetime, limit: int = 1000) -> int:
+        with self.transaction() as tx:
+            cut = _ts(before)
+            removed = tx.conn.execute(
+                "DELETE FROM inbox WHERE message_id IN (SELECT message_id FROM inbox WHERE model IS ? AND processed_at < ? LIMIT ?)",
+                (model, cut, limit),
+            ).rowcount
+            removed += tx.conn.execute(
+                "DELETE FROM idempotency WHERE (model, key) IN "
+                "(SELECT model, key FROM idempotency WHERE model IS ? AND created_at < ? LIMIT ?)",
+                (model, cut, limit),
+            ).rowcount
+            tx.commit()
+        return removed
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

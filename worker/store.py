@@ -3,8 +3,18 @@
 A `Store` opens transactions; a `Tx` is the unit of work: everything a handler reads and writes
 for one message goes through it and becomes durable together on `commit()` (or not at all).
 The records here are plain data; the decisions about them live in the handlers and the policy.
-Adapters: `SqliteStore` (embedded default), `MemoryStore` (the fake for unit tests); the Azure
-Table Storage adapter implements the same port.
+Adapters: `SqliteStore` (embedded default), `MemoryStore` (the fake for unit tests) and
+`TableStore` (Azure Table Storage).
+
+Bounded commits: no transaction writes more than `MAX_WRITES_PER_COMMIT` records, so every
+commit fits one Azure Table entity group transaction (100 operations, one partition). That is
+why image state is not stored per image: every image version gets a per-model arrival sequence
+number (`seq`), a run freezes a watermark (the highest `seq` it covers) and names its manifest
+by digest (a content-addressed blob, not rows), and an image's state follows from the
+watermarks: trained up to the last successful run's watermark, in a run up to the in-flight
+run's, pending above. Planning, finishing or failing a run therefore writes one run record and
+the model's head, whatever the number of images. Open requests are consumed the same way, by a
+request watermark.
 """
 
 from __future__ import annotations
@@ -18,7 +28,17 @@ from typing import Any, Literal
 
 
 class ConcurrencyConflict(RuntimeError):  # noqa: N818 - a condition to retry on, not a program error
-    """Another writer changed the same state first; retrying the whole transaction resolves it."""
+    """Another writer changed the same state first (or holds the lock); retrying the whole transaction resolves it."""
+
+
+class CommitTooLargeError(RuntimeError):
+    """A transaction wrote more than one atomic batch can hold: a design error, never retried."""
+
+
+# One Azure Table entity group transaction: 100 operations in one partition, the head among them.
+MAX_WRITES_PER_COMMIT = 99
+# Backfills register images in chunks, each its own transaction (an image costs up to 4 writes).
+IMAGES_PER_COMMIT = 20
 
 
 ImageState = Literal["pending", "in_run", "trained", "superseded"]
@@ -37,8 +57,8 @@ class ImageRow:
     label: str
     split: str  # "train" | "val", from the stable hash of the path
     size: int = 0
-    state: ImageState = "pending"
-    run_id: str | None = None  # the run whose manifest holds it while in_run
+    state: ImageState = "pending"  # derived from `latest` and the watermarks when read
+    seq: int = 0  # the per-model arrival sequence number, given by the store
     occurred_at: dt.datetime | None = None  # when the source says the version was written
     first_seen_at: dt.datetime | None = None
     latest: bool = True  # the newest known version of its path
@@ -54,6 +74,17 @@ def is_stale(row: ImageRow, newest_occurred_at: dt.datetime | None, newest_first
     known_at = newest_occurred_at or newest_first_seen_at
     mine = row.occurred_at or row.first_seen_at
     return known_at is not None and mine is not None and mine < known_at
+
+
+def image_state(latest: bool, seq: int, trained_watermark: int, in_flight_watermark: int | None) -> ImageState:
+    """An image version's state, from the watermarks (the one definition every store uses)."""
+    if not latest:
+        return "superseded"
+    if seq <= trained_watermark:
+        return "trained"
+    if in_flight_watermark is not None and seq <= in_flight_watermark:
+        return "in_run"
+    return "pending"
 
 
 @dataclass(frozen=True)
@@ -76,9 +107,11 @@ class RunRow:
     new_image_count: int
     classes: list[str]
     created_at: dt.datetime
+    watermark: int = 0  # the highest image seq the manifest covers
+    base_watermark: int = 0  # the trained watermark when it was planned: images above it are new to it
     attempt: int = 1
     reason: str = ""
-    request_ids: list[str] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)  # the first REQUEST_IDS_KEPT of them
     overrides: dict[str, Any] = field(default_factory=dict)
     submitted_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
@@ -86,6 +119,7 @@ class RunRow:
     next_attempt_at: dt.datetime | None = None  # a planned retry waits until then
     outcome: str | None = None  # what the run ended as (kept once finalized)
     detail: str = ""
+    completion_failures: int = 0  # completions that raised; the run fails after worker.bus.COMPLETION_ATTEMPTS
 
     @property
     def backend_run_id(self) -> str:
@@ -108,6 +142,7 @@ class RequestRow:
     run_id: str | None = None
     requested_by: str = ""
     reason: str = ""
+    seq: int = 0  # per-model arrival order, given by the store; consumed when <= the head's request watermark
 
 
 @dataclass(frozen=True)
@@ -140,6 +175,10 @@ class ModelHead:
     last_run_finished_at: dt.datetime | None = None
     champion_version: int | None = None  # the `champion` alias
     champion_sha256: str | None = None  # of the champion's model.pt
+    trained_watermark: int = 0  # images with seq <= it were in a successful run
+    request_watermark: int = 0  # requests with seq <= it were consumed by a run (or rejected)
+    failed_runs: int = 0  # consecutive runs that ended failed (reset by a success or an operator request)
+    backoff_until: dt.datetime | None = None  # no new run before then, after repeated failures
 
 
 @dataclass(frozen=True)
@@ -180,37 +219,32 @@ class Tx(abc.ABC):
     # images ---------------------------------------------------------------------------------
     @abc.abstractmethod
     def add_image(self, row: ImageRow) -> Literal["new", "duplicate", "stale"]:
-        """Insert a version; "duplicate" if (model, path, etag) is known; "stale" if a newer version of
-        the path is already known (kept, not latest). A new latest version supersedes older pending ones."""
+        """Insert a version with the model's next arrival seq; "duplicate" if (model, path, etag) is
+        known; "stale" if a newer version of the path is already known (kept, not latest). A new
+        latest version makes the older ones not latest."""
 
     @abc.abstractmethod
-    def pending_stats(self, model: str) -> PendingStats: ...
+    def image_watermark(self, model: str) -> int:
+        """The highest arrival seq given to the model's images (0 when there are none)."""
+
+    @abc.abstractmethod
+    def pending_stats(self, model: str) -> PendingStats:
+        """Latest versions above the in-flight run's watermark (or the trained one when none is in flight)."""
 
     @abc.abstractmethod
     def data_stats(self, model: str) -> DataStats: ...
 
     @abc.abstractmethod
-    def manifest_candidates(self, model: str, only_pending: bool) -> list[ImageRow]:
-        """Latest versions in pending/in_run/trained (or pending only), sorted by path."""
-
-    @abc.abstractmethod
-    def set_image_state(self, model: str, keys: list[tuple[str, str]], state: ImageState, run_id: str | None) -> None:
-        """Move the (path, etag) versions of `model` to `state`."""
-
-    @abc.abstractmethod
-    def images_in_run(self, run_id: str) -> list[ImageRow]:
-        """Versions currently held by the run (state in_run, run_id)."""
+    def manifest_candidates(self, model: str, after_seq: int, upto_seq: int) -> list[ImageRow]:
+        """Latest versions with after_seq < seq <= upto_seq, sorted by path."""
 
     @abc.abstractmethod
     def count_images(self, model: str) -> dict[str, int]:
-        """Image versions by state."""
+        """Image versions by (derived) state."""
 
     # runs -----------------------------------------------------------------------------------
     @abc.abstractmethod
-    def insert_run(self, run: RunRow, entries: list[ManifestEntry]) -> None: ...
-
-    @abc.abstractmethod
-    def manifest_entries(self, run_id: str) -> list[ManifestEntry]: ...
+    def insert_run(self, run: RunRow) -> None: ...
 
     @abc.abstractmethod
     def get_run(self, run_id: str) -> RunRow | None: ...
@@ -224,14 +258,16 @@ class Tx(abc.ABC):
 
     # requests -------------------------------------------------------------------------------
     @abc.abstractmethod
-    def add_request(self, row: RequestRow) -> None: ...
+    def add_request(self, row: RequestRow) -> None:
+        """Insert with the model's next request seq (set on `row`)."""
 
     @abc.abstractmethod
     def open_requests(self, model: str) -> list[RequestRow]:
-        """Oldest first."""
+        """Requests above the head's request watermark and not rejected, oldest first."""
 
     @abc.abstractmethod
-    def update_request(self, row: RequestRow) -> None: ...
+    def reject_request(self, row: RequestRow) -> None:
+        """Mark one request rejected (it never reaches a run)."""
 
     # decisions ------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -261,8 +297,11 @@ class Tx(abc.ABC):
 
     # idempotency keys (HTTP) ---------------------------------------------------------------
     @abc.abstractmethod
-    def remember_response(self, key: str, fingerprint: str, response: dict[str, Any], at: dt.datetime) -> tuple[str, dict[str, Any]] | None:
-        """Store the response for an idempotency key, or return the (fingerprint, response) stored before."""
+    def remember_response(
+        self, model: str, key: str, fingerprint: str, response: dict[str, Any], at: dt.datetime
+    ) -> tuple[str, dict[str, Any]] | None:
+        """Store the response for an idempotency key (in the transaction that carries out the
+        request), or return the (fingerprint, response) stored before."""
 
     # model head -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -289,6 +328,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def all_events(self) -> Iterator[OutboxRow]: ...
+
+    @abc.abstractmethod
+    def prune_inbox(self, model: str | None, before: dt.datetime, limit: int = 1000) -> int:
+        """Forget processed message ids (and idempotency keys) recorded before `before`; returns how many."""
 
     def close(self) -> None:  # noqa: B027 - optional for adapters without resources
         """Release connections."""

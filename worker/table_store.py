@@ -2,41 +2,40 @@
 
 Layout: one table; every record of a model lives in the partition named after the model
 (records without a model in `_global`). RowKeys are `<kind>|<key>` with keys base64url-encoded,
-because blob paths may hold characters a RowKey may not.
+because blob paths may hold characters a RowKey may not. Image versions are stored twice: under
+`img|<path>|<etag>` (to find a path's versions and drop duplicates) and under `sq|<seq>` (the
+arrival order the watermarks cut: pending images are one range read).
 
-Concurrency: each partition has a `head` entity (the sequence counter, the champion, the
-counts the policy reads). A transaction reads the head first, buffers every write, and commits
-them in one entity group transaction together with the head, updated with
-`MatchConditions.IfNotModified` on the ETag it read. If another writer committed in between the
-head's ETag changed, the whole transaction fails (412) and the bus retries the handler on fresh
-state: two instances crossing the threshold at once make exactly one run.
+Concurrency: each partition has a `head` entity (the sequence counters, the watermarks, the
+champion, the counts the policy reads). A transaction reads the head first, buffers every write,
+and commits them in ONE entity group transaction together with the head, updated with
+`MatchConditions.IfNotModified` on the ETag it read. If another writer committed in between, the
+head's ETag changed, the whole batch fails (412) and the bus retries the handler on fresh state:
+two instances crossing the threshold at once make exactly one run.
 
-A transaction with more than the 100 operations one entity group transaction allows (freezing a
-large manifest, a backfill) commits through a redo journal: the operations are written as
-journal entities first, then one guarded head update makes the commit decision, then the
-operations are applied and the journal cleared. Whoever next reads a head with a pending journal
-(the same process after a retry, or another instance after a crash) applies it first, so the
-commit completes exactly once.
+Every commit is one batch: the ledger's design keeps a transaction within 100 operations in one
+partition (see worker.store), and `commit` refuses anything larger with `CommitTooLargeError` before
+sending it, so a design error cannot turn into a partial commit.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 import re
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Literal
 
 from worker.store import (
+    IN_FLIGHT_STATES,
+    CommitTooLargeError,
     ConcurrencyConflict,
     DataStats,
     DecisionRow,
     ImageRow,
-    ImageState,
-    ManifestEntry,
     ModelHead,
     ModelVersionRow,
     OutboxRow,
@@ -45,13 +44,13 @@ from worker.store import (
     RunRow,
     Store,
     Tx,
+    image_state,
     is_stale,
 )
 
 GLOBAL = "_global"
-BATCH = 100
-MANIFEST_CHUNK = 100  # entries per entity: a string property holds at most 32K characters
-JOURNAL_ENTITY_CHARS = 600_000  # one journal entity (the service allows 1 MB per entity)
+BATCH = 100  # operations in one entity group transaction, the head included
+BATCH_BYTES = 4 * 1024 * 1024  # one entity group transaction's payload
 PROPERTY_CHARS = 30_000  # one string property (the service allows 32K UTF-16 characters)
 RUN_ID = re.compile(r"^(?P<model>[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)-\d{4,}-[0-9a-f]{8}$")
 
@@ -72,36 +71,49 @@ def _prefix_filter(prefix: str) -> str:
     return f"PartitionKey eq @pk and RowKey ge '{prefix}' and RowKey lt '{prefix[:-1]}{chr(ord(prefix[-1]) + 1)}'"
 
 
+def _doc_props(doc: dict[str, Any]) -> dict[str, str]:
+    """A document as properties d000, d001, ... each within the service's per-property limit."""
+    text = json.dumps(doc, sort_keys=True)
+    return {f"d{i:03d}": text[n : n + PROPERTY_CHARS] for i, n in enumerate(range(0, max(1, len(text)), PROPERTY_CHARS))}
+
+
+def _doc_of(entity: dict[str, Any]) -> dict[str, Any]:
+    return json.loads("".join(entity[k] for k in sorted(k for k in entity if re.fullmatch(r"d\d{3}", k))))
+
+
 # -- record <-> document -----------------------------------------------------------------------
 
 
 def _image_doc(r: ImageRow) -> dict[str, Any]:
     return {
-        "model": r.model, "path": r.path, "etag": r.etag, "label": r.label, "split": r.split, "size": r.size, "state": r.state, "run_id": r.run_id,
+        "model": r.model, "path": r.path, "etag": r.etag, "label": r.label, "split": r.split, "size": r.size, "seq": r.seq,
         "occurred_at": _ts(r.occurred_at), "first_seen_at": _ts(r.first_seen_at), "latest": r.latest, "source": r.source,
     }  # fmt: skip
 
 
-def _image(d: dict[str, Any]) -> ImageRow:
-    return ImageRow(**{**d, "occurred_at": _dt(d["occurred_at"]), "first_seen_at": _dt(d["first_seen_at"])})
+def _image(d: dict[str, Any], state: str) -> ImageRow:
+    return ImageRow(**{**d, "state": state, "occurred_at": _dt(d["occurred_at"]), "first_seen_at": _dt(d["first_seen_at"])})
+
+
+_RUN_TIMES = ("created_at", "submitted_at", "started_at", "finished_at", "next_attempt_at")
 
 
 def _run_doc(r: RunRow) -> dict[str, Any]:
-    doc = dict(r.__dict__)
-    for key in ("created_at", "submitted_at", "started_at", "finished_at", "next_attempt_at"):
+    doc = dataclasses.asdict(r)
+    for key in _RUN_TIMES:
         doc[key] = _ts(doc[key])
     return doc
 
 
 def _run(d: dict[str, Any]) -> RunRow:
     d = dict(d)
-    for key in ("created_at", "submitted_at", "started_at", "finished_at", "next_attempt_at"):
-        d[key] = _dt(d[key])
+    for key in _RUN_TIMES:
+        d[key] = _dt(d.get(key))
     return RunRow(**d)
 
 
 def _request_doc(r: RequestRow) -> dict[str, Any]:
-    return {**r.__dict__, "created_at": _ts(r.created_at)}
+    return {**dataclasses.asdict(r), "created_at": _ts(r.created_at)}
 
 
 def _request(d: dict[str, Any]) -> RequestRow:
@@ -112,13 +124,12 @@ def _image_key(path: str, etag: str) -> str:
     return f"img|{_k(path)}|{_k(etag)}"
 
 
-def _split(text: str) -> dict[str, str]:
-    """A long string as properties p000, p001, ... each within the service's per-property limit."""
-    return {f"p{i:03d}": text[n : n + PROPERTY_CHARS] for i, n in enumerate(range(0, len(text), PROPERTY_CHARS))}
+def _seq_key(seq: int) -> str:
+    return f"sq|{seq:012d}"
 
 
-def _join(entity: dict[str, Any]) -> str:
-    return "".join(entity[k] for k in sorted(k for k in entity if re.fullmatch(r"p\d{3}", k)))
+_HEAD_TIMES = ("last_run_finished_at", "backoff_until")
+_HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(ModelHead) if f.name != "model")
 
 
 class TableTx(Tx):
@@ -141,25 +152,25 @@ class TableTx(Tx):
         self._head(pk)
         if (pk, rk) in self.writes:
             entity = self.writes[(pk, rk)]
-            return None if entity is None else json.loads(entity["doc"])
+            return None if entity is None else _doc_of(entity)
         entity = self.store.get(pk, rk)
-        return None if entity is None else json.loads(entity["doc"])
+        return None if entity is None else _doc_of(entity)
 
-    def _query(self, pk: str, prefix: str, where: str = "", params: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
-        """Entities under `prefix`, with this transaction's own writes applied, sorted by RowKey."""
+    def _query(
+        self, pk: str, prefix: str, where: str = "", params: dict[str, Any] | None = None, after: str | None = None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Entities under `prefix` (RowKey > `after` when given), with this transaction's own writes applied, sorted by RowKey."""
         self._head(pk)
-        found = {
-            e["RowKey"]: e
-            for e in self.store.query(_prefix_filter(prefix) + (f" and {where}" if where else ""), {"pk": pk, **(params or {})})
-        }
+        flt = _prefix_filter(prefix) + (" and RowKey gt @after" if after else "") + (f" and {where}" if where else "")
+        found = {e["RowKey"]: e for e in self.store.query(flt, {"pk": pk, **({"after": after} if after else {}), **(params or {})})}
         for (wpk, rk), entity in self.writes.items():
-            if wpk == pk and rk.startswith(prefix):
+            if wpk == pk and rk.startswith(prefix) and (after is None or rk > after):
                 if entity is None:
                     found.pop(rk, None)
                 else:
                     found[rk] = entity
-        rows = [(rk, json.loads(e["doc"]), e) for rk, e in sorted(found.items())]
-        return [(rk, doc) for rk, doc, e in rows if self._matches(e, where, params or {})]
+        rows = [(rk, e) for rk, e in sorted(found.items()) if self._matches(e, where, params or {})]
+        return [(rk, _doc_of(e)) for rk, e in rows]
 
     @staticmethod
     def _matches(entity: dict[str, Any], where: str, params: dict[str, Any]) -> bool:
@@ -168,38 +179,23 @@ class TableTx(Tx):
 
     def _put(self, pk: str, rk: str, doc: dict[str, Any], **indexed: Any) -> None:
         self._head(pk)
-        self.writes[(pk, rk)] = {"PartitionKey": pk, "RowKey": rk, "doc": json.dumps(doc, sort_keys=True), **indexed}
+        self.writes[(pk, rk)] = {"PartitionKey": pk, "RowKey": rk, **_doc_props(doc), **indexed}
 
-    def _count(self, head: dict[str, Any], d: dict[str, Any], sign: int) -> None:
-        counts = head.setdefault("counts", {"pending": {}, "train": {}, "val": 0, "by_state": {}})
-        counts["by_state"][d["state"]] = counts["by_state"].get(d["state"], 0) + sign
-        if d["latest"] and d["state"] == "pending":
-            counts["pending"][d["label"]] = counts["pending"].get(d["label"], 0) + sign
-        if d["latest"] and d["state"] in ("pending", "in_run", "trained"):
-            if d["split"] == "train":
-                counts["train"][d["label"]] = counts["train"].get(d["label"], 0) + sign
-            else:
-                counts["val"] = counts.get("val", 0) + sign
+    def _counts(self, head: dict[str, Any]) -> dict[str, Any]:
+        return head.setdefault("counts", {"latest": {"train": {}, "val": {}}, "versions": 0})
 
-    def _save_image(self, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
-        head = self._head(after["model"])
-        if before is not None:
-            self._count(head, before, -1)
-        self._count(head, after, +1)
-        if after["state"] == "pending" and after["latest"]:
-            seen = after["first_seen_at"]
-            head["pending_oldest"] = min(filter(None, [head.get("pending_oldest"), seen]), default=None)
-            head["pending_newest"] = max(filter(None, [head.get("pending_newest"), seen]), default=None)
-        if sum(head["counts"]["pending"].values()) == 0:
-            head["pending_oldest"] = head["pending_newest"] = None
-        self._put(
-            after["model"],
-            _image_key(after["path"], after["etag"]),
-            after,
-            state=after["state"],
-            latest=after["latest"],
-            run_id=after["run_id"] or "",
-        )
+    def _count_latest(self, head: dict[str, Any], d: dict[str, Any], sign: int) -> None:
+        by_label = self._counts(head)["latest"][d["split"]]
+        by_label[d["label"]] = by_label.get(d["label"], 0) + sign
+
+    def _watermarks(self, model: str) -> tuple[int, int | None]:
+        trained = self._head(model).get("trained_watermark", 0)
+        flying = next(iter(self.runs(model, IN_FLIGHT_STATES, limit=1)), None)
+        return trained, (flying.watermark if flying else None)
+
+    def _latest_above(self, model: str, after_seq: int, upto_seq: int | None = None) -> list[dict[str, Any]]:
+        rows = self._query(model, "sq|", "latest eq @latest", {"latest": True}, after=_seq_key(after_seq))
+        return [d for _, d in rows if upto_seq is None or d["seq"] <= upto_seq]
 
     # -- inbox ---------------------------------------------------------------------------------
 
@@ -208,7 +204,7 @@ class TableTx(Tx):
         rk = f"in|{_k(message_id)}"
         if self._get(pk, rk) is not None:
             return False
-        self._put(pk, rk, {"message_id": message_id, "kind": kind, "at": _ts(at)})
+        self._put(pk, rk, {"message_id": message_id, "kind": kind}, at=_ts(at))
         return True
 
     # -- images --------------------------------------------------------------------------------
@@ -216,53 +212,62 @@ class TableTx(Tx):
     def add_image(self, row: ImageRow) -> Literal["new", "duplicate", "stale"]:
         if self._get(row.model, _image_key(row.path, row.etag)) is not None:
             return "duplicate"
+        head = self._head(row.model)
         versions = [d for _, d in self._query(row.model, f"img|{_k(row.path)}|")]
         newest = next((v for v in versions if v["latest"]), None)
         stale = newest is not None and is_stale(row, _dt(newest["occurred_at"]), _dt(newest["first_seen_at"]))
         if newest is not None and not stale:
-            for version in versions:
-                if version["latest"] or version["state"] == "pending":
-                    after = {**version, "latest": False, "state": "superseded" if version["state"] == "pending" else version["state"]}
-                    self._save_image(version, after)
-        doc = _image_doc(row)
-        doc.update(state="superseded" if stale else row.state, latest=not stale)
-        self._save_image(None, doc)
+            old = self._get(row.model, _seq_key(newest["seq"]))
+            self._put(row.model, _image_key(row.path, newest["etag"]), {**newest, "latest": False})
+            self._put(row.model, _seq_key(newest["seq"]), {**old, "latest": False}, latest=False)
+            self._count_latest(head, old, -1)
+        head["image_seq"] = head.get("image_seq", 0) + 1
+        doc = _image_doc(dataclasses.replace(row, seq=head["image_seq"], latest=not stale))
+        pointer = {k: doc[k] for k in ("seq", "etag", "latest", "occurred_at", "first_seen_at")}
+        self._put(row.model, _image_key(row.path, row.etag), pointer)
+        self._put(row.model, _seq_key(doc["seq"]), doc, latest=doc["latest"])
+        self._counts(head)["versions"] += 1
+        if not stale:
+            self._count_latest(head, doc, +1)
         return "stale" if stale else "new"
 
+    def image_watermark(self, model: str) -> int:
+        return self._head(model).get("image_seq", 0)
+
     def pending_stats(self, model: str) -> PendingStats:
-        head = self._head(model)
-        per_class = {k: v for k, v in head.get("counts", {}).get("pending", {}).items() if v > 0}
-        if not per_class:
+        trained, flying = self._watermarks(model)
+        pending = self._latest_above(model, max(trained, flying or 0))
+        if not pending:
             return PendingStats()
-        return PendingStats(
-            count=sum(per_class.values()),
-            per_class=per_class,
-            oldest_at=_dt(head.get("pending_oldest")),
-            newest_at=_dt(head.get("pending_newest")),
-        )
+        per_class: dict[str, int] = {}
+        for d in pending:
+            per_class[d["label"]] = per_class.get(d["label"], 0) + 1
+        seen = [d["first_seen_at"] for d in pending]
+        return PendingStats(count=len(pending), per_class=per_class, oldest_at=_dt(min(seen)), newest_at=_dt(max(seen)))
 
     def data_stats(self, model: str) -> DataStats:
-        counts = self._head(model).get("counts", {})
-        return DataStats(train_per_class={k: v for k, v in counts.get("train", {}).items() if v > 0}, val_count=counts.get("val", 0))
+        latest = self._counts(dict(self._head(model)))["latest"]
+        return DataStats(
+            train_per_class={k: v for k, v in latest["train"].items() if v > 0}, val_count=sum(v for v in latest["val"].values() if v > 0)
+        )
 
-    def manifest_candidates(self, model: str, only_pending: bool) -> list[ImageRow]:
-        rows = [_image(d) for _, d in self._query(model, "img|", "latest eq @latest", {"latest": True})]
-        states = ("pending",) if only_pending else ("pending", "in_run", "trained")
-        return sorted((r for r in rows if r.state in states), key=lambda r: r.path)
-
-    def set_image_state(self, model: str, keys: list[tuple[str, str]], state: ImageState, run_id: str | None) -> None:
-        for path, etag in keys:
-            before = self._get(model, _image_key(path, etag))
-            if before is not None:
-                self._save_image(before, {**before, "state": state, "run_id": run_id})
-
-    def images_in_run(self, run_id: str) -> list[ImageRow]:
-        model = self._model_of(run_id)
-        rows = self._query(model, "img|", "run_id eq @run", {"run": run_id})
-        return sorted((_image(d) for _, d in rows if d["state"] == "in_run"), key=lambda r: r.path)
+    def manifest_candidates(self, model: str, after_seq: int, upto_seq: int) -> list[ImageRow]:
+        trained, flying = self._watermarks(model)
+        rows = [_image(d, image_state(True, d["seq"], trained, flying)) for d in self._latest_above(model, after_seq, upto_seq)]
+        return sorted(rows, key=lambda r: r.path)
 
     def count_images(self, model: str) -> dict[str, int]:
-        return {k: v for k, v in self._head(model).get("counts", {}).get("by_state", {}).items() if v > 0}
+        counts = self._counts(dict(self._head(model)))
+        latest_total = sum(n for split in counts["latest"].values() for n in split.values())
+        trained, flying = self._watermarks(model)
+        states = [image_state(True, d["seq"], trained, flying) for d in self._latest_above(model, trained)]
+        found = {
+            "pending": states.count("pending"),
+            "in_run": states.count("in_run"),
+            "trained": latest_total - len(states),
+            "superseded": counts["versions"] - latest_total,
+        }
+        return {k: v for k, v in found.items() if v > 0}
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -271,17 +276,10 @@ class TableTx(Tx):
         match = RUN_ID.match(run_id)
         return match["model"] if match else GLOBAL
 
-    def insert_run(self, run: RunRow, entries: list[ManifestEntry]) -> None:
+    def insert_run(self, run: RunRow) -> None:
         if self._get(run.model, f"run|{run.run_id}") is not None:
             raise KeyError(f"run {run.run_id} exists")
         self._put(run.model, f"run|{run.run_id}", _run_doc(run), state=run.state)
-        docs = [e.__dict__ for e in entries]
-        for n in range(0, max(1, len(docs)), MANIFEST_CHUNK):
-            self._put(run.model, f"mf|{run.run_id}|{n // MANIFEST_CHUNK:05d}", {"entries": docs[n : n + MANIFEST_CHUNK]})
-
-    def manifest_entries(self, run_id: str) -> list[ManifestEntry]:
-        chunks = self._query(self._model_of(run_id), f"mf|{run_id}|")
-        return sorted((ManifestEntry(**e) for _, d in chunks for e in d["entries"]), key=lambda e: e.path)
 
     def get_run(self, run_id: str) -> RunRow | None:
         doc = self._get(self._model_of(run_id), f"run|{run_id}")
@@ -302,19 +300,20 @@ class TableTx(Tx):
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(self, row: RequestRow) -> None:
-        if self._get(row.model, f"rq|{_k(row.request_id)}") is not None:
-            raise KeyError(f"request {row.request_id} exists")
-        self._put(row.model, f"rq|{_k(row.request_id)}", _request_doc(row), state=row.state)
+        head = self._head(row.model)
+        head["request_seq"] = head.get("request_seq", 0) + 1
+        row.seq = head["request_seq"]
+        self._put(row.model, f"rq|{row.seq:012d}", _request_doc(row), state=row.state)
 
     def open_requests(self, model: str) -> list[RequestRow]:
-        rows = [_request(d) for _, d in self._query(model, "rq|", "state eq @state", {"state": "open"})]
-        return sorted(rows, key=lambda r: (r.created_at, r.request_id))
+        upto = self._head(model).get("request_watermark", 0)
+        rows = [_request(d) for _, d in self._query(model, "rq|", "state eq @state", {"state": "open"}, after=f"rq|{upto:012d}")]
+        return sorted(rows, key=lambda r: r.seq)
 
-    def update_request(self, row: RequestRow) -> None:
-        doc = self._get(row.model, f"rq|{_k(row.request_id)}")
+    def reject_request(self, row: RequestRow) -> None:
+        doc = self._get(row.model, f"rq|{row.seq:012d}")
         if doc is not None:
-            doc.update(state=row.state, run_id=row.run_id)
-            self._put(row.model, f"rq|{_k(row.request_id)}", doc, state=row.state)
+            self._put(row.model, f"rq|{row.seq:012d}", {**doc, "state": "rejected"}, state="rejected")
 
     # -- decisions -----------------------------------------------------------------------------
 
@@ -377,28 +376,30 @@ class TableTx(Tx):
 
     def model_head(self, model: str) -> ModelHead:
         h = self._head(model)
-        return ModelHead(
-            model=model, next_seq=h.get("next_seq", 1), followup_wanted=h.get("followup_wanted", False),
-            last_run_finished_at=_dt(h.get("last_run_finished_at")), champion_version=h.get("champion_version"), champion_sha256=h.get("champion_sha256"),
-        )  # fmt: skip
+        fields = {k: h[k] for k in _HEAD_FIELDS if k in h}
+        for key in _HEAD_TIMES:
+            fields[key] = _dt(fields.get(key))
+        return ModelHead(model=model, **fields)
 
     def save_model_head(self, head: ModelHead) -> None:
         h = self._head(head.model)
-        h.update(
-            next_seq=head.next_seq, followup_wanted=head.followup_wanted, last_run_finished_at=_ts(head.last_run_finished_at),
-            champion_version=head.champion_version, champion_sha256=head.champion_sha256,
-        )  # fmt: skip
+        for key in _HEAD_FIELDS:
+            value = getattr(head, key)
+            h[key] = _ts(value) if key in _HEAD_TIMES else value
 
-    def remember_response(self, key: str, fingerprint: str, response: dict, at: dt.datetime) -> tuple[str, dict] | None:
-        doc = self._get(GLOBAL, f"idem|{_k(key)}")
+    def remember_response(self, model: str, key: str, fingerprint: str, response: dict, at: dt.datetime) -> tuple[str, dict] | None:
+        doc = self._get(model, f"idem|{_k(key)}")
         if doc is not None:
             return doc["fingerprint"], doc["response"]
-        self._put(GLOBAL, f"idem|{_k(key)}", {"fingerprint": fingerprint, "response": response, "at": _ts(at)})
+        self._put(model, f"idem|{_k(key)}", {"fingerprint": fingerprint, "response": response}, at=_ts(at))
         return None
 
     def commit(self) -> None:
         changed = {pk for pk, (doc, _, original) in self.heads.items() if json.dumps(doc, sort_keys=True) != original}
-        for pk in sorted({pk for pk, _ in self.writes} | changed):
+        partitions = sorted({pk for pk, _ in self.writes} | changed)
+        if len(partitions) > 1:
+            raise CommitTooLargeError(f"a transaction wrote to {len(partitions)} partitions ({', '.join(partitions)}); one batch holds one")
+        for pk in partitions:
             ops = [
                 (("delete" if e is None else "upsert"), e or {"PartitionKey": pk, "RowKey": rk})
                 for (wpk, rk), e in self.writes.items()
@@ -421,6 +422,7 @@ class TableStore(Store):
         with suppress(ResourceExistsError):
             self.table.create_table()
         self._partitions: set[str] = set()
+        self.batches = 0  # entity group transactions sent (one per commit)
 
     @classmethod
     def from_connection_string(cls, connection: str, table: str = "retrain") -> TableStore:
@@ -458,89 +460,51 @@ class TableStore(Store):
         entity = self.get(pk, "head")
         if entity is None:
             return {}, None
-        doc = json.loads(entity["doc"])
-        if doc.get("journal"):
-            self._apply_journal(pk, doc["journal"], entity.metadata["etag"])
-            return self.read_head(pk)
-        return doc, entity.metadata["etag"]
-
-    def _head_entity(self, pk: str, doc: dict[str, Any]) -> dict[str, Any]:
-        return {"PartitionKey": pk, "RowKey": "head", "doc": json.dumps(doc, sort_keys=True)}
+        return _doc_of(entity), entity.metadata["etag"]
 
     def _guarded_head_op(self, pk: str, doc: dict[str, Any], etag: str | None) -> tuple:
         from azure.core import MatchConditions
 
+        entity = {"PartitionKey": pk, "RowKey": "head", **_doc_props(doc)}
         if etag is None:
-            return ("create", self._head_entity(pk, doc))
-        return ("update", self._head_entity(pk, doc), {"etag": etag, "match_condition": MatchConditions.IfNotModified})
+            return ("create", entity)
+        return ("update", entity, {"etag": etag, "match_condition": MatchConditions.IfNotModified})
 
-    def _submit(self, ops: list[tuple]) -> None:
+    def commit_partition(self, pk: str, ops: list[tuple], head: dict[str, Any], etag: str | None) -> None:
+        """Commit the operations and the guarded head update as one entity group transaction."""
         from azure.data.tables import TableTransactionError
 
+        batch = [*ops, self._guarded_head_op(pk, head, etag)]
+        size = sum(len(json.dumps(op[1])) * 2 for op in batch)  # UTF-16 on the wire, to be safe
+        if len(batch) > BATCH or size > BATCH_BYTES:
+            raise CommitTooLargeError(f"a commit of {len(batch)} operations ({size} bytes) does not fit one entity group transaction")
         try:
-            self.table.submit_transaction(ops)
+            self.table.submit_transaction(batch)
         except TableTransactionError as exc:
             if exc.status_code in (409, 412):
                 raise ConcurrencyConflict(f"another writer committed first ({exc.status_code})") from None
             raise
-
-    def commit_partition(self, pk: str, ops: list[tuple], head: dict[str, Any], etag: str | None) -> None:
-        head = {k: v for k, v in head.items() if k != "journal"}
-        if len(ops) + 1 <= BATCH:
-            self._submit([*ops, self._guarded_head_op(pk, head, etag)])
-            self._partitions.add(pk)
-            return
-        # Redo journal: write the operations, decide with one guarded head update, then apply.
-        txid = uuid.uuid4().hex
-        chunks, current, size = [], [], 0
-        for op in ops:
-            text = json.dumps(op)
-            if current and size + len(text) > JOURNAL_ENTITY_CHARS:
-                chunks.append(current)
-                current, size = [], 0
-            current.append(op)
-            size += len(text)
-        chunks.append(current)
-        entities = [{"PartitionKey": pk, "RowKey": f"jr|{txid}|{n:05d}", **_split(json.dumps(chunk))} for n, chunk in enumerate(chunks)]
-        for entity in entities:  # one at a time: a batch may not exceed 4 MB
-            self.table.upsert_entity(entity)
-        journal = {"txid": txid, "chunks": len(chunks), "head": head}
-        try:
-            self._submit([self._guarded_head_op(pk, {**head, "journal": journal}, etag)])
-        except ConcurrencyConflict:
-            for entity in entities:  # the decision went to another writer: this journal never applies
-                self.table.delete_entity(pk, entity["RowKey"])
-            raise
+        self.batches += 1
         self._partitions.add(pk)
-        self._apply_journal(pk, journal, self.get(pk, "head").metadata["etag"])
-
-    def _apply_journal(self, pk: str, journal: dict[str, Any], etag: str | None) -> None:
-        """Apply a committed journal (idempotent: upserts and deletes), then clear it."""
-        from azure.core.exceptions import ResourceNotFoundError
-
-        txid = journal["txid"]
-        for n in range(journal["chunks"]):
-            entity = self.get(pk, f"jr|{txid}|{n:05d}")
-            if entity is None:
-                continue
-            for kind, e in json.loads(_join(entity)):
-                if kind == "delete":
-                    with suppress(ResourceNotFoundError):
-                        self.table.delete_entity(e["PartitionKey"], e["RowKey"])
-                else:
-                    self.table.upsert_entity(e)
-        try:
-            self._submit([self._guarded_head_op(pk, journal["head"], etag)])
-        except ConcurrencyConflict:
-            return  # another reader finished applying it first
-        for n in range(journal["chunks"]):
-            with suppress(ResourceNotFoundError):
-                self.table.delete_entity(pk, f"jr|{txid}|{n:05d}")
 
     def prune_decisions(self, model: str, keep: int) -> None:
         rows = list(self.query(_prefix_filter("dc|"), {"pk": model}))
         for entity in rows[keep:]:
             self.table.delete_entity(model, entity["RowKey"])
+
+    def prune_inbox(self, model: str | None, before: dt.datetime, limit: int = 1000) -> int:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        pk, removed = model or GLOBAL, 0
+        for prefix in ("in|", "idem|"):
+            flt = _prefix_filter(prefix) + " and at lt @before"
+            for entity in self.query(flt, {"pk": pk, "before": _ts(before)}):
+                if removed >= limit:
+                    return removed
+                with suppress(ResourceNotFoundError):
+                    self.table.delete_entity(pk, entity["RowKey"])
+                removed += 1
+        return removed
 
     # -- the port ------------------------------------------------------------------------------
 
@@ -551,7 +515,7 @@ class TableStore(Store):
     def _outbox(self, flt: str) -> list[OutboxRow]:
         rows = []
         for e in self.query(flt, {}):
-            d = json.loads(e["doc"])
+            d = _doc_of(e)
             row = OutboxRow(
                 event_id=d["event_id"], type=d["type"], subject=d["subject"], payload=d["payload"], created_at=_dt(d["created_at"]),
                 published_at=_dt(d.get("published_at")),
@@ -568,12 +532,12 @@ class TableStore(Store):
                 marker = self.get(pk, f"ev|{_k(event_id)}")
                 if marker is None:
                     continue
-                rk = json.loads(marker["doc"])["rk"]
+                rk = _doc_of(marker)["rk"]
                 entity = self.get(pk, rk)
                 if entity is not None and not entity.get("published"):
-                    doc = json.loads(entity["doc"])
+                    doc = _doc_of(entity)
                     doc["published_at"] = _ts(at)
-                    self.table.upsert_entity({"PartitionKey": pk, "RowKey": rk, "doc": json.dumps(doc, sort_keys=True), "published": True})
+                    self.table.upsert_entity({"PartitionKey": pk, "RowKey": rk, **_doc_props(doc), "published": True})
                 break
 
     def all_events(self) -> Iterator[OutboxRow]:

@@ -49,7 +49,7 @@ def test_ddp_runs_are_submitted_as_the_article_does_with_nccl_on_n_nodes(environ
     assert config["pytorch"]["processCount"] == 8
     args = config["arguments"]
     assert args[args.index("--data_dir") + 1] == "$AZUREML_DATAREFERENCE_images"
-    assert args[args.index("--manifest") + 1] == "$AZUREML_DATAREFERENCE_manifests/birds-0003-abcd1234.json"
+    assert args[args.index("--manifest") + 1] == f"$AZUREML_DATAREFERENCE_manifests/{'ab' * 32}.json"  # content-addressed
     assert args[args.index("--init_checkpoint") + 1] == "$AZUREML_DATAREFERENCE_champion/model.pt"
     assert args[args.index("--num_epochs") + 1] == "30"
     assert args[args.index("--output_dir") + 1] == "./outputs"
@@ -254,7 +254,7 @@ def test_the_worker_drives_azure_ml_end_to_end_offline(tmp_path, environment):
         return hashlib.sha256(weights).hexdigest()
 
     first = upload_and_run(0)
-    assert artifacts.blobs[f"manifests/birds/{first.run_id}.json"]  # the run's manifest input
+    assert artifacts.blobs[f"manifests/{first.manifest_sha256}.json"]  # the run's manifest input, named by its digest
     config = serialized_run_config(seam.configs[first.backend_run_id])
     assert "champion" not in config["dataReferences"]
     champion_sha = finish(first, 0.8, None)

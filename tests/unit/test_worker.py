@@ -52,7 +52,7 @@ def test_an_overwritten_image_is_a_new_version_and_replaces_the_pending_one(h):
     with h.store.transaction() as tx:
         assert tx.pending_stats("birds").count == 1
         assert tx.count_images("birds") == {"pending": 1, "superseded": 1}
-        assert [i.etag for i in tx.manifest_candidates("birds", only_pending=True)] == ["v2"]
+        assert [i.etag for i in tx.manifest_candidates("birds", 0, tx.image_watermark("birds"))] == ["v2"]
 
 
 def test_every_handler_delivered_twice_has_one_effect(h):

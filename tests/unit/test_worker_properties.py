@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from shared.manifest_hash import manifest_sha256
 from shared.messages import ImageUploaded
+from worker.memory_store import MemoryStore
 from worker.sqlite_store import SqliteStore
 from worker.store import IN_FLIGHT_STATES
 
@@ -22,10 +23,15 @@ PATHS = [f"{label}/{i}.jpg" for label in ("chicken", "turkey") for i in range(12
 
 
 class WorkerMachine(RuleBasedStateMachine):
+    store_factory = staticmethod(lambda root: MemoryStore())
+
     def __init__(self):
         super().__init__()
+        root = Path(tempfile.mkdtemp())
         self.h = make_harness(
-            Path(tempfile.mkdtemp()), min_new_images=4, min_per_class=1, quiet_period=5, cooldown=3, max_attempts=2, retry_backoff=2
+            root,
+            store=self.store_factory(root),
+            min_new_images=4, min_per_class=1, quiet_period=5, cooldown=3, max_attempts=2, retry_backoff=2
         )
         self.delivered: list[ImageUploaded] = []
         self.versions: dict[str, int] = {}
@@ -87,36 +93,36 @@ class WorkerMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_manifest_hash_matches_its_content(self):
-        with self.h.store.transaction() as tx:
-            for run in tx.runs("birds"):
-                entries = tx.manifest_entries(run.run_id)
-                rows = [{"path": e.path, "label": e.label, "split": e.split, "etag": e.etag} for e in entries]
-                assert manifest_sha256(run.classes, rows) == run.manifest_sha256
-                assert sorted({e.label for e in entries}) == run.classes
+        for run in self.h.runs():
+            entries = self.h.manifest(run)  # load() verifies the blob hashes to its name
+            assert manifest_sha256(run.classes, entries) == run.manifest_sha256
+            assert sorted({e["label"] for e in entries}) == run.classes
+            assert run.image_count == len(entries)
 
     @invariant()
     def no_image_is_lost_or_trained_twice(self):
-        with self.h.store.transaction() as tx:
-            runs = {r.run_id: r for r in tx.runs("birds")}
-            consumed: dict[tuple[str, str], str] = {}
-            for run in runs.values():
-                if run.outcome in ("succeeded", "registered", "rejected"):  # training succeeded
-                    for e in tx.manifest_entries(run.run_id):
-                        if e.is_new:
-                            assert (e.path, e.etag) not in consumed, f"{e.path} counted new by two successful runs"
-                            consumed[(e.path, e.etag)] = run.run_id
-            latest = {i.path: i for i in tx.manifest_candidates("birds", only_pending=False)}
-            for path, version in self.versions.items():
-                image = latest.get(path)
-                assert image is not None, f"{path} was lost"
-                assert image.etag == f"v{version}", f"{path} is not at its newest version"
-                if image.state == "pending":
-                    assert image.run_id is None
-                elif image.state == "in_run":
-                    assert runs[image.run_id].in_flight
-                else:
-                    assert image.state == "trained"
-                    assert consumed.get((image.path, image.etag)) is not None
+        """Checked against the manifests themselves, not the watermarks that produced them."""
+        runs = sorted(self.h.runs(), key=lambda r: r.seq)
+        trained: dict[tuple[str, str], str] = {}  # (path, etag) -> the successful run that first had it
+        for run in runs:
+            keys = {(e["path"], e["etag"]) for e in self.h.manifest(run)}
+            new = keys - set(trained)
+            # What the ledger says is new to the run is exactly what no earlier successful run had.
+            assert run.new_image_count == len(new), f"{run.run_id}: {run.new_image_count} new, manifests say {len(new)}"
+            if run.outcome in ("succeeded", "registered", "rejected") or run.state == "succeeded":
+                trained.update(dict.fromkeys(new, run.run_id))
+        flying = {(e["path"], e["etag"]) for r in runs if r.in_flight for e in self.h.manifest(r)}
+        latest = self.h.images()
+        for path, version in self.versions.items():
+            image = latest.get(path)
+            assert image is not None, f"{path} was lost"
+            assert image.etag == f"v{version}", f"{path} is not at its newest version"
+            key = (image.path, image.etag)
+            if image.state == "trained":
+                assert key in trained, f"{path} is trained but no successful run had it"
+            else:
+                assert key not in trained, f"{path} is {image.state} but a successful run trained it"
+                assert (image.state == "in_run") == (key in flying), f"{path} is {image.state}; in the flying run: {key in flying}"
 
 
 class SqliteWorkerMachine(WorkerMachine):

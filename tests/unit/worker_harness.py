@@ -121,6 +121,17 @@ class Harness:
     def events(self):
         return list(self.store.all_events())
 
+    def manifest(self, run) -> list[dict]:
+        """The images of the run's frozen manifest (the content-addressed blob it names)."""
+        from worker.manifests import load
+
+        return load(self.worker.manifests, run.manifest_sha256)["images"]
+
+    def images(self) -> dict[str, object]:
+        """The latest version of every path, with its derived state."""
+        with self.store.transaction() as tx:
+            return {i.path: i for i in tx.manifest_candidates("birds", 0, tx.image_watermark("birds"))}
+
 
 def make_harness(tmp_path: Path, store: Store | None = None, **knobs) -> Harness:
     config = small_config(tmp_path, **knobs)
