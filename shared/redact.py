@@ -23,12 +23,12 @@ _PATTERNS = [
     # Authorization: Bearer <token>, Basic <credentials>
     re.compile(r"(?i)\b(Bearer|Basic)(\s+)()([A-Za-z0-9._~+/=%-]{8,})"),
     # user info in a URL: scheme://user:password@host
-    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/\s:@]*)(:)()([^/\s@]+)(?=@)"),
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/\s:@]*)(:)()([^\s@]+)(?=@)"),
 ]
 MASK = "***"
 # C0/C1 controls and the Unicode bidirectional and invisible formatting characters (a U+202E in
 # a file name can make a log line read backwards).
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
 
 
 def redact(text: object) -> str:

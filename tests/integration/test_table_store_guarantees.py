@@ -1,8 +1,11 @@
-"""What only the Table Storage ledger has to prove: journaled commits over 100 operations, their
-repair after a crash, and several processes crossing the threshold at once making one run."""
+"""What only the Table Storage ledger has to prove: every commit is one entity group transaction
+(at most 100 operations, one partition) however many images a backfill or a run holds; a crash
+between a backfill's chunks is finished by the redelivery; a slow concurrent writer or reader
+cannot corrupt state; several processes crossing the threshold at once make one run."""
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import subprocess
 import sys
@@ -26,50 +29,119 @@ def store(azurite):
     s.close()
 
 
-def test_a_backfill_and_a_plan_over_100_operations_commit_through_the_journal(store, tmp_path):
+class BatchRecorder:
+    """Wraps the real TableClient's submit_transaction to record every batch sent."""
+
+    def __init__(self, store):
+        self.sizes: list[int] = []
+        self.partitions: list[set[str]] = []
+        inner = store.table.submit_transaction
+
+        def submit(ops, **kwargs):
+            self.sizes.append(len(ops))
+            self.partitions.append({op[1]["PartitionKey"] for op in ops})
+            return inner(ops, **kwargs)
+
+        store.table.submit_transaction = submit
+
+
+def test_a_backfill_and_a_run_over_thousands_of_images_commit_one_bounded_batch_at_a_time(store, tmp_path):
+    batches = BatchRecorder(store)
     h = make_harness(tmp_path, store=store, min_new_images=10_000)
-    for i in range(130):
+    for i in range(1200):
         h.blobs.blobs[f"{'chicken' if i % 2 else 'turkey'}/b{i:04d}.jpg"] = b"%d" % i
-    assert h.request(prefix="").detail == "registered 130 images"
+    assert h.request(prefix="").detail == "registered 1200 images"
     with store.transaction() as tx:
-        assert tx.pending_stats("birds").count == 130
-        assert len(tx.manifest_candidates("birds", only_pending=True)) == 130
+        assert tx.pending_stats("birds").count == 1200
+    planned_at = len(batches.sizes)
     h.request(force=True)
     [run] = h.runs()
-    assert (run.image_count, run.new_image_count) == (130, 130)
+    assert (run.image_count, run.new_image_count) == (1200, 1200)
+    assert batches.sizes[planned_at:], "the plan was committed"
+    assert max(batches.sizes[planned_at:]) <= 10, "planning a run writes a few records, not one per image"
     with store.transaction() as tx:
-        assert tx.count_images("birds") == {"in_run": 130}
-        assert len(tx.manifest_entries(run.run_id)) == 130
-    assert not list(store.query("PartitionKey eq @pk and RowKey ge 'jr|' and RowKey lt 'jr}'", {"pk": "birds"})), "journal cleared"
+        assert tx.count_images("birds") == {"in_run": 1200}
+    assert len(h.manifest(run)) == 1200
+    h.succeed(run, best=0.9)
+    with store.transaction() as tx:
+        assert tx.count_images("birds") == {"trained": 1200}
+    assert max(batches.sizes) <= 100
+    assert all(len(p) == 1 for p in batches.partitions), "a batch holds one partition"
+    assert not list(store.query("PartitionKey eq @pk and RowKey ge 'jr|' and RowKey lt 'jr}'", {"pk": "birds"})), "no journal"
 
 
-def test_a_crash_after_the_commit_decision_is_finished_by_the_next_reader(store, tmp_path, monkeypatch):
+def test_the_adapter_refuses_a_commit_that_does_not_fit_one_batch(store, tmp_path):
+    from worker.store import CommitTooLargeError, ImageRow
+
+    with store.transaction() as tx:
+        for i in range(30):  # 2 entities per image: 60 operations, fine
+            tx.add_image(ImageRow(model="birds", path=f"chicken/{i}.jpg", etag="e", label="chicken", split="train", first_seen_at=None))
+        tx.commit()
+    with store.transaction() as tx:
+        for i in range(60):  # 120 operations: more than one entity group transaction holds
+            tx.add_image(ImageRow(model="birds", path=f"turkey/{i}.jpg", etag="e", label="turkey", split="train", first_seen_at=None))
+        with pytest.raises(CommitTooLargeError):
+            tx.commit()
+    with store.transaction() as tx:
+        tx.claim_message("m1", "x", "birds", dt.datetime.now(dt.UTC))
+        tx.claim_message("m2", "x", None, dt.datetime.now(dt.UTC))  # another partition
+        with pytest.raises(CommitTooLargeError, match="partitions"):
+            tx.commit()
+    with store.transaction() as tx:
+        assert tx.image_watermark("birds") == 30, "nothing of the refused commits landed"
+
+
+def test_a_crash_between_backfill_chunks_is_finished_by_the_redelivery(store, tmp_path, monkeypatch):
+    import worker.bus as bus_module
+
     h = make_harness(tmp_path, store=store, min_new_images=10_000)
     for i in range(120):
         h.blobs.blobs[f"{'chicken' if i % 2 else 'turkey'}/c{i:04d}.jpg"] = b"%d" % i
-    applied = TableStore._apply_journal
+    chunks = []
 
-    def crash(self, pk, journal, etag):
-        raise RuntimeError("process killed after the head recorded the journal")
+    def crash(name):
+        if name == "after_backfill_chunk":
+            chunks.append(name)
+            if len(chunks) == 3:
+                raise RuntimeError("process killed between chunks")
 
-    monkeypatch.setattr(TableStore, "_apply_journal", crash)
+    monkeypatch.setattr(bus_module, "crashpoint", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        h.request(prefix="", message_id="bf-crash")
-    monkeypatch.setattr(TableStore, "_apply_journal", applied)
-    with store.transaction() as tx:  # reading the head applies the committed journal first
-        assert tx.pending_stats("birds").count == 120
-        assert tx.claim_message("bf-crash", "retrain.requested", "birds", h.clock.now()) is False  # the claim committed with it
+        h.request(prefix="", message_id="bf-crash", force=True)
+    with store.transaction() as tx:
+        assert tx.pending_stats("birds").count == 60, "three chunks of 20 landed"
+        assert tx.open_requests("birds") == [], "the request itself did not"
+    monkeypatch.setattr(bus_module, "crashpoint", lambda name: None)
+    effects = h.request(prefix="", message_id="bf-crash", force=True)  # the redelivery
+    assert effects.detail == "registered 60 images"  # the other 60 were already there
+    assert h.request(prefix="", message_id="bf-crash", force=True).outcome == "duplicate"
+    [run] = h.runs()
+    assert run.new_image_count == 120
 
 
-def test_a_stale_writer_is_refused_and_retried_on_fresh_state(store, tmp_path):
-    h = make_harness(tmp_path, store=store)
-    h.upload("chicken")
-    with store.transaction() as slow:
-        slow.model_head("birds")  # reads the head (and its ETag) ...
-        h.upload("turkey")  # ... another writer commits meanwhile
-        slow.record_decision(DecisionRow(model="birds", at=h.clock.now(), outcome="wait", reason="stale"))
-        with pytest.raises(ConcurrencyConflict):
-            slow.commit()
+def test_a_slow_writer_cannot_overwrite_newer_state_and_a_slow_reader_writes_nothing(store, tmp_path):
+    h = make_harness(tmp_path, store=store, min_new_images=10_000)
+    for i in range(150):
+        h.blobs.blobs[f"{'chicken' if i % 2 else 'turkey'}/s{i:04d}.jpg"] = b"%d" % i
+    h.request(prefix="")
+    with store.transaction() as reader:
+        before = reader.count_images("birds")  # a reader that began before the run was planned ...
+        with store.transaction() as slow:
+            slow.model_head("birds")
+            slow.pending_stats("birds")  # ... and a writer that read the same state
+            h.request(force=True)  # meanwhile the run over all 150 images commits
+            slow.record_decision(DecisionRow(model="birds", at=h.clock.now(), outcome="wait", reason="from a stale view"))
+            with pytest.raises(ConcurrencyConflict):
+                slow.commit()
+        reader.commit()  # a reader has nothing to apply: reads never write
+    assert before == {"pending": 150}
+    [run] = h.runs()
+    with store.transaction() as tx:
+        assert tx.count_images("birds") == {"in_run": 150}
+        assert tx.pending_stats("birds").count == 0
+    h.succeed(run, best=0.9)
+    with store.transaction() as tx:
+        assert tx.count_images("birds") == {"trained": 150}
 
 
 def test_four_processes_on_one_table_count_each_image_once_and_make_one_run(azurite, tmp_path):
@@ -128,22 +200,3 @@ def test_configuration_alone_moves_the_ledger_to_table_storage(azurite, tmp_path
     ledger.close()
     with pytest.raises(ConfigError, match="RETRAIN_TABLES"):
         open_ledger(config, env={})
-
-
-def test_a_journaled_commit_that_loses_the_race_leaves_no_journal_behind(store, tmp_path):
-    h = make_harness(tmp_path, store=store, min_new_images=10_000)
-    for i in range(110):
-        h.blobs.blobs[f"{'chicken' if i % 2 else 'turkey'}/r{i:04d}.jpg"] = b"%d" % i
-    from shared.messages import ImageUploaded, RetrainRequested
-    from worker.handlers import Context, handle_retrain_requested
-
-    with store.transaction() as slow:
-        handle_retrain_requested(
-            Context(h.worker.config, h.clock.now(), {"birds": h.blobs}), slow, RetrainRequested(message_id="big", model="birds", prefix="")
-        )
-        h.worker.handle(ImageUploaded.of("birds", "chicken/racer.jpg", "e1"))  # commits first
-        with pytest.raises(ConcurrencyConflict):
-            slow.commit()
-    assert not list(store.query("PartitionKey eq @pk and RowKey ge 'jr|' and RowKey lt 'jr}'", {"pk": "birds"}))
-    with store.transaction() as tx:
-        assert tx.pending_stats("birds").count == 1

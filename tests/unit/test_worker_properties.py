@@ -31,7 +31,12 @@ class WorkerMachine(RuleBasedStateMachine):
         self.h = make_harness(
             root,
             store=self.store_factory(root),
-            min_new_images=4, min_per_class=1, quiet_period=5, cooldown=3, max_attempts=2, retry_backoff=2
+            min_new_images=4,
+            min_per_class=1,
+            quiet_period=5,
+            cooldown=3,
+            max_attempts=2,
+            retry_backoff=2,
         )
         self.delivered: list[ImageUploaded] = []
         self.versions: dict[str, int] = {}
