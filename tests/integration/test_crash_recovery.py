@@ -24,6 +24,28 @@ with open(os.environ["LAUNCHES"], "a") as f:
 """
 
 
+def test_a_crash_between_backfill_chunks_is_finished_by_the_redelivery(tmp_path):
+    fake, launches, state = tmp_path / "fake_train.py", tmp_path / "launches.txt", tmp_path / "state"
+    fake.write_text(FAKE_TRAIN)
+    launches.touch()
+    fed = _life(state, fake, "backfill", launches, crash_at="after_backfill_chunk")
+    assert fed.returncode == -signal.SIGKILL, fed.stderr[-2000:]
+    store = SqliteStore(state / "ledger.db")
+    with store.transaction() as tx:
+        assert tx.count_images("birds") == {"pending": 20}, "one chunk of 20 landed before the kill"
+        assert tx.runs("birds") == []
+    recovered = _life(state, fake, "recover", launches)
+    assert recovered.returncode == 0, recovered.stdout[-2000:] + recovered.stderr[-2000:]
+    assert "registered 40 images" in recovered.stdout
+    with store.transaction() as tx:
+        runs = tx.runs("birds")
+        counts = tx.count_images("birds")
+    assert len(runs) == 1
+    assert runs[0].new_image_count == 60
+    assert counts == {"trained": 60}
+    assert len(launches.read_text().split()) == 1
+
+
 def _life(state_dir, fake, mode, launches, crash_at=None):
     env = child_env(PYTHONPATH=str(ROOT), LAUNCHES=str(launches))
     if crash_at:

@@ -200,3 +200,28 @@ def test_configuration_alone_moves_the_ledger_to_table_storage(azurite, tmp_path
     ledger.close()
     with pytest.raises(ConfigError, match="RETRAIN_TABLES"):
         open_ledger(config, env={})
+
+
+def test_messages_for_unknown_or_invalid_models_create_no_partition(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    h.upload("chicken")
+    results = [h.worker.reject("m-unknown", model, "unknown_model", "not configured", "servicebus") for model in ("a/b", "a#b", "x" * 2000)]
+    assert results == [True, False, False]  # one message id: recorded once, under no model
+    assert store.partitions() == ["birds"]
+    [event] = [e for e in h.events() if e.type == "retrain.request.rejected"]  # one message id: rejected once
+    assert event.payload["data"]["model"] is None
+
+
+def test_processed_ids_are_pruned_after_the_retention(store, tmp_path):
+    from shared.messages import ImageUploaded
+
+    h = make_harness(tmp_path, store=store)
+    message = ImageUploaded.of("birds", "chicken/a.jpg", "e1", 10)
+    h.worker.handle(message)
+    h.clock.advance(7 * 86400)
+    h.worker.tick()
+    assert h.worker.handle(message).outcome == "duplicate"
+    h.clock.advance(2 * 86400)
+    assert h.worker.prune_inbox() >= 1
+    assert not list(store.query("PartitionKey eq @pk and RowKey ge 'in|' and RowKey lt 'in}'", {"pk": "birds"}))
+    assert h.worker.handle(message).outcome == "duplicate", "the ledger still knows the version"

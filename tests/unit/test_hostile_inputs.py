@@ -509,3 +509,20 @@ def test_a_backfill_and_a_run_over_thousands_of_images_never_need_a_large_commit
     harness.succeed(run)
     with harness.store.transaction() as tx:
         assert tx.count_images("birds") == {"trained": 2500}
+
+
+def test_a_ledger_from_before_the_watermarks_is_refused_with_a_way_out(tmp_path):
+    import sqlite3
+
+    from worker.sqlite_store import LedgerSchemaError, SqliteStore
+
+    old = sqlite3.connect(tmp_path / "ledger.db")
+    old.execute("CREATE TABLE images (model TEXT, path TEXT, etag TEXT, state TEXT, run_id TEXT)")
+    old.execute("CREATE TABLE run_images (run_id TEXT, path TEXT)")
+    old.commit()
+    old.close()
+    with pytest.raises(LedgerSchemaError, match="move the file aside"):
+        SqliteStore(tmp_path / "ledger.db")
+    fresh = SqliteStore(tmp_path / "new" / "ledger.db")  # a new file gets the current schema
+    fresh.close()
+    SqliteStore(tmp_path / "new" / "ledger.db").close()  # and opens again
