@@ -33,7 +33,7 @@ def build_manifest(entries: Iterable[ManifestEntry]) -> dict[str, Any]:
 
 
 def encode(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, indent=1, sort_keys=True, ensure_ascii=False).encode()
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def freeze(store: BlobStore, document: dict[str, Any]) -> str:
