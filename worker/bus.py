@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,12 +20,12 @@ from typing import Any, TypeVar
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
-from shared.messages import Message, RetrainRequested, RunStatusChanged, Tick
+from shared.messages import ImageUploaded, Message, RetrainRequested, RunStatusChanged, Tick
 from shared.redact import redact
 from worker.completion import Completer
 from worker.config import RetrainConfig
 from worker.crashpoints import crashpoint
-from worker.handlers import HANDLERS, Backfill, Context, Effects, register_backfill_chunk, resolve_backfill
+from worker.handlers import HANDLERS, Backfill, Context, Effects, evaluate, image_row, register_backfill_chunk, resolve_backfill
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
 from worker.sqlite_store import is_busy_error
 from worker.store import IMAGES_PER_COMMIT, ConcurrencyConflict, Store, Tx
@@ -33,6 +34,7 @@ from worker.submission import Submitter
 log = logging.getLogger("retrain.worker")
 T = TypeVar("T")
 COMPLETION_ATTEMPTS = 5  # completions of one run that raised before the run is failed for good
+EVALUATION_ATTEMPTS = 3  # an image's evaluation on a staged-ingest ledger is best effort (the tick catches up)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Worker:
         self.blobs = blobs or {}
         self.publisher = publisher
         self.manifests = manifests
+        self._evaluated_at: dict[str, float] = {}  # model -> monotonic time of this instance's last evaluation
 
     def handle(self, message: Message, remember: Remember | None = None) -> Effects:
         """Apply one message. `remember` (an HTTP Idempotency-Key) is stored in the same transaction
@@ -75,6 +78,13 @@ class Worker:
                 combined.planned_runs += part.planned_runs
                 combined.completed_runs += part.completed_runs
             return combined
+        if isinstance(message, ImageUploaded) and self.store.staged_ingest:
+            effects = self._stage(message)
+            if effects.outcome in ("duplicate", "staged"):
+                return effects
+            return self._after_commit(effects)
+        if isinstance(message, Tick) and self.store.staged_ingest:
+            self._drain(message.model)
         backfill = None
         if isinstance(message, RetrainRequested) and (message.images or message.prefix is not None):
             backfill = self._register_backfill(message)
@@ -83,6 +93,9 @@ class Worker:
         effects = self._apply(message, backfill, remember)
         if effects.outcome in ("duplicate", "replayed"):
             return effects
+        return self._after_commit(effects)
+
+    def _after_commit(self, effects: Effects) -> Effects:
         for run_id in effects.completed_runs:
             effects.planned_runs += self.complete(run_id)
         if effects.planned_runs:
@@ -119,12 +132,12 @@ class Worker:
 
         return self._transaction(step)
 
-    def _transaction(self, step: Callable[[Context, Tx], T]) -> T:
+    def _transaction(self, step: Callable[[Context, Tx], T], attempts: int = 40) -> T:
         """Run `step` in a transaction, retried on lock contention or a lost optimistic race."""
         for attempt in Retrying(
             retry=retry_if_exception(lambda exc: is_busy_error(exc) or isinstance(exc, ConcurrencyConflict)),
             wait=wait_random_exponential(multiplier=0.005, max=0.25),
-            stop=stop_after_attempt(40) | stop_after_delay(60),
+            stop=stop_after_attempt(attempts) | stop_after_delay(60),
             reraise=True,
         ):
             with attempt, self.store.transaction() as tx:
@@ -136,6 +149,35 @@ class Worker:
     def _context(self, backfill: Backfill | None = None) -> Context:
         return Context(self.config, self.clock.now(), self.blobs, manifests=self.manifests, backfill=backfill)
 
+    def _stage(self, message: ImageUploaded) -> Effects:
+        """Scale-out ingest: one idempotent write per image, then the policy at most every
+        `worker.evaluate_interval` per model in this instance (the tick evaluates too). The
+        evaluation is best effort: if other instances keep winning the head, the image is safely
+        staged and the next evaluation (theirs or the tick's) folds it in."""
+        ctx = self._context()
+        row = image_row(ctx, message.model, message.path, message.etag, message.size, message.source, message.occurred_at)
+        if self.store.stage_image(row) == "duplicate":
+            return Effects(outcome="duplicate", detail=f"{message.path} ({message.etag}) is already known")
+        now = time.monotonic()
+        if now - self._evaluated_at.get(message.model, float("-inf")) < self.config.worker.evaluate_interval:
+            return Effects(outcome="staged", detail=f"staged {message.path}")
+        self._evaluated_at[message.model] = now
+
+        def step(ctx: Context, tx: Tx) -> Effects:
+            _, run = evaluate(ctx, tx, message.model, message.message_id)
+            return Effects(planned_runs=[run.run_id] if run else [], detail=f"staged {message.path} and evaluated")
+
+        try:
+            return self._transaction(step, attempts=EVALUATION_ATTEMPTS)
+        except ConcurrencyConflict:
+            return Effects(outcome="staged", detail=f"staged {message.path}; evaluation left to the next one")
+
+    def _drain(self, model: str | None) -> None:
+        """Fold everything staged (a tick's first step on a staged-ingest ledger), a batch per commit."""
+        for name in [model] if model else sorted(self.config.models):
+            while self._transaction(lambda ctx, tx, name=name: tx.fold(name)):
+                pass
+
     def _register_backfill(self, message: RetrainRequested) -> Backfill | None:
         """Register a request's images chunk by chunk, each chunk its own (idempotent) transaction.
 
@@ -145,7 +187,13 @@ class Worker:
         with self.store.transaction() as tx:
             if tx.claim_message(message.message_id, message.kind, message.model, self.clock.now()) is False:
                 return None  # (read-only here: the claim is not committed)
-        backfill = resolve_backfill(self._context(), message)
+        ctx = self._context()
+        backfill = resolve_backfill(ctx, message)
+        if self.store.staged_ingest:  # one write per image, idempotent; folded by the evaluation
+            rows = [image_row(ctx, message.model, path, etag, size, "backfill", None) for path, etag, size in backfill.refs]
+            backfill.registered = self.store.stage_images(rows)
+            self._drain(message.model)
+            return backfill
         for start in range(0, len(backfill.refs), IMAGES_PER_COMMIT):
             chunk = backfill.refs[start : start + IMAGES_PER_COMMIT]
             backfill.registered += self._transaction(lambda ctx, tx, chunk=chunk: register_backfill_chunk(ctx, tx, message.model, chunk))

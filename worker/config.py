@@ -150,6 +150,10 @@ class WorkerConfig(_Section):
     table_name: str = Field("retrain", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
     events_file: Path | None = Field(None, description="JSON lines sink for published events; default <state_dir>/events.jsonl")
     registry_dir: Path | None = Field(None, description="local model registry; default <state_dir>/registry")
+    evaluate_interval: Seconds = Field(
+        0.5,
+        description="on a staged-ingest ledger (Table Storage), evaluate the policy after an image at most this often per model and instance (ticks always evaluate)",
+    )
     inbox_retention: Seconds = Field(
         8 * 86400.0,
         description="how long processed message ids are kept (longer than Service Bus's 7-day duplicate window and Event Grid's 24 h retries)",

@@ -174,7 +174,7 @@ def make_run_id(model: str, seq: int, manifest_sha256: str) -> str:
 # handlers
 
 
-def _image_row(ctx: Context, model: str, path: str, etag: str, size: int, source: str, occurred_at: dt.datetime | None) -> ImageRow:
+def image_row(ctx: Context, model: str, path: str, etag: str, size: int, source: str, occurred_at: dt.datetime | None) -> ImageRow:
     cfg = ctx.config.model(model)
     return ImageRow(
         model=model, path=path, etag=etag, label=label_of(path), split=stable_split(path, cfg.val_fraction), size=size,
@@ -183,7 +183,7 @@ def _image_row(ctx: Context, model: str, path: str, etag: str, size: int, source
 
 
 def handle_image_uploaded(ctx: Context, tx: Tx, msg: ImageUploaded) -> Effects:
-    added = tx.add_image(_image_row(ctx, msg.model, msg.path, msg.etag, msg.size, msg.source, msg.occurred_at))
+    added = tx.add_image(image_row(ctx, msg.model, msg.path, msg.etag, msg.size, msg.source, msg.occurred_at))
     if added != "new":
         return Effects(
             outcome=added,
@@ -230,7 +230,7 @@ def resolve_backfill(ctx: Context, msg: RetrainRequested) -> Backfill:
 
 def register_backfill_chunk(ctx: Context, tx: Tx, model: str, refs: list[tuple[str, str, int]]) -> int:
     """Register one chunk of a backfill (its own transaction; a repeat is a no-op); returns how many were new."""
-    return sum(tx.add_image(_image_row(ctx, model, path, etag, size, "backfill", None)) == "new" for path, etag, size in refs)
+    return sum(tx.add_image(image_row(ctx, model, path, etag, size, "backfill", None)) == "new" for path, etag, size in refs)
 
 
 def handle_retrain_requested(ctx: Context, tx: Tx, msg: RetrainRequested) -> Effects:

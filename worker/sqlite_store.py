@@ -419,8 +419,15 @@ class SqliteStore(Store):
             )
         if version > SCHEMA_VERSION:
             raise LedgerSchemaError(f"the ledger {self.path} has schema {version}, newer than this retrain understands ({SCHEMA_VERSION})")
-        conn.executescript(SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version == SCHEMA_VERSION:
+            return  # opening an existing ledger writes nothing (readers must not queue behind writers)
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # two processes creating the same new ledger take turns
+            conn.executescript(SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        finally:
+            os.close(fd)
 
     def _connect_once(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)

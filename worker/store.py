@@ -223,6 +223,11 @@ class Tx(abc.ABC):
         known; "stale" if a newer version of the path is already known (kept, not latest). A new
         latest version makes the older ones not latest."""
 
+    def fold(self, model: str) -> int:
+        """Fold images staged outside a transaction (`Store.stage_image`) into the ledger; returns how
+        many. Stores without staged ingest register images directly and have nothing to fold."""
+        return 0
+
     @abc.abstractmethod
     def image_watermark(self, model: str) -> int:
         """The highest arrival seq given to the model's images (0 when there are none)."""
@@ -315,6 +320,16 @@ class Tx(abc.ABC):
 
 
 class Store(abc.ABC):
+    # True: an image event is staged with one idempotent write and folded in by the next evaluation
+    # (the Table ledger, shared by many instances); False: registered in the message's transaction.
+    staged_ingest: bool = False
+
+    def stage_image(self, row: ImageRow) -> Literal["staged", "duplicate"]:
+        raise NotImplementedError(f"{type(self).__name__} registers images in transactions")
+
+    def stage_images(self, rows: list[ImageRow]) -> int:
+        raise NotImplementedError(f"{type(self).__name__} registers images in transactions")
+
     @abc.abstractmethod
     def transaction(self) -> AbstractContextManager[Tx]:
         """A write transaction, serialised against every other writer of the same ledger."""

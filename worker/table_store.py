@@ -25,6 +25,8 @@ import dataclasses
 import datetime as dt
 import json
 import re
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Literal
@@ -52,6 +54,11 @@ GLOBAL = "_global"
 BATCH = 100  # operations in one entity group transaction, the head included
 BATCH_BYTES = 4 * 1024 * 1024  # one entity group transaction's payload
 PROPERTY_CHARS = 30_000  # one string property (the service allows 32K UTF-16 characters)
+FOLD_OPS = 84  # writes a transaction may hold after a fold, leaving room for what the evaluation writes
+ARRIVALS_PER_FOLD = 30  # staged images read per fold (3-4 writes each)
+PATHS_PER_QUERY = 14  # `RowKey eq` comparisons per filter (the service allows 15 comparisons)
+STAGE_BATCH = 49  # images staged per batch by a backfill (2 entities each)
+MERGE = "__merge__"  # marks a buffered write that updates some properties of an existing entity
 RUN_ID = re.compile(r"^(?P<model>[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)-\d{4,}-[0-9a-f]{8}$")
 
 
@@ -128,8 +135,33 @@ def _seq_key(seq: int) -> str:
     return f"sq|{seq:012d}"
 
 
+def _path_key(path: str) -> str:
+    return f"pth|{_k(path)}"
+
+
+def _arrival_key() -> str:
+    """Roughly arrival-ordered and unique; the fold, not this key, decides the order that counts."""
+    return f"ar|{time.time_ns():020d}|{uuid.uuid4().hex[:12]}"
+
+
+def _staged_doc(row: ImageRow) -> dict[str, Any]:
+    doc = _image_doc(row)
+    doc.pop("seq"), doc.pop("latest")
+    return doc
+
+
 _HEAD_TIMES = ("last_run_finished_at", "backoff_until")
 _HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(ModelHead) if f.name != "model")
+
+
+def _operation(pk: str, rk: str, entity: dict[str, Any] | None) -> tuple:
+    from azure.data.tables import UpdateMode
+
+    if entity is None:
+        return ("delete", {"PartitionKey": pk, "RowKey": rk})
+    if entity.get(MERGE):
+        return ("update", {k: v for k, v in entity.items() if k != MERGE}, {"mode": UpdateMode.MERGE})
+    return ("upsert", entity)
 
 
 class TableTx(Tx):
@@ -157,25 +189,40 @@ class TableTx(Tx):
         return None if entity is None else _doc_of(entity)
 
     def _query(
-        self, pk: str, prefix: str, where: str = "", params: dict[str, Any] | None = None, after: str | None = None
+        self,
+        pk: str,
+        prefix: str,
+        where: str = "",
+        params: dict[str, Any] | None = None,
+        after: str | None = None,
+        top: int | None = None,
     ) -> list[tuple[str, dict[str, Any]]]:
-        """Entities under `prefix` (RowKey > `after` when given), with this transaction's own writes applied, sorted by RowKey."""
+        """Entities under `prefix` (RowKey > `after` when given; the first `top`), with this
+        transaction's own writes applied, sorted by RowKey."""
         self._head(pk)
-        flt = _prefix_filter(prefix) + (" and RowKey gt @after" if after else "") + (f" and {where}" if where else "")
-        found = {e["RowKey"]: e for e in self.store.query(flt, {"pk": pk, **({"after": after} if after else {}), **(params or {})})}
+        params = params or {}
+        flt = _prefix_filter(prefix) + (" and RowKey gt @after" if after else "")
+        # The service filters on RowKey only: a buffered MERGE can change a property a filter reads.
+        stored = self.store.query(flt, {"pk": pk, **({"after": after} if after else {})}, top=top)
+        found = {e["RowKey"]: e for e in stored}
         for (wpk, rk), entity in self.writes.items():
             if wpk == pk and rk.startswith(prefix) and (after is None or rk > after):
                 if entity is None:
                     found.pop(rk, None)
+                elif entity.get(MERGE):
+                    if rk in found:
+                        found[rk] = {**found[rk], **{k: v for k, v in entity.items() if k != MERGE}}
                 else:
                     found[rk] = entity
-        rows = [(rk, e) for rk, e in sorted(found.items()) if self._matches(e, where, params or {})]
-        return [(rk, _doc_of(e)) for rk, e in rows]
+        rows = [(rk, e) for rk, e in sorted(found.items()) if self._matches(e, where, params)]
+        return [(rk, _doc_of(e)) for rk, e in rows[:top]]
 
     @staticmethod
     def _matches(entity: dict[str, Any], where: str, params: dict[str, Any]) -> bool:
-        # Our own buffered writes must pass the same filter the service applied to stored ones.
-        return all(entity.get(prop) == params.get(name) for prop, name in re.findall(r"(\w+) eq @(\w+)", where))
+        # Stored and buffered entities pass the same filter, applied here.
+        eq = all(entity.get(prop) == params.get(name) for prop, name in re.findall(r"(\w+) eq @(\w+)", where))
+        le = all(entity.get(prop) <= params.get(name) for prop, name in re.findall(r"(\w+) le @(\w+)", where))
+        return eq and le
 
     def _put(self, pk: str, rk: str, doc: dict[str, Any], **indexed: Any) -> None:
         self._head(pk)
@@ -194,8 +241,12 @@ class TableTx(Tx):
         return trained, (flying.watermark if flying else None)
 
     def _latest_above(self, model: str, after_seq: int, upto_seq: int | None = None) -> list[dict[str, Any]]:
-        rows = self._query(model, "sq|", "latest eq @latest", {"latest": True}, after=_seq_key(after_seq))
-        return [d for _, d in rows if upto_seq is None or d["seq"] <= upto_seq]
+        """Latest versions with after_seq < seq (<= upto_seq): a range read on the seq index."""
+        until = {"until": _seq_key(upto_seq)} if upto_seq is not None else {}
+        rows = self._query(
+            model, "sq|", "latest eq @latest" + (" and RowKey le @until" if until else ""), {"latest": True, **until}, after=_seq_key(after_seq)
+        )
+        return [{**d, "latest": True} for _, d in rows if upto_seq is None or d["seq"] <= upto_seq]
 
     # -- inbox ---------------------------------------------------------------------------------
 
@@ -210,40 +261,108 @@ class TableTx(Tx):
     # -- images --------------------------------------------------------------------------------
 
     def add_image(self, row: ImageRow) -> Literal["new", "duplicate", "stale"]:
-        if self._get(row.model, _image_key(row.path, row.etag)) is not None:
+        """Register and fold one version in this transaction (the direct path; ingest stages instead)."""
+        marker = _image_key(row.path, row.etag)
+        if self._get(row.model, marker) is not None:
             return "duplicate"
-        head = self._head(row.model)
-        versions = [d for _, d in self._query(row.model, f"img|{_k(row.path)}|")]
-        newest = next((v for v in versions if v["latest"]), None)
-        stale = newest is not None and is_stale(row, _dt(newest["occurred_at"]), _dt(newest["first_seen_at"]))
-        if newest is not None and not stale:
-            old = self._get(row.model, _seq_key(newest["seq"]))
-            self._put(row.model, _image_key(row.path, newest["etag"]), {**newest, "latest": False})
-            self._put(row.model, _seq_key(newest["seq"]), {**old, "latest": False}, latest=False)
-            self._count_latest(head, old, -1)
-        head["image_seq"] = head.get("image_seq", 0) + 1
-        doc = _image_doc(dataclasses.replace(row, seq=head["image_seq"], latest=not stale))
-        pointer = {k: doc[k] for k in ("seq", "etag", "latest", "occurred_at", "first_seen_at")}
-        self._put(row.model, _image_key(row.path, row.etag), pointer)
-        self._put(row.model, _seq_key(doc["seq"]), doc, latest=doc["latest"])
-        self._counts(head)["versions"] += 1
-        if not stale:
-            self._count_latest(head, doc, +1)
-        return "stale" if stale else "new"
+        self._put(row.model, marker, {"ar": None})
+        [outcome] = self._fold(row.model, [(None, _staged_doc(row))], budget=BATCH)
+        return outcome
+
+    def fold(self, model: str, budget: int = FOLD_OPS) -> int:
+        """Fold staged arrivals (oldest first) into the ledger: give each its arrival seq, settle which
+        version of its path is latest, update the counts. Stops before the transaction would hold
+        more than `budget` writes; returns how many were folded."""
+        arrivals = self._query(model, "ar|", top=ARRIVALS_PER_FOLD)
+        return len(self._fold(model, arrivals, budget)) if arrivals else 0
+
+    def _fold(self, model: str, arrivals: list[tuple[str | None, dict[str, Any]]], budget: int) -> list[str]:
+        head = self._head(model)
+        counts = self._counts(head)
+        pending = head.get("pending")
+        pointers = self._pointers(model, sorted({d["path"] for _, d in arrivals}))
+        outcomes: list[str] = []
+        for arrival, d in arrivals:
+            if outcomes and len(self.writes) + 4 > budget:
+                break
+            pointer = pointers.get(d["path"])
+            stale = pointer is not None and is_stale(_image(d, "pending"), _dt(pointer["occurred_at"]), _dt(pointer["first_seen_at"]))
+            head["image_seq"] = head.get("image_seq", 0) + 1
+            seq = head["image_seq"]
+            self._put(model, _seq_key(seq), {**d, "seq": seq, "latest": not stale}, latest=not stale)
+            if arrival is not None:
+                self._delete(model, arrival)
+            counts["versions"] += 1
+            if not stale:
+                if pointer is not None:  # the new version replaces the path's latest one
+                    self._unlatest(model, _seq_key(pointer["seq"]))
+                    self._count_latest(head, pointer, -1)
+                    if pending is not None and pointer["seq"] > pending["floor"]:
+                        pending["per_class"][d["label"]] = pending["per_class"].get(d["label"], 0) - 1
+                self._count_latest(head, d, +1)
+                if pending is not None:
+                    pending["per_class"][d["label"]] = pending["per_class"].get(d["label"], 0) + 1
+                    pending["oldest"] = min(filter(None, [pending.get("oldest"), d["first_seen_at"]]), default=None)
+                    pending["newest"] = max(filter(None, [pending.get("newest"), d["first_seen_at"]]), default=None)
+                pointer = {k: d[k] for k in ("etag", "occurred_at", "first_seen_at", "label", "split")} | {"seq": seq}
+                pointers[d["path"]] = pointer
+                self._put(model, _path_key(d["path"]), pointer)
+            outcomes.append("stale" if stale else "new")
+        return outcomes
+
+    def _pointers(self, model: str, paths: list[str]) -> dict[str, dict[str, Any]]:
+        """The newest folded version of each path (`pth|` entities), a few paths per query."""
+        found: dict[str, dict[str, Any]] = {}
+        wanted = {_path_key(p): p for p in paths}
+        for (wpk, rk), entity in self.writes.items():
+            if wpk == model and rk in wanted and entity is not None:
+                found[wanted[rk]] = _doc_of(entity)
+        remaining = [rk for rk in wanted if wanted[rk] not in found]
+        for n in range(0, len(remaining), PATHS_PER_QUERY):  # a filter allows 15 comparisons
+            chunk = remaining[n : n + PATHS_PER_QUERY]
+            params = {"pk": model, **{f"r{i}": rk for i, rk in enumerate(chunk)}}
+            flt = "PartitionKey eq @pk and ( " + " or ".join(f"RowKey eq @r{i}" for i in range(len(chunk))) + " )"
+            for entity in self.store.query(flt, params):
+                found[wanted[entity["RowKey"]]] = _doc_of(entity)
+        return found
+
+    def _delete(self, pk: str, rk: str) -> None:
+        self._head(pk)
+        self.writes[(pk, rk)] = None
+
+    def _unlatest(self, pk: str, rk: str) -> None:
+        """Mark a version not latest: a MERGE of one property (no read), or an edit of our own insert."""
+        buffered = self.writes.get((pk, rk))
+        if buffered is not None and not buffered.get(MERGE):
+            self.writes[(pk, rk)] = {**buffered, **_doc_props({**_doc_of(buffered), "latest": False}), "latest": False}
+        else:
+            self.writes[(pk, rk)] = {"PartitionKey": pk, "RowKey": rk, "latest": False, MERGE: True}
 
     def image_watermark(self, model: str) -> int:
         return self._head(model).get("image_seq", 0)
 
     def pending_stats(self, model: str) -> PendingStats:
+        """From the head's counters, kept by the folds; recounted (a range read) when the watermark
+        they were counted above has moved (a run planned, failed, or its completion failed)."""
+        self.fold(model)
+        head = self._head(model)
         trained, flying = self._watermarks(model)
-        pending = self._latest_above(model, max(trained, flying or 0))
-        if not pending:
+        floor = max(trained, flying or 0)
+        pending = head.get("pending")
+        if pending is None or pending["floor"] != floor:
+            rows = self._latest_above(model, floor)
+            per_class: dict[str, int] = {}
+            for d in rows:
+                per_class[d["label"]] = per_class.get(d["label"], 0) + 1
+            seen = [d["first_seen_at"] for d in rows]
+            pending = {"floor": floor, "per_class": per_class, "oldest": min(seen, default=None), "newest": max(seen, default=None)}
+            head["pending"] = pending
+        per_class = {k: v for k, v in pending["per_class"].items() if v > 0}
+        if not per_class:
             return PendingStats()
-        per_class: dict[str, int] = {}
-        for d in pending:
-            per_class[d["label"]] = per_class.get(d["label"], 0) + 1
-        seen = [d["first_seen_at"] for d in pending]
-        return PendingStats(count=len(pending), per_class=per_class, oldest_at=_dt(min(seen)), newest_at=_dt(max(seen)))
+        return PendingStats(
+            count=sum(per_class.values()), per_class=per_class, oldest_at=_dt(pending["oldest"]), newest_at=_dt(pending["newest"])
+        )
 
     def data_stats(self, model: str) -> DataStats:
         latest = self._counts(dict(self._head(model)))["latest"]
@@ -266,6 +385,7 @@ class TableTx(Tx):
             "in_run": states.count("in_run"),
             "trained": latest_total - len(states),
             "superseded": counts["versions"] - latest_total,
+            "staged": len(self._query(model, "ar|")),  # arrived, not folded yet (the next evaluation folds them)
         }
         return {k: v for k, v in found.items() if v > 0}
 
@@ -331,7 +451,7 @@ class TableTx(Tx):
         self._put(row.model, f"dc|{10**12 - head['decision_seq']:012d}", doc)  # newest first in RowKey order
 
     def decisions(self, model: str, limit: int = 20) -> list[DecisionRow]:
-        rows = self._query(model, "dc|")[:limit]
+        rows = self._query(model, "dc|", top=limit)
         return [DecisionRow(**{**d, "at": _dt(d["at"])}) for _, d in rows]
 
     def prune_decisions(self, model: str, keep: int) -> None:
@@ -400,11 +520,7 @@ class TableTx(Tx):
         if len(partitions) > 1:
             raise CommitTooLargeError(f"a transaction wrote to {len(partitions)} partitions ({', '.join(partitions)}); one batch holds one")
         for pk in partitions:
-            ops = [
-                (("delete" if e is None else "upsert"), e or {"PartitionKey": pk, "RowKey": rk})
-                for (wpk, rk), e in self.writes.items()
-                if wpk == pk
-            ]
+            ops = [_operation(pk, rk, e) for (wpk, rk), e in self.writes.items() if wpk == pk]
             doc, etag, _ = self.heads[pk]
             self.store.commit_partition(pk, ops, doc, etag)
         self.committed = True
@@ -447,9 +563,53 @@ class TableStore(Store):
         except ResourceNotFoundError:
             return None
 
-    def query(self, flt: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        for entity in self.table.query_entities(flt, parameters=params):
+    def query(self, flt: str, params: dict[str, Any], top: int | None = None) -> Iterator[dict[str, Any]]:
+        pages = self.table.query_entities(flt, parameters=params, results_per_page=top) if top else self.table.query_entities(flt, parameters=params)
+        for n, entity in enumerate(pages):
+            if top is not None and n >= top:
+                return
             yield dict(entity)
+
+    # -- ingest ---------------------------------------------------------------------------------
+
+    staged_ingest = True
+
+    def stage_image(self, row: ImageRow) -> Literal["staged", "duplicate"]:
+        """Record an arrival with one call and no head update: the version's marker (which makes a
+        duplicate a 409) and its arrival entity, in one batch. The next evaluation folds it in."""
+        from azure.data.tables import TableTransactionError
+
+        try:
+            self.table.submit_transaction(self._stage_ops(row))
+        except TableTransactionError as exc:
+            if exc.status_code == 409:
+                return "duplicate"
+            raise
+        self._partitions.add(row.model)
+        return "staged"
+
+    def stage_images(self, rows: list[ImageRow]) -> int:
+        """Stage many (a backfill): STAGE_BATCH per batch; a batch with a duplicate in it is redone one
+        by one. Returns how many were new arrivals."""
+        from azure.data.tables import TableTransactionError
+
+        staged = 0
+        for n in range(0, len(rows), STAGE_BATCH):
+            chunk = rows[n : n + STAGE_BATCH]
+            try:
+                self.table.submit_transaction([op for row in chunk for op in self._stage_ops(row)])
+                staged += len(chunk)
+            except TableTransactionError as exc:
+                if exc.status_code != 409:
+                    raise
+                staged += sum(self.stage_image(row) == "staged" for row in chunk)
+        return staged
+
+    @staticmethod
+    def _stage_ops(row: ImageRow) -> list[tuple]:
+        arrival = _arrival_key()
+        marker = {"PartitionKey": row.model, "RowKey": _image_key(row.path, row.etag), **_doc_props({"ar": arrival})}
+        return [("create", marker), ("create", {"PartitionKey": row.model, "RowKey": arrival, **_doc_props(_staged_doc(row))})]
 
     def partitions(self) -> list[str]:
         heads = self.table.query_entities("RowKey eq 'head'", select=["PartitionKey"])
@@ -481,7 +641,9 @@ class TableStore(Store):
         try:
             self.table.submit_transaction(batch)
         except TableTransactionError as exc:
-            if exc.status_code in (409, 412):
+            # 412: the head moved; 409/404: an entity this commit creates or deletes was created or
+            # deleted by another writer since we read (the batch fails on whichever it meets first).
+            if exc.status_code in (404, 409, 412):
                 raise ConcurrencyConflict(f"another writer committed first ({exc.status_code})") from None
             raise
         self.batches += 1

@@ -91,27 +91,23 @@ def test_the_adapter_refuses_a_commit_that_does_not_fit_one_batch(store, tmp_pat
         assert tx.image_watermark("birds") == 30, "nothing of the refused commits landed"
 
 
-def test_a_crash_between_backfill_chunks_is_finished_by_the_redelivery(store, tmp_path, monkeypatch):
-    import worker.bus as bus_module
-
+def test_a_crash_part_way_through_a_backfill_is_finished_by_the_redelivery(store, tmp_path, monkeypatch):
     h = make_harness(tmp_path, store=store, min_new_images=10_000)
     for i in range(120):
         h.blobs.blobs[f"{'chicken' if i % 2 else 'turkey'}/c{i:04d}.jpg"] = b"%d" % i
-    chunks = []
+    real = store.stage_images
 
-    def crash(name):
-        if name == "after_backfill_chunk":
-            chunks.append(name)
-            if len(chunks) == 3:
-                raise RuntimeError("process killed between chunks")
+    def crash(rows):
+        real(rows[:60])
+        raise RuntimeError("process killed part-way through the backfill")
 
-    monkeypatch.setattr(bus_module, "crashpoint", crash)
+    monkeypatch.setattr(store, "stage_images", crash)
     with pytest.raises(RuntimeError, match="killed"):
         h.request(prefix="", message_id="bf-crash", force=True)
     with store.transaction() as tx:
-        assert tx.pending_stats("birds").count == 60, "three chunks of 20 landed"
+        assert tx.count_images("birds") == {"staged": 60}, "the first 60 arrived"
         assert tx.open_requests("birds") == [], "the request itself did not"
-    monkeypatch.setattr(bus_module, "crashpoint", lambda name: None)
+    monkeypatch.setattr(store, "stage_images", real)
     effects = h.request(prefix="", message_id="bf-crash", force=True)  # the redelivery
     assert effects.detail == "registered 60 images"  # the other 60 were already there
     assert h.request(prefix="", message_id="bf-crash", force=True).outcome == "duplicate"
@@ -213,15 +209,17 @@ def test_messages_for_unknown_or_invalid_models_create_no_partition(store, tmp_p
 
 
 def test_processed_ids_are_pruned_after_the_retention(store, tmp_path):
-    from shared.messages import ImageUploaded
+    from shared.messages import ImageUploaded, RetrainRequested
 
     h = make_harness(tmp_path, store=store)
-    message = ImageUploaded.of("birds", "chicken/a.jpg", "e1", 10)
-    h.worker.handle(message)
+    request = RetrainRequested(message_id="req-old", model="birds", force=True)
+    h.worker.handle(request)
     h.clock.advance(7 * 86400)
     h.worker.tick()
-    assert h.worker.handle(message).outcome == "duplicate"
+    assert h.worker.handle(request).outcome == "duplicate", "kept through the redelivery window"
     h.clock.advance(2 * 86400)
     assert h.worker.prune_inbox() >= 1
     assert not list(store.query("PartitionKey eq @pk and RowKey ge 'in|' and RowKey lt 'in}'", {"pk": "birds"}))
-    assert h.worker.handle(message).outcome == "duplicate", "the ledger still knows the version"
+    image = ImageUploaded.of("birds", "chicken/a.jpg", "e1", 10)  # images need no inbox row: the version is the key
+    h.worker.handle(image)
+    assert h.worker.handle(image).outcome == "duplicate"

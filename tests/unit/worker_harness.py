@@ -16,7 +16,11 @@ from worker.store import Store
 
 
 def small_config(tmp_path: Path, **knobs) -> RetrainConfig:
-    env = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"), "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images")}
+    env = {
+        "RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"),
+        "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images"),
+        "RETRAIN__WORKER__EVALUATE_INTERVAL": "0",  # every image is evaluated, on every ledger
+    }
     base = {
         "val_fraction": 0.5,
         "min_new_images": 6,
