@@ -42,11 +42,23 @@ def latency_client(connection: str, table: str, latency_s: float, counter: list[
 def config_for(models: int, state: Path):
     from worker.config import load_config
 
+    import os
+
     env = {"RETRAIN__WORKER__STATE_DIR": str(state)}
+    if os.environ.get("RETRAIN__WORKER__EVALUATE_INTERVAL"):  # e.g. a very long one: staging alone
+        env["RETRAIN__WORKER__EVALUATE_INTERVAL"] = os.environ["RETRAIN__WORKER__EVALUATE_INTERVAL"]
     for m in range(models):
         env[f"RETRAIN__MODELS__M{m}__MIN_NEW_IMAGES"] = "100000000"  # measure ingest, not training
         env[f"RETRAIN__MODELS__M{m}__MAX_WAIT"] = "100d"
     return load_config(None, env=env)
+
+
+barrier = None
+
+
+def _init(shared_barrier) -> None:
+    global barrier
+    barrier = shared_barrier
 
 
 def feed(args: tuple) -> dict:
@@ -64,6 +76,7 @@ def feed(args: tuple) -> dict:
     worker = build_worker(config, store=store, backend=FakeTrainingBackend())
     counter[0] = 0
     names = sorted(config.models)
+    errors: list[str] = []
 
     def deliver(n: int) -> tuple[float, bool]:
         model = names[n % len(names)]
@@ -72,14 +85,25 @@ def feed(args: tuple) -> dict:
         try:
             worker.handle(message)
             ok = True
-        except Exception:  # the delivery would be retried by the platform
+        except Exception as exc:  # the delivery would be retried by the platform
+            errors.append(f"{exc.__class__.__name__}: {str(exc)[:200]}")
             ok = False
         return time.perf_counter() - started, ok
 
-    # Like a Functions instance, each process handles several deliveries at once.
+    # Like a Functions instance, each process handles several deliveries at once. Processes start
+    # together (after their imports) so the figure is the steady state, not interpreter start-up.
+    barrier.wait()
+    began = time.time()
     with ThreadPoolExecutor(concurrency) as pool:
         outcomes = list(pool.map(deliver, range(events)))
-    return {"latencies": [t for t, _ in outcomes], "failed": sum(not ok for _, ok in outcomes), "calls": counter[0]}
+    return {
+        "began": began,
+        "ended": time.time(),
+        "latencies": [t for t, _ in outcomes],
+        "failed": sum(not ok for _, ok in outcomes),
+        "calls": counter[0],
+        "errors": errors[:3],
+    }
 
 
 def run(connection: str, latency_s: float, processes: int, models: int, events: int, concurrency: int) -> None:
@@ -89,10 +113,10 @@ def run(connection: str, latency_s: float, processes: int, models: int, events: 
     state = tempfile.mkdtemp(prefix="ingest-")
     TableStore.from_connection_string(connection, table).close()  # create the table outside the timing
     jobs = [(connection, table, latency_s, p, events, models, state, concurrency) for p in range(processes)]
-    started = time.perf_counter()
-    with mp.get_context("spawn").Pool(processes) as pool:
+    context = mp.get_context("spawn")
+    with context.Pool(processes, initializer=_init, initargs=(context.Barrier(processes),)) as pool:
         results = pool.map(feed, jobs)
-    elapsed = time.perf_counter() - started
+    elapsed = max(r["ended"] for r in results) - min(r["began"] for r in results)
     latencies = sorted(x for r in results for x in r["latencies"])
     total = len(latencies)
     calls = sum(r["calls"] for r in results)
@@ -102,6 +126,8 @@ def run(connection: str, latency_s: float, processes: int, models: int, events: 
         f"p50 {statistics.median(latencies) * 1000:6.1f} ms, p99 {p99 * 1000:7.1f} ms, failed {sum(r['failed'] for r in results)}",
         flush=True,
     )
+    for error in sorted({e for r in results for e in r["errors"]})[:3]:
+        print(f"    a failed delivery: {error}", flush=True)
     # Fold what is still staged (what the next tick does), then check every image is counted once.
     from worker.bootstrap import build_worker
     from worker.fake_backend import FakeTrainingBackend

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +35,8 @@ from worker.submission import Submitter
 log = logging.getLogger("retrain.worker")
 T = TypeVar("T")
 COMPLETION_ATTEMPTS = 5  # completions of one run that raised before the run is failed for good
-EVALUATION_ATTEMPTS = 3  # an image's evaluation on a staged-ingest ledger is best effort (the tick catches up)
+DRAIN_ROUNDS = 1000  # folds per model and tick (about 28 images each)
+EVALUATION_ATTEMPTS = 1  # an image's evaluation on a staged-ingest ledger is best effort (the tick catches up)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Worker:
         self.publisher = publisher
         self.manifests = manifests
         self._evaluated_at: dict[str, float] = {}  # model -> monotonic time of this instance's last evaluation
+        self._evaluating: dict[str, threading.Lock] = {}  # model -> held while this instance evaluates it
 
     def handle(self, message: Message, remember: Remember | None = None) -> Effects:
         """Apply one message. `remember` (an HTTP Idempotency-Key) is stored in the same transaction
@@ -158,25 +161,35 @@ class Worker:
         row = image_row(ctx, message.model, message.path, message.etag, message.size, message.source, message.occurred_at)
         if self.store.stage_image(row) == "duplicate":
             return Effects(outcome="duplicate", detail=f"{message.path} ({message.etag}) is already known")
-        now = time.monotonic()
-        if now - self._evaluated_at.get(message.model, float("-inf")) < self.config.worker.evaluate_interval:
-            return Effects(outcome="staged", detail=f"staged {message.path}")
-        self._evaluated_at[message.model] = now
-
-        def step(ctx: Context, tx: Tx) -> Effects:
-            _, run = evaluate(ctx, tx, message.model, message.message_id)
-            return Effects(planned_runs=[run.run_id] if run else [], detail=f"staged {message.path} and evaluated")
-
+        staged = Effects(outcome="staged", detail=f"staged {message.path}")
+        lock = self._evaluating.setdefault(message.model, threading.Lock())
+        if not lock.acquire(blocking=False):  # another delivery in this instance is evaluating it now
+            return staged
         try:
-            return self._transaction(step, attempts=EVALUATION_ATTEMPTS)
-        except ConcurrencyConflict:
-            return Effects(outcome="staged", detail=f"staged {message.path}; evaluation left to the next one")
+            now = time.monotonic()
+            if now - self._evaluated_at.get(message.model, float("-inf")) < self.config.worker.evaluate_interval:
+                return staged
+            self._evaluated_at[message.model] = now
+
+            def step(ctx: Context, tx: Tx) -> Effects:
+                _, run = evaluate(ctx, tx, message.model, message.message_id)
+                return Effects(planned_runs=[run.run_id] if run else [], detail=f"staged {message.path} and evaluated")
+
+            try:
+                return self._transaction(step, attempts=EVALUATION_ATTEMPTS)
+            except ConcurrencyConflict:
+                # Another instance committed an evaluation meanwhile; ours is not needed for safety,
+                # and the next one (or the tick's) folds this image in.
+                return staged
+        finally:
+            lock.release()
 
     def _drain(self, model: str | None) -> None:
         """Fold everything staged (a tick's first step on a staged-ingest ledger), a batch per commit."""
         for name in [model] if model else sorted(self.config.models):
-            while self._transaction(lambda ctx, tx, name=name: tx.fold(name)):
-                pass
+            for _ in range(DRAIN_ROUNDS):  # bounded: arrivals that keep coming wait for the next tick
+                if not self._transaction(lambda ctx, tx, name=name: tx.fold(name)):
+                    break
 
     def _register_backfill(self, message: RetrainRequested) -> Backfill | None:
         """Register a request's images chunk by chunk, each chunk its own (idempotent) transaction.

@@ -151,7 +151,7 @@ class WorkerConfig(_Section):
     events_file: Path | None = Field(None, description="JSON lines sink for published events; default <state_dir>/events.jsonl")
     registry_dir: Path | None = Field(None, description="local model registry; default <state_dir>/registry")
     evaluate_interval: Seconds = Field(
-        0.5,
+        1.0,
         description="on a staged-ingest ledger (Table Storage), evaluate the policy after an image at most this often per model and instance (ticks always evaluate)",
     )
     inbox_retention: Seconds = Field(

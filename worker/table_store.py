@@ -25,9 +25,11 @@ import dataclasses
 import datetime as dt
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any, Literal
 
@@ -171,6 +173,7 @@ class TableTx(Tx):
         self.writes: dict[tuple[str, str], dict[str, Any] | None] = {}  # (pk, rk) -> entity, None = delete
         self.committed = False
         self.prune: list[tuple[str, int]] = []
+        self._stored_runs: dict[str, dict[str, dict[str, Any]]] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -244,7 +247,11 @@ class TableTx(Tx):
         """Latest versions with after_seq < seq (<= upto_seq): a range read on the seq index."""
         until = {"until": _seq_key(upto_seq)} if upto_seq is not None else {}
         rows = self._query(
-            model, "sq|", "latest eq @latest" + (" and RowKey le @until" if until else ""), {"latest": True, **until}, after=_seq_key(after_seq)
+            model,
+            "sq|",
+            "latest eq @latest" + (" and RowKey le @until" if until else ""),
+            {"latest": True, **until},
+            after=_seq_key(after_seq),
         )
         return [{**d, "latest": True} for _, d in rows if upto_seq is None or d["seq"] <= upto_seq]
 
@@ -318,11 +325,15 @@ class TableTx(Tx):
             if wpk == model and rk in wanted and entity is not None:
                 found[wanted[rk]] = _doc_of(entity)
         remaining = [rk for rk in wanted if wanted[rk] not in found]
-        for n in range(0, len(remaining), PATHS_PER_QUERY):  # a filter allows 15 comparisons
-            chunk = remaining[n : n + PATHS_PER_QUERY]
+
+        def lookup(chunk: list[str]) -> list[dict[str, Any]]:
             params = {"pk": model, **{f"r{i}": rk for i, rk in enumerate(chunk)}}
             flt = "PartitionKey eq @pk and ( " + " or ".join(f"RowKey eq @r{i}" for i in range(len(chunk))) + " )"
-            for entity in self.store.query(flt, params):
+            return list(self.store.query(flt, params))
+
+        chunks = [remaining[n : n + PATHS_PER_QUERY] for n in range(0, len(remaining), PATHS_PER_QUERY)]  # 15 comparisons a filter
+        for entities in self.store.lookups.map(lookup, chunks) if len(chunks) > 1 else map(lookup, chunks):  # one round trip
+            for entity in entities:
                 found[wanted[entity["RowKey"]]] = _doc_of(entity)
         return found
 
@@ -412,10 +423,21 @@ class TableTx(Tx):
 
     def runs(self, model: str | None = None, states: frozenset[str] | None = None, limit: int | None = None) -> list[RunRow]:
         models = [model] if model else self.store.partitions()
-        found = [_run(d) for m in models for _, d in self._query(m, "run|")]
+        found = [_run(d) for m in models for _, d in self._run_docs(m)]
         found = [r for r in found if states is None or r.state in states]
         found.sort(key=lambda r: (r.created_at, r.seq), reverse=True)
         return found[:limit]
+
+    def _run_docs(self, model: str) -> list[tuple[str, dict[str, Any]]]:
+        """The model's run records: read from the service once per transaction, this transaction's writes applied."""
+        if model not in self._stored_runs:
+            self._head(model)
+            self._stored_runs[model] = {e["RowKey"]: e for e in self.store.query(_prefix_filter("run|"), {"pk": model})}
+        found = dict(self._stored_runs[model])
+        for (wpk, rk), entity in self.writes.items():
+            if wpk == model and rk.startswith("run|") and entity is not None:
+                found[rk] = entity
+        return [(rk, _doc_of(e)) for rk, e in sorted(found.items())]
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -426,7 +448,10 @@ class TableTx(Tx):
         self._put(row.model, f"rq|{row.seq:012d}", _request_doc(row), state=row.state)
 
     def open_requests(self, model: str) -> list[RequestRow]:
-        upto = self._head(model).get("request_watermark", 0)
+        head = self._head(model)
+        upto = head.get("request_watermark", 0)
+        if head.get("request_seq", 0) <= upto:
+            return []  # none arrived since the last run consumed them: no need to ask the service
         rows = [_request(d) for _, d in self._query(model, "rq|", "state eq @state", {"state": "open"}, after=f"rq|{upto:012d}")]
         return sorted(rows, key=lambda r: r.seq)
 
@@ -449,8 +474,12 @@ class TableTx(Tx):
             "message_id": row.message_id,
         }
         self._put(row.model, f"dc|{10**12 - head['decision_seq']:012d}", doc)  # newest first in RowKey order
+        head["last_decision"] = doc  # what the next evaluation compares with, without a query
 
     def decisions(self, model: str, limit: int = 20) -> list[DecisionRow]:
+        last = self._head(model).get("last_decision")
+        if limit == 1 and last is not None:
+            return [DecisionRow(**{**last, "at": _dt(last["at"])})]
         rows = self._query(model, "dc|", top=limit)
         return [DecisionRow(**{**d, "at": _dt(d["at"])}) for _, d in rows]
 
@@ -528,6 +557,20 @@ class TableTx(Tx):
             self.store.prune_decisions(model, keep)
 
 
+@dataclasses.dataclass
+class _Staged:
+    row: ImageRow
+    outcome: Literal["staged", "duplicate"] | None = None
+    error: BaseException | None = None
+
+
+@dataclasses.dataclass
+class _StagingGroup:
+    cond: threading.Condition = dataclasses.field(default_factory=threading.Condition)
+    queue: list[_Staged] = dataclasses.field(default_factory=list)
+    flushing: bool = False
+
+
 class TableStore(Store):
     """`table_client` is an azure.data.tables.TableClient (connection string or identity-based)."""
 
@@ -538,6 +581,8 @@ class TableStore(Store):
         with suppress(ResourceExistsError):
             self.table.create_table()
         self._partitions: set[str] = set()
+        self._staging: dict[str, _StagingGroup] = {}
+        self._lookups: ThreadPoolExecutor | None = None
         self.batches = 0  # entity group transactions sent (one per commit)
 
     @classmethod
@@ -564,29 +609,84 @@ class TableStore(Store):
             return None
 
     def query(self, flt: str, params: dict[str, Any], top: int | None = None) -> Iterator[dict[str, Any]]:
-        pages = self.table.query_entities(flt, parameters=params, results_per_page=top) if top else self.table.query_entities(flt, parameters=params)
+        pages = (
+            self.table.query_entities(flt, parameters=params, results_per_page=top)
+            if top
+            else self.table.query_entities(flt, parameters=params)
+        )
         for n, entity in enumerate(pages):
             if top is not None and n >= top:
                 return
             yield dict(entity)
+
+    @property
+    def lookups(self) -> ThreadPoolExecutor:
+        """Threads for independent reads a fold sends at once (the path lookups)."""
+        if self._lookups is None:
+            self._lookups = ThreadPoolExecutor(4, thread_name_prefix="table-lookup")
+        return self._lookups
 
     # -- ingest ---------------------------------------------------------------------------------
 
     staged_ingest = True
 
     def stage_image(self, row: ImageRow) -> Literal["staged", "duplicate"]:
-        """Record an arrival with one call and no head update: the version's marker (which makes a
-        duplicate a 409) and its arrival entity, in one batch. The next evaluation folds it in."""
+        """Record an arrival with no head update: the version's marker (which makes a duplicate a
+        409) and its arrival entity. The next evaluation folds it in.
+
+        Group commit: deliveries handled at the same time by this instance (a Functions instance
+        runs several) share one batch per model, up to STAGE_BATCH images; whoever finds no batch in
+        flight sends everything queued. A batch that meets a duplicate is redone one image per call,
+        so each delivery still learns its own outcome."""
+        group = self._staging.setdefault(row.model, _StagingGroup())
+        item = _Staged(row)
+        with group.cond:
+            group.queue.append(item)
+            while item.outcome is None and item.error is None:
+                if group.flushing:
+                    group.cond.wait()
+                    continue
+                group.flushing = True
+                batch, group.queue = group.queue[:STAGE_BATCH], group.queue[STAGE_BATCH:]
+                group.cond.release()
+                try:
+                    self._stage_batch(batch)
+                finally:
+                    group.cond.acquire()
+                    group.flushing = False
+                    group.cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        return item.outcome
+
+    def _stage_batch(self, batch: list[_Staged]) -> None:
         from azure.data.tables import TableTransactionError
 
         try:
-            self.table.submit_transaction(self._stage_ops(row))
+            self.table.submit_transaction([op for item in batch for op in self._stage_ops(item.row)])
+            for item in batch:
+                item.outcome = "staged"
         except TableTransactionError as exc:
-            if exc.status_code == 409:
-                return "duplicate"
-            raise
-        self._partitions.add(row.model)
-        return "staged"
+            if exc.status_code != 409 or len(batch) == 1:
+                for item in batch:
+                    if exc.status_code == 409:
+                        item.outcome = "duplicate"
+                    else:
+                        item.error = exc
+                return
+            for item in batch:  # a duplicate among them: each on its own
+                try:
+                    self.table.submit_transaction(self._stage_ops(item.row))
+                    item.outcome = "staged"
+                except TableTransactionError as single:
+                    if single.status_code == 409:
+                        item.outcome = "duplicate"
+                    else:
+                        item.error = single
+        except Exception as exc:
+            for item in batch:
+                item.error = exc
+        self._partitions.add(batch[0].row.model)
 
     def stage_images(self, rows: list[ImageRow]) -> int:
         """Stage many (a backfill): STAGE_BATCH per batch; a batch with a duplicate in it is redone one
@@ -706,4 +806,6 @@ class TableStore(Store):
         yield from self._outbox("RowKey ge 'ob|' and RowKey lt 'ob}'")
 
     def close(self) -> None:
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=False)
         self.table.close()

@@ -223,3 +223,66 @@ def test_processed_ids_are_pruned_after_the_retention(store, tmp_path):
     image = ImageUploaded.of("birds", "chicken/a.jpg", "e1", 10)  # images need no inbox row: the version is the key
     h.worker.handle(image)
     assert h.worker.handle(image).outcome == "duplicate"
+
+
+# --- scale-out ingest: staged arrivals folded by the evaluation ---------------------------------
+
+
+def test_an_image_is_staged_with_one_write_and_counted_once_when_delivered_by_many_threads(store, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.messages import ImageUploaded
+
+    h = make_harness(tmp_path, store=store)
+    batches = BatchRecorder(store)
+    same = ImageUploaded.of("birds", "chicken/same.jpg", "e1", 10)
+    others = [ImageUploaded.of("birds", f"turkey/{i}.jpg", "e1", 10) for i in range(40)]
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(h.worker.handle, [same] * 8 + others))
+    assert [e.outcome for e in outcomes[:8]].count("duplicate") == 7
+    staging = [n for n in batches.sizes if n % 2 == 0 and n <= 98]
+    assert len(batches.sizes) < 48, "concurrent deliveries share staging batches (group commit)"
+    assert staging
+    h.worker.tick()
+    with store.transaction() as tx:
+        assert tx.count_images("birds") == {"pending": 41}
+        assert tx.pending_stats("birds").per_class == {"chicken": 1, "turkey": 40}
+
+
+def test_a_backlog_bigger_than_one_fold_is_folded_by_the_tick_in_bounded_batches(store, tmp_path):
+    from shared.messages import ImageUploaded
+
+    h = make_harness(tmp_path, store=store, evaluate_interval=3600, min_new_images=10_000)
+    batches = BatchRecorder(store)
+    for i in range(150):
+        h.worker.handle(ImageUploaded.of("birds", f"{('chicken', 'turkey')[i % 2]}/{i:04d}.jpg", "e1", 10))
+    with store.transaction() as tx:
+        staged = tx.count_images("birds").get("staged", 0)
+    assert staged >= 120, "with a long evaluate_interval most images wait, staged"
+    h.worker.tick()
+    with store.transaction() as tx:
+        assert tx.count_images("birds") == {"pending": 150}
+        assert tx.pending_stats("birds").count == 150
+    assert max(batches.sizes) <= 100
+    assert "150/10000 new images" in h.decisions(1)[0].reason
+
+
+def test_an_overwrite_and_a_late_older_version_staged_together_fold_in_the_right_order(store, tmp_path):
+    import datetime as _dt
+
+    from shared.messages import ImageUploaded
+
+    h = make_harness(tmp_path, store=store)
+    t0 = _dt.datetime(2026, 11, 30, 10, 0, tzinfo=_dt.UTC)
+    old = ImageUploaded.of("birds", "chicken/a.jpg", "v1", 10, occurred_at=t0)
+    new = ImageUploaded.of("birds", "chicken/a.jpg", "v2", 10, occurred_at=t0 + _dt.timedelta(seconds=5))
+    from worker.handlers import image_row
+
+    ctx = h.worker._context()
+    for m in (new, old):  # both staged, unfolded; the older write arrives last: it must not become latest
+        assert store.stage_image(image_row(ctx, m.model, m.path, m.etag, m.size, m.source, m.occurred_at)) == "staged"
+    h.worker.tick()
+    images = h.images()
+    assert images["chicken/a.jpg"].etag == "v2"
+    with store.transaction() as tx:
+        assert tx.count_images("birds") == {"pending": 1, "superseded": 1}

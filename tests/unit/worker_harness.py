@@ -15,11 +15,12 @@ from worker.registry import LocalModelRegistry
 from worker.store import Store
 
 
-def small_config(tmp_path: Path, **knobs) -> RetrainConfig:
+def small_config(tmp_path: Path, evaluate_interval: float = 0, **knobs) -> RetrainConfig:
     env = {
         "RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"),
         "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images"),
-        "RETRAIN__WORKER__EVALUATE_INTERVAL": "0",  # every image is evaluated, on every ledger
+        # 0: every image is evaluated, on every ledger (a staged-ingest ledger defaults to 0.5 s)
+        "RETRAIN__WORKER__EVALUATE_INTERVAL": str(evaluate_interval),
     }
     base = {
         "val_fraction": 0.5,
@@ -137,8 +138,8 @@ class Harness:
             return {i.path: i for i in tx.manifest_candidates("birds", 0, tx.image_watermark("birds"))}
 
 
-def make_harness(tmp_path: Path, store: Store | None = None, **knobs) -> Harness:
-    config = small_config(tmp_path, **knobs)
+def make_harness(tmp_path: Path, store: Store | None = None, evaluate_interval: float = 0, **knobs) -> Harness:
+    config = small_config(tmp_path, evaluate_interval, **knobs)
     store = store or MemoryStore()
     backend, clock, publisher = FakeTrainingBackend(), FakeClock(), RecordingPublisher()
     blobs, exporter, registry = FakeBlobStore(), FakeOnnxExporter(), LocalModelRegistry(tmp_path / "registry")
