@@ -40,9 +40,9 @@ def latency_client(connection: str, table: str, latency_s: float, counter: list[
 
 
 def config_for(models: int, state: Path):
-    from worker.config import load_config
-
     import os
+
+    from worker.config import load_config
 
     env = {"RETRAIN__WORKER__STATE_DIR": str(state)}
     if os.environ.get("RETRAIN__WORKER__EVALUATE_INTERVAL"):  # e.g. a very long one: staging alone

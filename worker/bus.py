@@ -220,8 +220,11 @@ class Worker:
                 previous = tx.remember_response(message.model, remember.key, remember.fingerprint, remember.response, ctx.now)
                 if previous is not None:
                     return Effects(outcome="replayed", detail=json.dumps({"fingerprint": previous[0], "response": previous[1]}))
-            # Ticks are idempotent by nature and frequent; they are not worth an inbox row.
-            if not isinstance(message, Tick) and not tx.claim_message(message.message_id, message.kind, message.model, ctx.now):
+            # Ticks are idempotent by nature and frequent; an image version is its own key (model, path,
+            # etag), so a redelivered image is a duplicate without an inbox row. Neither needs one.
+            if not isinstance(message, Tick | ImageUploaded) and not tx.claim_message(
+                message.message_id, message.kind, message.model, ctx.now
+            ):
                 return Effects(outcome="duplicate", detail=f"{message.message_id} was already processed")
             return HANDLERS[type(message)](ctx, tx, message)
 

@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS images (
     PRIMARY KEY (model, path, etag)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS images_by_seq ON images (model, seq);
-CREATE INDEX IF NOT EXISTS images_latest_by_seq ON images (model, latest, seq, label, first_seen_at);
+CREATE INDEX IF NOT EXISTS images_latest_by_seq ON images (model, latest, seq);
 -- Latest versions per (label, split), kept by triggers: the policy's data check costs the same
 -- with 10 or 10 million images.
 CREATE TABLE IF NOT EXISTS image_counts (
@@ -71,6 +71,20 @@ CREATE TRIGGER IF NOT EXISTS images_count_update AFTER UPDATE OF latest ON image
 END;
 CREATE TRIGGER IF NOT EXISTS images_count_delete AFTER DELETE ON images BEGIN
     UPDATE image_counts SET n = n - 1 WHERE model = old.model AND label = old.label AND split = old.split AND latest = old.latest;
+END;
+-- Pending images per label (latest versions above the model's pending floor: the in-flight run's
+-- watermark, else the trained one), kept by triggers; recounted when the floor moves.
+CREATE TABLE IF NOT EXISTS pending_floor (model TEXT PRIMARY KEY, floor INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending_counts (
+    model TEXT NOT NULL, label TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (model, label)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS pending_count_insert AFTER INSERT ON images
+    WHEN new.latest = 1 AND new.seq > COALESCE((SELECT floor FROM pending_floor WHERE model = new.model), 0) BEGIN
+    INSERT INTO pending_counts VALUES (new.model, new.label, 1) ON CONFLICT (model, label) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS pending_count_superseded AFTER UPDATE OF latest ON images
+    WHEN old.latest = 1 AND new.latest = 0 AND old.seq > COALESCE((SELECT floor FROM pending_floor WHERE model = old.model), 0) BEGIN
+    UPDATE pending_counts SET n = n - 1 WHERE model = old.model AND label = old.label;
 END;
 -- A run names its manifest by digest (a blob) and its watermarks; nothing per image.
 CREATE TABLE IF NOT EXISTS runs (
@@ -132,6 +146,7 @@ def _image(r: sqlite3.Row, state: str) -> ImageRow:
     )  # fmt: skip
 
 
+_IN_FLIGHT_SQL = ",".join(f"'{state}'" for state in sorted(IN_FLIGHT_STATES))
 _RUN_TIMES = ("created_at", "submitted_at", "started_at", "finished_at", "next_attempt_at")
 
 
@@ -191,11 +206,10 @@ class SqliteTx(Tx):
         if newest is not None and not stale:
             # The new version replaces older ones: only the newest version of a path is trained on.
             self.conn.execute("UPDATE images SET latest=0 WHERE model=? AND path=? AND latest=1", (row.model, row.path))
-        seq = self.image_watermark(row.model) + 1
         self.conn.execute(
-            "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO images VALUES (?,?,?,?,?,?,(SELECT COALESCE(MAX(seq), 0) + 1 FROM images WHERE model=?),?,?,?,?)",
             (
-                row.model, row.path, row.etag, row.label, row.split, row.size, seq, _ts(row.occurred_at), _ts(row.first_seen_at),
+                row.model, row.path, row.etag, row.label, row.split, row.size, row.model, _ts(row.occurred_at), _ts(row.first_seen_at),
                 0 if stale else 1, row.source,
             ),
         )  # fmt: skip
@@ -206,25 +220,41 @@ class SqliteTx(Tx):
 
     def _watermarks(self, model: str) -> tuple[int, int | None]:
         """(trained watermark, the in-flight run's watermark or None)."""
-        trained = self.model_head(model).trained_watermark
-        flying = next(iter(self.runs(model, IN_FLIGHT_STATES, limit=1)), None)
-        return trained, (flying.watermark if flying else None)
+        row = self._one(
+            "SELECT (SELECT doc FROM model_heads WHERE model=?) AS head, "
+            f"(SELECT doc FROM runs WHERE model=? AND state IN ({_IN_FLIGHT_SQL}) LIMIT 1) AS run",
+            (model, model),
+        )
+        trained = _head(model, row["head"]).trained_watermark
+        return trained, (json.loads(row["run"])["watermark"] if row["run"] else None)
 
     def pending_stats(self, model: str) -> PendingStats:
         trained, flying = self._watermarks(model)
-        above = max(trained, flying or 0)
-        rows = self.conn.execute(
-            "SELECT label, COUNT(*) AS n, MIN(first_seen_at) AS oldest, MAX(first_seen_at) AS newest FROM images "
-            "WHERE model=? AND latest=1 AND seq>? GROUP BY label",
-            (model, above),
-        ).fetchall()
+        floor = max(trained, flying or 0)
+        kept = self._one("SELECT floor FROM pending_floor WHERE model=?", (model,))
+        if kept is None or kept["floor"] != floor:  # the floor moved (a run planned or failed): recount once
+            self.conn.execute("DELETE FROM pending_counts WHERE model=?", (model,))
+            self.conn.execute(
+                "INSERT INTO pending_counts SELECT model, label, COUNT(*) FROM images WHERE model=? AND latest=1 AND seq>? GROUP BY label",
+                (model, floor),
+            )
+            self.conn.execute(
+                "INSERT INTO pending_floor VALUES (?, ?) ON CONFLICT (model) DO UPDATE SET floor=excluded.floor", (model, floor)
+            )
+        rows = self.conn.execute("SELECT label, n FROM pending_counts WHERE model=? AND n > 0", (model,)).fetchall()
         if not rows:
             return PendingStats()
+        # Arrival order is seq order, so the oldest and newest pending are the ends of the seq range.
+        ends = self._one(
+            "SELECT (SELECT first_seen_at FROM images WHERE model=? AND latest=1 AND seq>? ORDER BY seq LIMIT 1) AS oldest, "
+            "(SELECT first_seen_at FROM images WHERE model=? AND latest=1 AND seq>? ORDER BY seq DESC LIMIT 1) AS newest",
+            (model, floor, model, floor),
+        )
         return PendingStats(
             count=sum(r["n"] for r in rows),
             per_class={r["label"]: r["n"] for r in rows},
-            oldest_at=_dt(min(r["oldest"] for r in rows)),
-            newest_at=_dt(max(r["newest"] for r in rows)),
+            oldest_at=_dt(ends["oldest"]),
+            newest_at=_dt(ends["newest"]),
         )
 
     def data_stats(self, model: str) -> DataStats:
@@ -292,8 +322,11 @@ class SqliteTx(Tx):
         row.seq = seq
 
     def open_requests(self, model: str) -> list[RequestRow]:
-        upto = self.model_head(model).request_watermark
-        rows = self.conn.execute("SELECT * FROM requests WHERE model=? AND seq>? AND state='open' ORDER BY seq", (model, upto)).fetchall()
+        rows = self.conn.execute(
+            "SELECT * FROM requests WHERE model=? AND state='open' AND seq > COALESCE("
+            "(SELECT json_extract(doc, '$.request_watermark') FROM model_heads WHERE model=?), 0) ORDER BY seq",
+            (model, model),
+        ).fetchall()
         return [self._request(r) for r in rows]
 
     @staticmethod

@@ -409,7 +409,8 @@ class TableTx(Tx):
 
     def insert_run(self, run: RunRow) -> None:
         if self._get(run.model, f"run|{run.run_id}") is not None:
-            raise KeyError(f"run {run.run_id} exists")
+            # Planned by a writer that committed after we read the head: retry on fresh state.
+            raise ConcurrencyConflict(f"run {run.run_id} was planned by another writer")
         self._put(run.model, f"run|{run.run_id}", _run_doc(run), state=run.state)
 
     def get_run(self, run_id: str) -> RunRow | None:
@@ -513,7 +514,7 @@ class TableTx(Tx):
         if self._get(row.model, f"verrun|{_k(row.run_id)}") is not None:
             return False
         if self._get(row.model, f"ver|{row.version:06d}") is not None:
-            raise KeyError(f"{row.model} v{row.version} exists")
+            raise ConcurrencyConflict(f"{row.model} v{row.version} was recorded by another writer")
         doc = {**row.__dict__, "created_at": _ts(row.created_at)}
         self._put(row.model, f"ver|{row.version:06d}", doc)
         self._put(row.model, f"verrun|{_k(row.run_id)}", {"version": row.version})
