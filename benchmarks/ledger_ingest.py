@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=400, help="image events per process")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--models", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--concurrency", type=int, default=8, help="deliveries in flight per process (a Functions instance runs several)")
+    parser.add_argument("--concurrency", type=int, default=16, help="deliveries in flight per process (a Functions instance runs several)")
     args = parser.parse_args()
     from tests.azurite import Azurite
 

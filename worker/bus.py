@@ -68,7 +68,9 @@ class Worker:
         self.publisher = publisher
         self.manifests = manifests
         self._evaluated_at: dict[str, float] = {}  # model -> monotonic time of this instance's last evaluation
-        self._evaluating: dict[str, threading.Lock] = {}  # model -> held while this instance evaluates it
+        # Held while a delivery of this instance evaluates: one evaluation at a time per instance, so
+        # the evaluation load grows with instances, not with instances x models.
+        self._evaluating = threading.Lock()
 
     def handle(self, message: Message, remember: Remember | None = None) -> Effects:
         """Apply one message. `remember` (an HTTP Idempotency-Key) is stored in the same transaction
@@ -162,8 +164,8 @@ class Worker:
         if self.store.stage_image(row) == "duplicate":
             return Effects(outcome="duplicate", detail=f"{message.path} ({message.etag}) is already known")
         staged = Effects(outcome="staged", detail=f"staged {message.path}")
-        lock = self._evaluating.setdefault(message.model, threading.Lock())
-        if not lock.acquire(blocking=False):  # another delivery in this instance is evaluating it now
+        lock = self._evaluating
+        if not lock.acquire(blocking=False):  # another delivery in this instance is evaluating now
             return staged
         try:
             now = time.monotonic()

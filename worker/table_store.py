@@ -660,11 +660,26 @@ class TableStore(Store):
             raise item.error
         return item.outcome
 
+    def _submit_retrying(self, ops: list[tuple]) -> None:
+        """A staging batch, retried when the connection failed. Safe: if a lost response hid a
+        success, the retry's 409 reports the images as already known, and they are staged."""
+        from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+        for attempt in Retrying(
+            retry=retry_if_exception_type((ServiceRequestError, ServiceResponseError)),
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            stop=stop_after_attempt(4),
+            reraise=True,
+        ):
+            with attempt:
+                self.table.submit_transaction(ops)
+
     def _stage_batch(self, batch: list[_Staged]) -> None:
         from azure.data.tables import TableTransactionError
 
         try:
-            self.table.submit_transaction([op for item in batch for op in self._stage_ops(item.row)])
+            self._submit_retrying([op for item in batch for op in self._stage_ops(item.row)])
             for item in batch:
                 item.outcome = "staged"
         except TableTransactionError as exc:
@@ -677,7 +692,7 @@ class TableStore(Store):
                 return
             for item in batch:  # a duplicate among them: each on its own
                 try:
-                    self.table.submit_transaction(self._stage_ops(item.row))
+                    self._submit_retrying(self._stage_ops(item.row))
                     item.outcome = "staged"
                 except TableTransactionError as single:
                     if single.status_code == 409:
