@@ -64,6 +64,12 @@ log = logging.getLogger("train")
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work before reading a clock (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
@@ -468,6 +474,7 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
         set_train_mode(model, args.bn)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         lr = optimizer.param_groups[0]["lr"]
+        synchronize(device)  # GPU work is asynchronous: the clock is read only when the device is idle
         epoch_start = time.perf_counter()
         data_wait = 0.0
         fetch_start = time.perf_counter()
@@ -505,6 +512,7 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
                 break
             fetch_start = time.perf_counter()
         sums = topo.all_reduce_sum(sums)
+        synchronize(device)
         train_seconds = time.perf_counter() - epoch_start
         scheduler.step()
         average_buffers(raw_model, topo)

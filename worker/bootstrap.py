@@ -37,7 +37,7 @@ def open_ledger(config: RetrainConfig, env=None) -> Store:
         raise ConfigError("worker.store = 'table' needs RETRAIN_TABLES or RETRAIN_TABLES__tableServiceUri")
     from worker.sqlite_store import SqliteStore
 
-    return SqliteStore(ledger_path(config))
+    return SqliteStore(ledger_path(config), synchronous=config.worker.sqlite_synchronous)
 
 
 def build_worker(

@@ -39,7 +39,7 @@ from worker.manifests import load as load_manifest
 from worker.ports import BlobStore, Clock, TrainingBackend
 from worker.registry import ModelRegistry
 from worker.snapshot import training_dir
-from worker.store import DecisionRow, ModelVersionRow, RunRow, Store
+from worker.store import ConcurrencyConflict, DecisionRow, ModelVersionRow, RunRow, Store
 from worker.submission import training_args
 
 log = logging.getLogger("retrain.completion")
@@ -55,6 +55,24 @@ SUMMARY_KEYS = (
     "skipped_images",
     "duration_s",
 )
+
+
+def _retrying(commit, *args: Any) -> list[str]:
+    """Step 4 on a ledger shared by instances: a lost optimistic race (another completion, or any
+    writer, committed first) re-runs the step on fresh state, where its checks see who won."""
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+    from worker.sqlite_store import is_busy_error
+
+    for attempt in Retrying(
+        retry=retry_if_exception(lambda exc: isinstance(exc, ConcurrencyConflict) or is_busy_error(exc)),
+        wait=wait_random_exponential(multiplier=0.01, max=0.5),
+        stop=stop_after_attempt(20),
+        reraise=True,
+    ):
+        with attempt:
+            return commit(*args)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class CompletionRejected(Exception):  # noqa: N818 - a verdict, raised to leave the pipeline early
@@ -218,7 +236,13 @@ class Completer:
             "registered_at": self.clock.now().isoformat(),
         }
 
-    def _finalize_registered(
+    def _finalize_registered(self, *args: Any) -> list[str]:
+        return _retrying(self._commit_registered, *args)
+
+    def _finalize_rejected(self, *args: Any) -> list[str]:
+        return _retrying(self._commit_rejected, *args)
+
+    def _commit_registered(
         self, run: RunRow, champion: Champion | None, version: int, location: str, metrics: dict, card: dict, timings: dict[str, float]
     ) -> list[str]:
         now = self.clock.now()
@@ -263,7 +287,7 @@ class Completer:
         log.info("%s registered as %s v%d (champion)", run.run_id, run.model, version)
         return planned
 
-    def _finalize_rejected(self, run: RunRow, champion: Champion | None, reason: str, metrics: dict, gate: GateResult | None) -> list[str]:
+    def _commit_rejected(self, run: RunRow, champion: Champion | None, reason: str, metrics: dict, gate: GateResult | None) -> list[str]:
         now = self.clock.now()
         with self.store.transaction() as tx:
             current = tx.get_run(run.run_id)

@@ -148,6 +148,9 @@ class WorkerConfig(_Section):
         "sqlite", description="the ledger: a SQLite file in state_dir, or Azure Table Storage (RETRAIN_TABLES)"
     )
     table_name: str = Field("retrain", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
+        "NORMAL", description="NORMAL: a commit survives a crash of the process; FULL: also a power cut (an fsync per commit)"
+    )
     events_file: Path | None = Field(None, description="JSON lines sink for published events; default <state_dir>/events.jsonl")
     registry_dir: Path | None = Field(None, description="local model registry; default <state_dir>/registry")
     evaluate_interval: Seconds = Field(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("after_backfill_chunk", "after_plan", "after_backend_submit", "before_mark_submitted", "after_register", "after_finalize")
+POINTS = ("after_backfill_chunk", "after_plan", "after_backend_submit", "after_mark_submitted", "after_register", "after_finalize")
 
 
 def crashpoint(name: str) -> None:

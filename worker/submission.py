@@ -95,7 +95,6 @@ class Submitter:
             run = tx.get_run(planned.run_id)
             if run is None or run.state != "planned" or run.attempt != planned.attempt:
                 return  # someone else marked it (or a status event overtook us and queued the event)
-            crashpoint("before_mark_submitted")
             mark_submitted(
                 Context(self.config, self.clock.now(), manifests=self.manifests),
                 tx,
@@ -103,4 +102,5 @@ class Submitter:
                 "running" if status.state == "running" else "submitted",
             )
             tx.commit()
+        crashpoint("after_mark_submitted")  # marked and the event queued, not yet relayed
         log.info("submitted %s (attempt %d) to the backend: %s", planned.run_id, planned.attempt, status.state)

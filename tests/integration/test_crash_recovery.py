@@ -61,7 +61,9 @@ def _life(state_dir, fake, mode, launches, crash_at=None):
     )
 
 
-@pytest.mark.parametrize("point", ["after_plan", "after_backend_submit", "before_mark_submitted", None])
+# Three different durable states: planned only; at the backend but still planned in the ledger;
+# marked submitted with its event queued but not relayed.
+@pytest.mark.parametrize("point", ["after_plan", "after_backend_submit", "after_mark_submitted", None])
 def test_a_crash_anywhere_in_submission_is_repaired_with_exactly_one_run(tmp_path, point):
     fake, launches, state = tmp_path / "fake_train.py", tmp_path / "launches.txt", tmp_path / "state"
     fake.write_text(FAKE_TRAIN)

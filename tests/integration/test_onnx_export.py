@@ -60,17 +60,50 @@ def test_export_matches_pytorch_on_validation_images_and_takes_any_batch_size(tr
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["class_names"]) == ["chicken", "turkey"]
     assert meta["image_size"] == "48"
+    # An independent check: onnxruntime and PyTorch (loaded here, not by the exporter) agree on new inputs.
+    import torch
+
+    from export_onnx import Normalized
+    from modelio import load_checkpoint, model_from_checkpoint
+
+    checkpoint = load_checkpoint(trained / "model.pt")
+    norm = checkpoint["normalization"]
+    reference = Normalized(model_from_checkpoint(checkpoint), norm["mean"], norm["std"]).eval()
+    images = np.random.default_rng(0).random((3, 3, 48, 48), dtype=np.float32)
     session = ort.InferenceSession(str(trained / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits = session.run(["logits"], {"image": np.random.default_rng(0).random((3, 3, 48, 48), dtype=np.float32)})[0]
+    logits = session.run(["logits"], {"image": images})[0]
+    with torch.inference_mode():
+        expected = reference(torch.from_numpy(images)).numpy()
     assert logits.shape == (3, 2)
+    assert np.abs(logits - expected).max() < 1e-4
 
 
-def test_parity_above_tolerance_fails_with_exit_3_and_a_report(trained, tiny_birds, tmp_path):
+def test_an_onnx_model_that_computes_something_else_fails_parity_with_exit_3(trained, tiny_birds, tmp_path, monkeypatch, capsys):
+    """The parity check must compare onnxruntime's logits with PyTorch's: here the exported graph
+    is tampered with (the classifier's weights negated) and the real tolerance must catch it."""
+    import export_onnx
+
+    real_export = export_onnx.export
+
+    def export_then_tamper(model, example, output, opset, metadata):
+        real_export(model, example, output, opset, metadata)
+        graph = onnx.load(str(output))
+        [classifier] = [t for t in graph.graph.initializer if list(t.dims)[:1] == [2] and len(t.dims) == 2]
+        weights = onnx.numpy_helper.to_array(classifier)
+        classifier.CopyFrom(onnx.numpy_helper.from_array(-weights, classifier.name))
+        onnx.save(graph, str(output))
+
+    monkeypatch.setattr(export_onnx, "export", export_then_tamper)
     report_path = tmp_path / "report.json"
-    proc = _export(trained, tiny_birds, "--output", str(tmp_path / "m.onnx"), "--report", str(report_path), "--tolerance", "-1")
-    assert proc.returncode == 3
-    assert "FAILED" in proc.stdout
-    assert json.loads(report_path.read_text())["passed"] is False
+    args = ["--model", str(trained / "model.pt"), "--data_dir", str(tiny_birds), "--output", str(tmp_path / "m.onnx")]
+    code = export_onnx.main([*args, "--report", str(report_path)])  # the default tolerance, 1e-4
+    assert code == 3
+    assert "FAILED" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is False
+    assert report["max_abs_diff"] > 1e-2
+    assert report["mean_abs_diff"] > 1e-2  # over the whole batch, not only the single-image check
+    assert report["argmax_agreement"] < 0.5  # negated logits: the predicted class flips
 
 
 def test_a_missing_model_is_a_clear_error(tmp_path):

@@ -15,10 +15,23 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-def h(request, tmp_path):
-    store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "ledger.db")
-    yield make_harness(tmp_path, store=store, cooldown=0)
-    store.close()
+def new_store(request, tmp_path):
+    """Opens the test's ledger (each call a new connection to the same one); the Table suites
+    override it, so every test here also runs on Table Storage."""
+    memory, opened = MemoryStore(), []
+
+    def make():
+        opened.append(memory if request.param == "memory" else SqliteStore(tmp_path / "ledger.db"))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def h(new_store, tmp_path):
+    return make_harness(tmp_path, store=new_store(), cooldown=0)
 
 
 def first_run(h):
@@ -153,15 +166,14 @@ def test_a_crash_after_the_ledger_commit_is_repaired_by_the_alias_sync(h, monkey
     assert h.registry.champion_alias("birds") == 1
 
 
-def test_two_completions_of_the_same_run_at_once_make_one_version_and_one_event(tmp_path):
-    store = SqliteStore(tmp_path / "ledger.db")
-    h = make_harness(tmp_path, store=store, cooldown=0)
+def test_two_completions_of_the_same_run_at_once_make_one_version_and_one_event(new_store, tmp_path):
+    h = make_harness(tmp_path, store=new_store(), cooldown=0)
     run = first_run(h)
     h.worker.completer = None  # deliver "succeeded" without completing, then complete twice at once
     h.succeed(run, best=0.9)
     from worker.bootstrap import build_worker
 
-    racers = [build_worker(h.worker.config, store=SqliteStore(tmp_path / "ledger.db"), backend=h.backend, clock=h.clock, publisher=h.publisher,
+    racers = [build_worker(h.worker.config, store=new_store(), backend=h.backend, clock=h.clock, publisher=h.publisher,
                            blobs={"birds": h.blobs}, registry=h.registry, exporter=h.exporter) for _ in range(2)]  # fmt: skip
     barrier = threading.Barrier(2)
 
@@ -209,3 +221,55 @@ def test_an_onnx_export_for_another_model_file_is_ignored_and_redone(h):
     (outputs / "onnx_report.json").write_text(_json.dumps({"passed": True, "model_sha256": "0" * 64, "onnx_sha256": "1" * 64}))
     h.succeed(run, best=0.9)
     assert len(h.exporter.calls) == 1
+
+
+def _during_registration(h, monkeypatch, change):
+    """Run `change(tx)` in its own committed transaction while completion is registering files."""
+    real = h.registry.register
+
+    def register(*args, **kwargs):
+        registered = real(*args, **kwargs)
+        with h.store.transaction() as tx:
+            change(tx)
+            tx.commit()
+        return registered
+
+    monkeypatch.setattr(h.registry, "register", register)
+
+
+def test_a_champion_moved_while_completing_is_not_overwritten_the_run_is_gated_again(h, monkeypatch):
+    """The compare-and-swap on the champion: if it moved between the gate and the commit, this
+    completion must not make its own model champion over it."""
+    first = first_run(h)
+    h.succeed(first, best=0.8)
+    assert h.head().champion_version == 1
+    second = second_run(h)
+
+    def promote_elsewhere(tx):  # e.g. another instance finished completing a run and moved champion
+        head = tx.model_head("birds")
+        head.champion_version, head.champion_sha256 = 7, "f" * 64
+        tx.save_model_head(head)
+
+    _during_registration(h, monkeypatch, promote_elsewhere)
+    h.succeed(second, best=0.95, baseline=0.8)
+    assert h.head().champion_version == 7, "the concurrent champion stays"
+    assert h.runs()[0].state == "succeeded", "left for the next tick to gate against the new champion"
+    assert [v.version for v in h.versions()] == [1]
+
+
+def test_a_run_finalized_by_another_completion_meanwhile_is_not_finalized_again(h, monkeypatch):
+    """The state re-check: a completion that lost the race must change nothing."""
+    run = first_run(h)
+
+    def finalize_elsewhere(tx):  # another completion rejected it first
+        current = tx.get_run(run.run_id)
+        current.state, current.outcome, current.detail = "finalized", "rejected", "rejected by the other completion"
+        tx.update_run(current)
+
+    _during_registration(h, monkeypatch, finalize_elsewhere)
+    h.succeed(run, best=0.9)
+    final = h.runs()[0]
+    assert (final.state, final.outcome) == ("finalized", "rejected")
+    assert h.head().champion_version is None
+    assert h.versions() == []
+    assert not [e for e in h.events() if e.type == ev.MODEL_REGISTERED]

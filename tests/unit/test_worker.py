@@ -15,10 +15,23 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-def h(request, tmp_path):
-    store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "ledger.db")
-    yield make_harness(tmp_path, store=store)
-    store.close()
+def new_store(request, tmp_path):
+    """Opens the test's ledger (each call a new connection to the same one); the Table suites
+    override it, so every test here also runs on Table Storage."""
+    memory, opened = MemoryStore(), []
+
+    def make():
+        opened.append(memory if request.param == "memory" else SqliteStore(tmp_path / "ledger.db"))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def h(new_store, tmp_path):
+    return make_harness(tmp_path, store=new_store())
 
 
 def ready(h, per_class=6):
@@ -111,8 +124,8 @@ def test_a_forced_request_starts_a_run_the_policy_would_still_wait_for(h):
     assert spec.training.epochs == 2
 
 
-def test_drop_mode_rejects_a_forced_request_while_a_run_is_in_flight(tmp_path):
-    h = make_harness(tmp_path, in_flight="drop")
+def test_drop_mode_rejects_a_forced_request_while_a_run_is_in_flight(new_store, tmp_path):
+    h = make_harness(tmp_path, store=new_store(), in_flight="drop")
     ready(h)
     h.request(force=True, message_id="req-late")
     rejected = [e for e in h.events() if e.type == ev.REQUEST_REJECTED]
@@ -121,8 +134,8 @@ def test_drop_mode_rejects_a_forced_request_while_a_run_is_in_flight(tmp_path):
     assert len(h.runs()) == 1
 
 
-def test_queue_mode_runs_each_forced_request_in_turn(tmp_path):
-    h = make_harness(tmp_path, in_flight="queue", cooldown=0)
+def test_queue_mode_runs_each_forced_request_in_turn(new_store, tmp_path):
+    h = make_harness(tmp_path, store=new_store(), in_flight="queue", cooldown=0)
     ready(h)
     h.request(force=True, message_id="q1", overrides={"epochs": 1})
     h.request(force=True, message_id="q2", overrides={"epochs": 2})

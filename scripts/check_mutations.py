@@ -1,0 +1,154 @@
+"""Applies, one at a time, each mutation that once survived the suite (issues 9 and 11), runs the
+tests that should catch it, and reports KILLED or SURVIVED. The tree is restored after each.
+
+    python scripts/check_mutations.py [--only SUBSTRING]
+
+Exit status 1 if any mutation survives. Not part of `make test` (it runs parts of the suite
+about twenty times); run it after touching a guard it lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation(
+        "ONNX parity compares PyTorch with itself",
+        "training/export_onnx.py",
+        "    got = run_ort(batch)\n",
+        "    got = run_torch(batch)\n",
+        ("tests/integration/test_onnx_export.py",),
+    ),
+    Mutation(
+        "the Event Grid run trigger does nothing",
+        "functions/eventgrid_runs.py",
+        "    effects = runtime.worker().handle(message)\n",
+        "    return\n    effects = runtime.worker().handle(message)\n",
+        ("tests/unit/test_functions.py",),
+    ),
+    Mutation(
+        "RunCompleted maps to failed",
+        "functions/eventgrid_runs.py",
+        '"microsoft.machinelearningservices.runcompleted": "Completed"',
+        '"microsoft.machinelearningservices.runcompleted": "Failed"',
+        ("tests/unit/test_functions.py",),
+    ),
+    Mutation(
+        "Service Bus errors are not redacted",
+        "worker/servicebus.py",
+        "        super().__init__(redact(message))\n",
+        "        super().__init__(message)\n",
+        ("tests/unit/test_servicebus.py",),
+    ),
+    Mutation(
+        "the out-of-order (stale version) rule never fires",
+        "worker/store.py",
+        "    return known_at is not None and mine is not None and mine < known_at\n",
+        "    return False\n",
+        ("tests/unit/test_hostile_inputs.py", "tests/unit/test_worker.py"),
+    ),
+    Mutation(
+        "completion ignores a champion that moved (no compare-and-swap)",
+        "worker/completion.py",
+        "            if head.champion_version != (champion.version if champion else None):\n",
+        "            if False:\n",
+        ("tests/unit/test_completion.py",),
+    ),
+    Mutation(
+        "completion does not re-check the run's state before finalizing",
+        "worker/completion.py",
+        '            if current is None or current.state != "succeeded":\n                return []  # another completion of the same run finished first\n',
+        "            if current is None:\n                return []\n",
+        ("tests/unit/test_completion.py",),
+    ),
+    Mutation(
+        "a status event that overtakes the submitter queues no run.submitted",
+        "worker/handlers.py",
+        "            queue_submitted_event(ctx, tx, run)\n        run_succeeded(ctx, tx, run)\n",
+        "            pass\n        run_succeeded(ctx, tx, run)\n",
+        ("tests/unit/test_hostile_inputs.py",),
+    ),
+    Mutation(
+        "a run planned over images already trained (no watermark base)",
+        "worker/handlers.py",
+        "    base = head.trained_watermark\n",
+        "    base = 0\n",
+        ("tests/unit/test_worker_properties.py",),
+    ),
+    Mutation(
+        "the memory fake lets a commit grow past one batch",
+        "worker/memory_store.py",
+        "        if self.writes > MAX_WRITES_PER_COMMIT:\n",
+        "        if False:\n",
+        ("tests/unit/test_hostile_inputs.py",),
+    ),
+    Mutation(
+        "the Idempotency-Key is stored outside the request's transaction",
+        "worker/bus.py",
+        "                previous = tx.remember_response(",
+        "                previous = None and tx.remember_response(",
+        ("tests/unit/test_hostile_inputs.py",),
+    ),
+    Mutation(
+        "a NaN metric passes the gate",
+        "worker/gate.py",
+        "    if not _finite(value):",
+        "    if False:",
+        ("tests/unit/test_hostile_inputs.py",),
+    ),
+]
+
+
+def run(mutation: Mutation) -> bool:
+    """True if the tests caught the mutation."""
+    path = ROOT / mutation.path
+    original = path.read_text()
+    if original.count(mutation.old) != 1:
+        raise SystemExit(f"{mutation.name}: the guarded line was not found exactly once in {mutation.path}; update this script")
+    path.write_text(original.replace(mutation.old, mutation.new))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
+        )
+        return proc.returncode != 0
+    finally:
+        path.write_text(original)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the mutations whose name contains this")
+    args = parser.parse_args()
+    survived = 0
+    for mutation in MUTATIONS:
+        if args.only not in mutation.name:
+            continue
+        killed = run(mutation)
+        survived += not killed
+        print(f"{'KILLED  ' if killed else 'SURVIVED'} {mutation.name}  ({', '.join(mutation.tests)})", flush=True)
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
