@@ -15,7 +15,7 @@ STAMP := $(VENV)/.requirements-$(REQS_HASH)
 HOROVOD_STAMP := $(VENV)/.horovod-0.28.1
 EDITABLE_STAMP := $(VENV)/.editable-$(TREE_HASH)
 
-.PHONY: venv horovod azurite demo test lint format bench clean-venv
+.PHONY: venv horovod azurite demo test lint format bench mutate clean-venv
 
 venv: $(STAMP) $(EDITABLE_STAMP)
 
@@ -62,6 +62,15 @@ format: venv
 
 bench: venv
 	$(BIN)/python benchmarks/train_throughput.py
+
+# Mutation testing of the core with mutmut (pyproject: [tool.mutmut]); slow, so not in `make test`.
+# `make mutate MUTANTS="worker.policy*"` narrows it. Results: `$(BIN)/mutmut results`; see docs/mutation.md.
+MUTANTS ?=
+mutate: venv
+	$(BIN)/python -m pip install --quiet -r requirements-mutate.txt
+	$(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/python scripts/mutation_scores.py
+	$(BIN)/python scripts/check_mutations.py
 
 clean-venv:
 	rm -rf $(VENV)
