@@ -526,3 +526,31 @@ def test_a_ledger_from_before_the_watermarks_is_refused_with_a_way_out(tmp_path)
     fresh = SqliteStore(tmp_path / "new" / "ledger.db")  # a new file gets the current schema
     fresh.close()
     SqliteStore(tmp_path / "new" / "ledger.db").close()  # and opens again
+
+
+@pytest.mark.parametrize("logger", ["root", "azure.storage.blob", "retrain.worker", "some.library"])
+def test_a_fresh_process_that_installs_redaction_logs_no_secret_anywhere(logger):
+    """In a new interpreter (the install is once per process): root handlers, the SDK loggers and
+    any other logger all write masked text, messages and tracebacks alike."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(stream=sys.stdout, level=logging.DEBUG, format='%(name)s %(message)s')\n"
+        "from shared.redact import install_log_redaction\n"
+        "install_log_redaction(); install_log_redaction()  # idempotent\n"
+        f"log = logging.getLogger('' if {logger!r} == 'root' else {logger!r})\n"
+        f"log.warning('connecting with %s', {SPELLINGS[0]!r})\n"
+        "try:\n"
+        f"    raise RuntimeError({SPELLINGS[1]!r})\n"
+        "except RuntimeError:\n"
+        "    log.exception('failed')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "connecting with" in out
+    assert "RuntimeError" in out
+    assert "S3cr3t" not in out
+    assert out.count("***") >= 2

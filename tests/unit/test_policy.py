@@ -120,3 +120,71 @@ def test_waiting_for_the_count_says_when_max_wait_will_fire():
 def test_the_quiet_period_wakes_when_it_ends():
     decision = decide(snap(pending(12, newest=20)), NOW, CFG)
     assert decision.wake_at == NOW + dt.timedelta(seconds=40)
+
+
+# --- boundaries and exact texts (each kills a mutant that survived `make mutate`) ---------------
+
+
+def decide_with(s: Snapshot, **overrides):
+    return decide(s, NOW, CFG.model_copy(update=overrides))
+
+
+def test_exactly_the_threshold_is_enough_and_exactly_max_wait_is_long_enough():
+    assert decide_with(snap(pending(10, newest=61))).outcome == "submit"
+    assert decide_with(snap(pending(2, oldest=3600, newest=1))).outcome == "submit"
+    assert decide_with(snap(pending(2, oldest=3599, newest=1))).outcome == "wait"
+
+
+def test_a_cooldown_and_a_backoff_end_at_their_instant_not_after():
+    head = ModelHead("birds", last_run_finished_at=ago(300))
+    assert decide_with(snap(pending(12, newest=61), head=head)).outcome == "submit"
+    assert decide_with(snap(pending(12, newest=61), head=ModelHead("birds", last_run_finished_at=ago(299)))).outcome == "wait"
+    backoff = ModelHead("birds", failed_runs=3, backoff_until=NOW)
+    assert decide_with(snap(pending(12, newest=61), head=backoff)).outcome == "submit"
+    waiting = decide_with(snap(pending(12, newest=61), head=ModelHead("birds", failed_runs=3, backoff_until=NOW + dt.timedelta(seconds=1))))
+    assert (waiting.outcome, waiting.wake_at) == ("wait", NOW + dt.timedelta(seconds=1))
+    assert waiting.reason.startswith("backing off: 3 runs failed in a row; no new run before 12:00:01 UTC")
+
+
+def test_nothing_pending_never_triggers_a_follow_up_even_with_max_wait_zero():
+    assert decide_with(snap(in_flight=run()), max_wait=0).outcome == "wait"
+
+
+def test_forced_is_carried_by_drop_coalesce_and_submit():
+    assert decide_with(snap(in_flight=run(), force=FORCE), in_flight="drop").forced is True
+    assert decide_with(snap(in_flight=run(), force=FORCE)).forced is True
+    assert decide_with(snap(pending(1), force=FORCE)).forced is True
+    assert decide_with(snap(pending(12, oldest=0, newest=0), in_flight=run())).forced is False
+
+
+def test_the_reasons_read_exactly_as_documented():
+    coalesce = decide_with(snap(pending(12), in_flight=run()))
+    assert coalesce.reason == "run birds-0003-abcd1234 in flight (running): 12 new images, coalescing into one follow-up run"
+    queued = decide_with(snap(in_flight=run(), force=FORCE), in_flight="queue")
+    assert queued.reason == "run birds-0003-abcd1234 in flight (running): a forced request, queued behind it"
+    short = decide_with(snap(pending(4), data=DataStats({"chicken": 20, "turkey": 2, "duck": 1}, 5), force=FORCE))
+    assert short.reason == "waiting for data: class 'duck' has 1/3 training images (and 1 more classes) (a forced request is waiting too)"
+    none = decide_with(snap(pending(4), data=DataStats({}, 0)))
+    assert none.reason == "waiting: 4/10 new images; waiting for data: 0/2 classes have images (none)"
+    max_wait = decide_with(snap(pending(2, oldest=7300, newest=1)), max_wait=7200)
+    assert max_wait.reason == "the oldest of 2 new images has waited 2h01m (max_wait 2h00m)"
+
+
+def test_the_quiet_period_wakes_at_the_earlier_of_its_end_and_max_wait():
+    quiet = decide_with(snap(pending(12, oldest=3590, newest=20)))
+    assert quiet.wake_at == ago(3590) + dt.timedelta(seconds=3600)  # max_wait comes first
+    late = decide_with(snap(pending(12, oldest=100, newest=20)))
+    assert late.wake_at == NOW + dt.timedelta(seconds=40)  # the quiet period ends first
+    assert "the last 20s ago; waiting until 12:00:40 UTC" in late.reason
+
+
+def test_without_an_arrival_time_the_quiet_period_counts_as_over():
+    p = PendingStats(count=12, per_class={"chicken": 6, "turkey": 6}, oldest_at=None, newest_at=None)
+    assert decide_with(snap(p)).outcome == "submit"
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(-5, "0s"), (0, "0s"), (119, "119s"), (120, "2m00s"), (7199, "119m59s"), (7200, "2h00m")])
+def test_spans_are_written_for_people(seconds, text):
+    from worker.policy import _span
+
+    assert _span(seconds) == text
