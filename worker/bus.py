@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.messages import ImageUploaded, Message, RetrainRequested, RunStatusChanged, Tick
 from shared.redact import redact
@@ -28,7 +28,6 @@ from worker.config import RetrainConfig
 from worker.crashpoints import crashpoint
 from worker.handlers import HANDLERS, Backfill, Context, Effects, evaluate, image_row, register_backfill_chunk, resolve_backfill
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
-from worker.sqlite_store import is_busy_error
 from worker.store import IMAGES_PER_COMMIT, ConcurrencyConflict, Store, Tx
 from worker.submission import Submitter
 
@@ -140,7 +139,7 @@ class Worker:
     def _transaction(self, step: Callable[[Context, Tx], T], attempts: int = 40) -> T:
         """Run `step` in a transaction, retried on lock contention or a lost optimistic race."""
         for attempt in Retrying(
-            retry=retry_if_exception(lambda exc: is_busy_error(exc) or isinstance(exc, ConcurrencyConflict)),
+            retry=retry_if_exception_type(ConcurrencyConflict),
             wait=wait_random_exponential(multiplier=0.005, max=0.25),
             stop=stop_after_attempt(attempts) | stop_after_delay(60),
             reraise=True,

@@ -60,12 +60,10 @@ SUMMARY_KEYS = (
 def _retrying(commit, *args: Any) -> list[str]:
     """Step 4 on a ledger shared by instances: a lost optimistic race (another completion, or any
     writer, committed first) re-runs the step on fresh state, where its checks see who won."""
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
-
-    from worker.sqlite_store import is_busy_error
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
     for attempt in Retrying(
-        retry=retry_if_exception(lambda exc: isinstance(exc, ConcurrencyConflict) or is_busy_error(exc)),
+        retry=retry_if_exception_type(ConcurrencyConflict),
         wait=wait_random_exponential(multiplier=0.01, max=0.5),
         stop=stop_after_attempt(20),
         reraise=True,

@@ -25,6 +25,7 @@ from typing import Literal
 
 from worker.store import (
     IN_FLIGHT_STATES,
+    ConcurrencyConflict,
     DataStats,
     DecisionRow,
     ImageRow,
@@ -497,6 +498,11 @@ class SqliteStore(Store):
             finally:
                 if not tx.committed:
                     conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            # Lock contention is the port's retryable conflict: the core never sees SQLite's errors.
+            if is_busy_error(exc):
+                raise ConcurrencyConflict(f"the ledger is busy: {exc}") from exc
+            raise
         finally:
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
