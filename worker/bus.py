@@ -91,6 +91,11 @@ class Worker:
             self._drain(message.model)
         backfill = None
         if isinstance(message, RetrainRequested) and (message.images or message.prefix is not None):
+            if remember is not None:  # a replayed (or conflicting) key is answered before any backfill work
+                with self.store.transaction() as tx:  # not committed: a look, not a write
+                    previous = tx.remember_response(message.model, remember.key, remember.fingerprint, remember.response, self.clock.now())
+                if previous is not None:
+                    return Effects(outcome="replayed", detail=json.dumps({"fingerprint": previous[0], "response": previous[1]}))
             backfill = self._register_backfill(message)
             if backfill is None:
                 return Effects(outcome="duplicate", detail=f"{message.message_id} was already processed")

@@ -554,3 +554,12 @@ def test_a_fresh_process_that_installs_redaction_logs_no_secret_anywhere(logger)
     assert "RuntimeError" in out
     assert "S3cr3t" not in out
     assert out.count("***") >= 2
+
+
+def test_a_backfill_posted_twice_with_one_key_is_replayed_and_another_body_conflicts(h):  # noqa: F811
+    h.blobs.blobs.update({f"chicken/{i}.jpg": b"%d" % i for i in range(5)})
+    first = post({"model": "birds", "prefix": "chicken/"}, {"Idempotency-Key": "bf-key"})
+    again = post({"model": "birds", "prefix": "chicken/"}, {"Idempotency-Key": "bf-key"})
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert post({"model": "birds", "prefix": "turkey/"}, {"Idempotency-Key": "bf-key"}).status_code == 409
