@@ -188,3 +188,48 @@ def test_spans_are_written_for_people(seconds, text):
     from worker.policy import _span
 
     assert _span(seconds) == text
+
+
+def test_cooldown_and_backoff_apply_only_when_something_waits():
+    finished = ModelHead("birds", last_run_finished_at=ago(10))
+    assert decide_with(snap(head=finished)).outcome == "idle"
+    one = decide_with(snap(pending(1, oldest=20, newest=20), head=finished))
+    assert (one.outcome, one.wake_at) == ("wait", ago(10) + dt.timedelta(seconds=300))
+    assert one.reason == "cooldown after the last run until 12:04:50 UTC"
+    backing = ModelHead("birds", failed_runs=3, backoff_until=NOW + dt.timedelta(hours=1))
+    assert decide_with(snap(head=backing)).outcome == "idle"
+    waiting = decide_with(snap(pending(1, oldest=20, newest=20), head=backing))
+    assert waiting.reason == "backing off: 3 runs failed in a row; no new run before 13:00:00 UTC (a success or a forced request ends it)"
+
+
+def test_one_image_past_max_wait_runs_and_a_wanted_follow_up_alone_coalesces():
+    assert decide_with(snap(pending(1, oldest=3600, newest=3600))).outcome == "submit"
+    assert decide_with(snap(in_flight=run(), head=ModelHead("birds", followup_wanted=True))).outcome == "coalesce"
+
+
+def test_more_exact_texts():
+    anonymous = RequestRow(request_id="req-2", model="birds", force=True, created_at=ago(5))
+    assert decide_with(snap(pending(3), force=anonymous)).reason == "forced by request req-2 (unknown): 3 new images"
+    assert decide_with(snap()).reason == "no new images"
+    assert decide_with(snap(pending(4, oldest=600))).reason == "waiting: 4/10 new images; max_wait runs it at 12:50:00 UTC"
+    assert decide_with(snap(pending(4)), max_wait=None).reason == "waiting: 4/10 new images"
+    assert decide_with(snap(pending(2, oldest=1, newest=1)), max_wait=0).reason == "the oldest of 2 new images has waited 1s (max_wait 0s)"
+    two = decide_with(snap(pending(12), data=DataStats({"chicken": 5, "turkey": 5}, 3)), min_classes=3)
+    assert two.reason.endswith("waiting for data: 2/3 classes have images (chicken, turkey)")
+    one_short = decide_with(snap(pending(12), data=DataStats({"chicken": 5, "turkey": 1}, 3)))
+    assert one_short.reason == "waiting for data: class 'turkey' has 1/3 training images"
+    no_val = decide_with(snap(pending(12, newest=61), data=DataStats({"chicken": 5, "turkey": 5}, 0)))
+    assert no_val.reason == "waiting for data: no image falls in the validation split yet"
+    assert decide_with(snap(pending(12, newest=61), data=DataStats({"chicken": 5, "turkey": 5}, 1))).outcome == "submit"
+
+
+def test_without_max_wait_the_quiet_period_alone_sets_the_wake_up():
+    d = decide_with(snap(pending(12, newest=20)), max_wait=None)
+    assert (d.outcome, d.wake_at) == ("wait", NOW + dt.timedelta(seconds=40))
+
+
+def test_times_are_shown_in_utc_whatever_the_input_zone():
+    from worker.policy import _hms, _span
+
+    assert _hms(dt.datetime(2026, 1, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))) == "12:00:00 UTC"
+    assert _span(7260) == "2h01m"
