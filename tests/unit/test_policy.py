@@ -233,3 +233,17 @@ def test_times_are_shown_in_utc_whatever_the_input_zone():
 
     assert _hms(dt.datetime(2026, 1, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))) == "12:00:00 UTC"
     assert _span(7260) == "2h01m"
+
+
+def test_times_are_shown_in_utc_whatever_the_machines_zone(monkeypatch):
+    import time
+
+    from worker.policy import _hms
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        assert _hms(dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)) == "12:00:00 UTC"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
