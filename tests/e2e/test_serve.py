@@ -82,12 +82,19 @@ def test_serve_waits_with_reasons_then_runs_exactly_once_and_keeps_the_files(tmp
         _drop(source, images, first)
         (images / "chicken" / "bad\x07name.jpg").write_bytes(b"hostile name")  # rejected, never counted
 
+        seen: list[str] = []
+
         def waiting():
             out = _cli("explain", "birds", "--json", "-c", "retrain.toml", cwd=tmp_path)
             decisions = json.loads(out.stdout)["birds"] if out.returncode == 0 else []
+            seen.append(decisions[0]["reason"] if decisions else f"exit {out.returncode}: {out.stderr[-500:]}")
             return decisions and "10/16 new images" in decisions[0]["reason"] and decisions
 
-        _wait(waiting, 60, "the policy to say it waits for 16 images")
+        try:
+            _wait(waiting, 120, "the policy to say it waits for 16 images")
+        except AssertionError:
+            serve.send_signal(signal.SIGINT)
+            raise AssertionError(f"explain said {seen[-3:]}; serve printed {serve.communicate(timeout=30)[0][-3000:]}") from None
         _drop(source, images, [n for n in names if n not in first])
         _drop(source, images, first)  # the same files again: duplicates, not new images
 
