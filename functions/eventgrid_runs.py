@@ -28,6 +28,17 @@ def _get(data: dict, *names: str):
     return None
 
 
+def event_message_id(event_id: str) -> str:
+    """`eg-<event id>`, or its digest when the id holds characters a retrain id may not."""
+    import hashlib
+    import re
+
+    from shared.messages import ID_PATTERN
+
+    plain = f"eg-{event_id}"
+    return plain if re.fullmatch(ID_PATTERN, plain) else "eg-" + hashlib.sha256(str(event_id).encode()).hexdigest()[:40]
+
+
 def status_message(event: func.EventGridEvent):
     """The RunStatusChanged for an event, or None with a reason to ignore it."""
     from shared.errors import InvalidMessage
@@ -51,7 +62,7 @@ def status_message(event: func.EventGridEvent):
         message = parse_as(
             RunStatusChanged,
             {
-                "message_id": f"eg-{event.id}",
+                "message_id": event_message_id(event.id),
                 "model": match["model"],
                 "backend_run_id": run_id,
                 "status": status,

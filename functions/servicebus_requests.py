@@ -25,6 +25,20 @@ bp = func.Blueprint()
 log = logging.getLogger("retrain.functions.servicebus")
 
 
+def delivery_id(msg: func.ServiceBusMessage) -> str | None:
+    """`sb-<message id>`; a Service Bus message id may hold any characters (up to 128), so one that
+    is not a valid retrain id is used by its digest: the same message always maps to the same id."""
+    import hashlib
+    import re
+
+    from shared.messages import ID_PATTERN
+
+    if not msg.message_id:
+        return None
+    plain = f"sb-{msg.message_id}"
+    return plain if re.fullmatch(ID_PATTERN, plain) else "sb-" + hashlib.sha256(msg.message_id.encode()).hexdigest()[:40]
+
+
 def request_from(msg: func.ServiceBusMessage):
     """(message, None) for a valid request, or (None, InvalidMessage) for a permanently bad one."""
     from shared.errors import InvalidMessage
@@ -39,7 +53,7 @@ def request_from(msg: func.ServiceBusMessage):
         document = load_json(body)
         if not isinstance(document, dict):
             raise InvalidMessage("schema", "the body must be a JSON object")
-        document.setdefault("message_id", f"sb-{msg.message_id}" if msg.message_id else None)
+        document.setdefault("message_id", delivery_id(msg))
         document.setdefault("kind", "retrain.requested")
         if document["kind"] != "retrain.requested":
             raise InvalidMessage("schema", f"kind must be 'retrain.requested', got {str(document['kind'])[:50]!r}")
@@ -56,7 +70,7 @@ def retrain_requested(msg: func.ServiceBusMessage) -> None:
     request, error = request_from(msg)
     worker = runtime.worker()
     if error is not None:
-        message_id = f"sb-{msg.message_id}" if msg.message_id else f"sb-seq-{msg.sequence_number}"
+        message_id = delivery_id(msg) or f"sb-seq-{msg.sequence_number}"
         try:  # only to record the rejection under a configured model; anything else goes under none
             model = load_json(msg.get_body()).get("model")
         except Exception:

@@ -563,3 +563,15 @@ def test_a_backfill_posted_twice_with_one_key_is_replayed_and_another_body_confl
     assert (first.status_code, again.status_code) == (202, 202)
     assert again.headers["Idempotent-Replayed"] == "true"
     assert post({"model": "birds", "prefix": "turkey/"}, {"Idempotency-Key": "bf-key"}).status_code == 409
+
+
+def test_a_service_bus_message_id_with_any_characters_is_accepted_by_its_digest(h):  # noqa: F811
+    h.uploads(6)
+    body = json.dumps({"model": "birds", "force": True}).encode()
+    call("retrain_requested", sb(body, "orders/2026 11/#42"))
+    call("retrain_requested", sb(body, "orders/2026 11/#42", delivery_count=2))
+    [run] = h.runs()
+    [request_id] = run.request_ids
+    assert request_id.startswith("sb-")
+    assert "/" not in request_id
+    assert rejections(h) == []
