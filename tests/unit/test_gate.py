@@ -36,3 +36,46 @@ def test_gate(name, metrics, champion, rules, passed, words):
     result = evaluate_gate(metrics, champion, rules)
     assert result.passed is passed
     assert words in result.reason
+
+
+# --- exact results (each kills a mutant that survived `make mutate`) ----------------------------
+
+
+@pytest.mark.parametrize("baseline", [float("nan"), float("inf"), "0.9"])
+def test_a_baseline_that_is_not_a_finite_number_fails_the_gate(baseline):
+    result = evaluate_gate(m(0.9, baseline), CHAMP, RULES)
+    assert (result.passed, result.value, result.baseline) == (False, 0.9, None)
+    assert result.reason.startswith("baseline_val_acc is ")
+    assert result.reason.endswith("not a finite number: no fair comparison")
+
+
+def test_the_minimum_and_the_margin_are_inclusive():
+    assert evaluate_gate(m(0.6, init=None), None, RULES).passed is True
+    margin = GateRules(min_improvement=0.25)
+    assert evaluate_gate(m(0.75, 0.5), CHAMP, margin).passed is True  # exactly the margin (binary-exact values)
+    assert evaluate_gate(m(0.5, 0.75), CHAMP, GateRules(min_value=0.1, min_improvement=-0.25)).passed is True
+
+
+def test_results_carry_the_values_compared_and_read_exactly():
+    first = evaluate_gate(m(0.8, init=None), None, RULES)
+    assert (first.passed, first.value, first.baseline) == (True, 0.8, None)
+    assert first.as_dict() == {
+        "passed": True,
+        "reason": "first model: best_val_acc 0.8000 meets the minimum 0.6000",
+        "value": 0.8,
+        "baseline": None,
+    }
+    low = evaluate_gate(m(0.5, init=None), None, RULES)
+    assert (low.value, low.reason) == (0.5, "best_val_acc 0.5000 is below the minimum 0.6000")
+    nan = evaluate_gate(m(float("nan")), CHAMP, RULES)
+    assert (nan.passed, nan.value) == (False, None)
+    better = evaluate_gate(m(0.9, 0.85), CHAMP, RULES)
+    assert (better.value, better.baseline) == (0.9, 0.85)
+    assert better.reason == "best_val_acc 0.9000 beats champion v3 at 0.8500 on the same validation set (+0.0500; strictly better)"
+    one = GateRules(min_improvement=1.0)
+    assert evaluate_gate(m(0.9, 0.85), CHAMP, one).reason.endswith("(+0.0500; needs +1.0000)")
+    changed = evaluate_gate(m(0.8, None), CHAMP, RULES)
+    assert changed.reason == "no like-for-like baseline (the class list changed); best_val_acc 0.8000 meets the minimum 0.6000"
+    assert changed.value == 0.8
+    elsewhere = evaluate_gate(m(0.8, None, init="x" * 64), CHAMP, RULES)
+    assert elsewhere.reason.startswith("no like-for-like baseline (the run did not start from the current champion)")
