@@ -79,3 +79,9 @@ def test_results_carry_the_values_compared_and_read_exactly():
     assert changed.value == 0.8
     elsewhere = evaluate_gate(m(0.8, None, init="x" * 64), CHAMP, RULES)
     assert elsewhere.reason.startswith("no like-for-like baseline (the run did not start from the current champion)")
+
+
+def test_a_broken_baseline_is_quoted_in_the_reason_cut_to_40_characters():
+    assert evaluate_gate(m(0.9, float("nan")), CHAMP, RULES).reason == "baseline_val_acc is nan, not a finite number: no fair comparison"
+    long = "x" * 60
+    assert evaluate_gate(m(0.9, long), CHAMP, RULES).reason == f"baseline_val_acc is {'x' * 40}, not a finite number: no fair comparison"
