@@ -30,13 +30,9 @@ def _get(data: dict, *names: str):
 
 def event_message_id(event_id: str) -> str:
     """`eg-<event id>`, or its digest when the id holds characters a retrain id may not."""
-    import hashlib
-    import re
+    from shared.messages import safe_message_id
 
-    from shared.messages import ID_PATTERN
-
-    plain = f"eg-{event_id}"
-    return plain if re.fullmatch(ID_PATTERN, plain) else "eg-" + hashlib.sha256(str(event_id).encode()).hexdigest()[:40]
+    return safe_message_id(event_id, prefix="eg-")
 
 
 def status_message(event: func.EventGridEvent):

@@ -26,17 +26,10 @@ log = logging.getLogger("retrain.functions.servicebus")
 
 
 def delivery_id(msg: func.ServiceBusMessage) -> str | None:
-    """`sb-<message id>`; a Service Bus message id may hold any characters (up to 128), so one that
-    is not a valid retrain id is used by its digest: the same message always maps to the same id."""
-    import hashlib
-    import re
+    """`sb-<message id>`; an id with characters a retrain id may not hold is used by its digest."""
+    from shared.messages import safe_message_id
 
-    from shared.messages import ID_PATTERN
-
-    if not msg.message_id:
-        return None
-    plain = f"sb-{msg.message_id}"
-    return plain if re.fullmatch(ID_PATTERN, plain) else "sb-" + hashlib.sha256(msg.message_id.encode()).hexdigest()[:40]
+    return safe_message_id(msg.message_id, prefix="sb-") if msg.message_id else None
 
 
 def request_from(msg: func.ServiceBusMessage):

@@ -83,11 +83,13 @@ MessageId = Annotated[str, Field(pattern=ID_PATTERN)]
 BackendRunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")]
 
 
-def safe_message_id(value: str) -> str:
-    """`value` if it is a valid id, else a digest of it (to record a rejection of a hostile message)."""
-    if isinstance(value, str) and re.fullmatch(ID_PATTERN, value):
-        return value
-    return "sha256-" + hashlib.sha256(str(value).encode("utf-8", "replace")).hexdigest()[:48]
+def safe_message_id(value: str, prefix: str = "") -> str:
+    """`prefix + value` if that is a valid id, else `prefix` + a digest of `value`: the same input
+    always maps to the same id (ids from Service Bus, Event Grid or a hostile message)."""
+    plain = f"{prefix}{value}"
+    if isinstance(value, str) and re.fullmatch(ID_PATTERN, plain):
+        return plain
+    return (prefix or "sha256-") + hashlib.sha256(str(value).encode("utf-8", "replace")).hexdigest()[:40]
 
 
 def label_of(path: str) -> str:

@@ -39,7 +39,7 @@ def redact(text: object) -> str:
 
 
 def printable(text: object, keep_newlines: bool = False) -> str:
-    """Text from outside made safe to print: control and bidi characters become \\uXXXX escapes."""
+    """Text from outside made safe to print: control and bidi characters become escapes such as \\u202e."""
     value = str(text)
     if not keep_newlines:
         value = value.replace("\n", "\\n").replace("\t", "\\t")

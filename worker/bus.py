@@ -26,9 +26,9 @@ from shared.redact import redact
 from worker.completion import Completer
 from worker.config import RetrainConfig
 from worker.crashpoints import crashpoint
-from worker.handlers import HANDLERS, Backfill, Context, Effects, evaluate, image_row, register_backfill_chunk, resolve_backfill
+from worker.handlers import HANDLERS, Backfill, Context, Effects, evaluate, image_row, resolve_backfill
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
-from worker.store import IMAGES_PER_COMMIT, ConcurrencyConflict, Store, Tx
+from worker.store import ConcurrencyConflict, Store, Tx
 from worker.submission import Submitter
 
 log = logging.getLogger("retrain.worker")
@@ -208,15 +208,10 @@ class Worker:
                 return None  # (read-only here: the claim is not committed)
         ctx = self._context()
         backfill = resolve_backfill(ctx, message)
-        if self.store.staged_ingest:  # one write per image, idempotent; folded by the evaluation
-            rows = [image_row(ctx, message.model, path, etag, size, "backfill", None) for path, etag, size in backfill.refs]
-            backfill.registered = self.store.stage_images(rows)
-            self._drain(message.model)
-            return backfill
-        for start in range(0, len(backfill.refs), IMAGES_PER_COMMIT):
-            chunk = backfill.refs[start : start + IMAGES_PER_COMMIT]
-            backfill.registered += self._transaction(lambda ctx, tx, chunk=chunk: register_backfill_chunk(ctx, tx, message.model, chunk))
-            crashpoint("after_backfill_chunk")
+        rows = [image_row(ctx, message.model, path, etag, size, "backfill", None) for path, etag, size in backfill.refs]
+        backfill.registered = self.store.stage_images(rows)  # in bounded, idempotent chunks
+        if self.store.staged_ingest:
+            self._drain(message.model)  # fold them now, so the request's evaluation sees them
         return backfill
 
     def _apply(self, message: Message, backfill: Backfill | None = None, remember: Remember | None = None) -> Effects:

@@ -228,11 +228,6 @@ def resolve_backfill(ctx: Context, msg: RetrainRequested) -> Backfill:
     return backfill
 
 
-def register_backfill_chunk(ctx: Context, tx: Tx, model: str, refs: list[tuple[str, str, int]]) -> int:
-    """Register one chunk of a backfill (its own transaction; a repeat is a no-op); returns how many were new."""
-    return sum(tx.add_image(image_row(ctx, model, path, etag, size, "backfill", None)) == "new" for path, etag, size in refs)
-
-
 def handle_retrain_requested(ctx: Context, tx: Tx, msg: RetrainRequested) -> Effects:
     """Record the request (its images were registered chunk by chunk before) and evaluate."""
     backfill = ctx.backfill or Backfill()

@@ -325,10 +325,34 @@ class Store(abc.ABC):
     staged_ingest: bool = False
 
     def stage_image(self, row: ImageRow) -> Literal["staged", "duplicate"]:
-        raise NotImplementedError(f"{type(self).__name__} registers images in transactions")
+        """Record an arriving image. The default registers it at once, in its own transaction
+        (stores with `staged_ingest` defer the registration to the next evaluation's fold)."""
+        with self.transaction() as tx:
+            outcome = tx.add_image(row)
+            tx.commit()
+        return "duplicate" if outcome == "duplicate" else "staged"
 
     def stage_images(self, rows: list[ImageRow]) -> int:
-        raise NotImplementedError(f"{type(self).__name__} registers images in transactions")
+        """Record many (a backfill), IMAGES_PER_COMMIT per transaction, each idempotent on its own and
+        retried on a conflict; returns how many were new. A crash part-way leaves whole chunks."""
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+        from worker.crashpoints import crashpoint
+
+        new = 0
+        for n in range(0, len(rows), IMAGES_PER_COMMIT):
+            for attempt in Retrying(
+                retry=retry_if_exception_type(ConcurrencyConflict),
+                wait=wait_random_exponential(multiplier=0.005, max=0.25),
+                stop=stop_after_attempt(40),
+                reraise=True,
+            ):
+                with attempt, self.transaction() as tx:
+                    chunk_new = sum(tx.add_image(row) == "new" for row in rows[n : n + IMAGES_PER_COMMIT])
+                    tx.commit()
+            new += chunk_new
+            crashpoint("after_backfill_chunk")
+        return new
 
     @abc.abstractmethod
     def transaction(self) -> AbstractContextManager[Tx]:

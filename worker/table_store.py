@@ -584,7 +584,6 @@ class TableStore(Store):
         self._partitions: set[str] = set()
         self._staging: dict[str, _StagingGroup] = {}
         self._lookups: ThreadPoolExecutor | None = None
-        self.batches = 0  # entity group transactions sent (one per commit)
 
     @classmethod
     def from_connection_string(cls, connection: str, table: str = "retrain") -> TableStore:
@@ -762,7 +761,6 @@ class TableStore(Store):
             if exc.status_code in (404, 409, 412):
                 raise ConcurrencyConflict(f"another writer committed first ({exc.status_code})") from None
             raise
-        self.batches += 1
         self._partitions.add(pk)
 
     def prune_decisions(self, model: str, keep: int) -> None:
