@@ -435,11 +435,19 @@ class SqliteStore(Store):
         self._busy_timeout_s = busy_timeout_s
         self._synchronous = synchronous
         self._local = threading.local()
-        conn = self._connect_once()
+        # Opening a new file switches it to WAL, which takes an exclusive lock that SQLite's busy
+        # handler does not wait for: a second process opening the same new ledger at that moment
+        # got "database is locked" (`serve` and `explain` started together). Openers take turns.
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            self._check_schema(conn)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            conn = self._connect_once()
+            try:
+                self._check_schema(conn)
+            finally:
+                conn.close()
         finally:
-            conn.close()
+            os.close(fd)
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -454,19 +462,15 @@ class SqliteStore(Store):
         if version > SCHEMA_VERSION:
             raise LedgerSchemaError(f"the ledger {self.path} has schema {version}, newer than this retrain understands ({SCHEMA_VERSION})")
         if version == SCHEMA_VERSION:
-            return  # opening an existing ledger writes nothing (readers must not queue behind writers)
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # two processes creating the same new ledger take turns
-            conn.executescript(SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        finally:
-            os.close(fd)
+            return  # opening an existing ledger writes nothing
+        conn.executescript(SCHEMA)  # under the opener's file lock (see __init__)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _connect_once(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # persistent: set once, by the first opener
+            conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
         conn.execute("PRAGMA foreign_keys=ON")
