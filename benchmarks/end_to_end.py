@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.demo import DemoConfig, run_demo  # noqa: E402
-from worker.sqlite_store import SqliteStore  # noqa: E402
+from worker.adapters.local.sqlite_store import SqliteStore  # noqa: E402
+from worker.app.demo import DemoConfig, run_demo  # noqa: E402
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.messages import ImageUploaded
 from tests.unit.worker_harness import make_harness
-from worker.sqlite_store import SqliteStore
+from worker.adapters.local.sqlite_store import SqliteStore
 
 
 def main() -> None:

@@ -66,9 +66,9 @@ def feed(args: tuple) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from shared.messages import ImageUploaded
-    from worker.bootstrap import build_worker
-    from worker.fake_backend import FakeTrainingBackend
-    from worker.table_store import TableStore
+    from tests.fakes.backend import FakeTrainingBackend
+    from worker.adapters.azure.table_store import TableStore
+    from worker.app.bootstrap import build_worker
 
     counter = [0]
     store = TableStore(latency_client(connection, table, latency_s, counter))
@@ -107,7 +107,7 @@ def feed(args: tuple) -> dict:
 
 
 def run(connection: str, latency_s: float, processes: int, models: int, events: int, concurrency: int) -> None:
-    from worker.table_store import TableStore
+    from worker.adapters.azure.table_store import TableStore
 
     table = f"ingest{uuid.uuid4().hex[:10]}"
     state = tempfile.mkdtemp(prefix="ingest-")
@@ -129,8 +129,8 @@ def run(connection: str, latency_s: float, processes: int, models: int, events: 
     for error in sorted({e for r in results for e in r["errors"]})[:3]:
         print(f"    a failed delivery: {error}", flush=True)
     # Fold what is still staged (what the next tick does), then check every image is counted once.
-    from worker.bootstrap import build_worker
-    from worker.fake_backend import FakeTrainingBackend
+    from tests.fakes.backend import FakeTrainingBackend
+    from worker.app.bootstrap import build_worker
 
     counter = [0]
     store = TableStore(latency_client(connection, table, latency_s, counter))

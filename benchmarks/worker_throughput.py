@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared.messages import ImageUploaded, RetrainRequested  # noqa: E402
-from worker.bootstrap import build_worker  # noqa: E402
+from tests.fakes.adapters import FakeBlobStore  # noqa: E402
+from tests.fakes.backend import FakeTrainingBackend  # noqa: E402
+from worker.adapters.local.sqlite_store import SqliteStore  # noqa: E402
+from worker.app.bootstrap import build_worker  # noqa: E402
 from worker.config import load_config  # noqa: E402
-from worker.fake_backend import FakeTrainingBackend  # noqa: E402
-from worker.fakes import FakeBlobStore  # noqa: E402
-from worker.sqlite_store import SqliteStore  # noqa: E402
 
 
 def make_worker(state: Path, blobs=None, synchronous: str = "NORMAL"):

@@ -54,28 +54,28 @@ def image_message(blob: func.InputStream):
 
     from shared.errors import InvalidMessage
     from shared.messages import ImageUploaded, check_known_model
-    from worker.folder_scan import sanitize
+    from shared.redact import printable
 
     model, path = parse_blob_name(blob.name or "")
-    properties = blob.blob_properties or {}
+    properties = getattr(blob, "blob_properties", None) or {}  # newer hosts; older ones give only the name and length
     etag = str(properties.get("ETag") or properties.get("Etag") or properties.get("etag") or "").strip('"')
     size = blob.length if blob.length is not None else int(properties.get("ContentLength") or properties.get("Length") or 0)
     if not etag:
-        log.warning("ignored blob %s: the trigger gave no ETag", sanitize(blob.name or ""))
+        log.warning("ignored blob %s: the trigger gave no ETag", printable(blob.name or "", limit=120))
         return None
     if size == 0:
-        log.warning("ignored blob %s: it is empty (a placeholder, not an image)", sanitize(blob.name or ""))
+        log.warning("ignored blob %s: it is empty (a placeholder, not an image)", printable(blob.name or "", limit=120))
         return None
     try:
         # The blob's own time orders versions: a late delivery of an older write is recognised as stale.
         message = ImageUploaded.of(model, path, etag, size, source="blob", occurred_at=blob_time(properties))
         check_known_model(message, runtime.worker().config.models)
     except InvalidMessage as exc:
-        log.warning("rejected blob %s: %s", sanitize(blob.name or ""), exc.description)
+        log.warning("rejected blob %s: %s", printable(blob.name or "", limit=120), exc.description)
         return None
     except ValidationError as exc:
         reasons = "; ".join(e["msg"] for e in exc.errors(include_url=False, include_input=False))
-        log.warning("rejected blob %s: %s", sanitize(blob.name or ""), sanitize(reasons, 300))
+        log.warning("rejected blob %s: %s", printable(blob.name or "", limit=120), printable(reasons, limit=300))
         return None
     return message
 

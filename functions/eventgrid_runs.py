@@ -8,7 +8,6 @@ out-of-order events have one effect (the ledger checks the attempt and the run's
 from __future__ import annotations
 
 import logging
-import re
 
 import azure.functions as func
 
@@ -17,7 +16,6 @@ from functions import runtime
 bp = func.Blueprint()
 log = logging.getLogger("retrain.functions.eventgrid")
 RUN_EVENTS = {"microsoft.machinelearningservices.runcompleted": "Completed", "microsoft.machinelearningservices.runstatuschanged": None}
-OUR_RUN_ID = re.compile(r"^(?P<model>[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)-\d{4,}-[0-9a-f]{8}-a\d+$")
 
 
 def _get(data: dict, *names: str):
@@ -39,6 +37,7 @@ def status_message(event: func.EventGridEvent):
     """The RunStatusChanged for an event, or None with a reason to ignore it."""
     from shared.errors import InvalidMessage
     from shared.messages import RunStatusChanged, parse_as
+    from shared.run_ids import parse_backend_run_id
 
     kind = (event.event_type or "").lower()
     if kind not in RUN_EVENTS:
@@ -49,8 +48,8 @@ def status_message(event: func.EventGridEvent):
     data = event.get_json() or {}
     run_id = _get(data, "runId", "run_id")
     status = RUN_EVENTS[kind] or _get(data, "runStatus", "status")
-    match = OUR_RUN_ID.match(str(run_id or ""))
-    if not match:
+    ours = parse_backend_run_id(str(run_id or ""))
+    if ours is None:
         return None, f"run {str(run_id)[:80]!r} was not started by retrain"
     if not status:
         return None, "the event carries no run status"
@@ -59,7 +58,7 @@ def status_message(event: func.EventGridEvent):
             RunStatusChanged,
             {
                 "message_id": event_message_id(event.id),
-                "model": match["model"],
+                "model": ours.model,
                 "backend_run_id": run_id,
                 "status": status,
                 "occurred_at": event.event_time,

@@ -37,22 +37,17 @@ def _error(status: int, reason: str, description: str, errors: list | None = Non
 @bp.route(route="retrain", methods=ALL_METHODS, auth_level=func.AuthLevel.FUNCTION)
 def retrain_http(req: func.HttpRequest) -> func.HttpResponse:
     from shared.errors import InvalidMessage
-    from shared.messages import MAX_MESSAGE_BYTES, RetrainRequested, load_json, parse_as
+    from shared.messages import RetrainRequested, load_document, parse_as
 
     if req.method.upper() != "POST":
         return func.HttpResponse(status_code=405, headers={"Allow": "POST"})
-    body = req.get_body() or b""
-    if len(body) > MAX_MESSAGE_BYTES:
-        return _error(413, "too_large", f"the body is {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
     key = req.headers.get("Idempotency-Key")
+    try:
+        document = load_document(req.get_body() or b"")
+    except InvalidMessage as exc:
+        return _error(413 if exc.reason == "too_large" else 400, exc.reason, exc.description)
     if key is not None and not (1 <= len(key) <= 200 and key.isprintable() and " " not in key):
         return _error(400, "schema", "Idempotency-Key must be 1-200 printable characters without spaces")
-    try:
-        document = load_json(body) if body else None
-    except InvalidMessage as exc:
-        return _error(400, exc.reason, exc.description)
-    if not isinstance(document, dict):
-        return _error(400, "schema", "the body must be a JSON object (a RetrainRequested)")
     document.setdefault("kind", "retrain.requested")
     document.setdefault("requested_by", "http")
     # The key may hold any printable character; the message id derived from it holds none of them.
@@ -74,7 +69,7 @@ def retrain_http(req: func.HttpRequest) -> func.HttpResponse:
     effects = worker.handle(request, remember=remember)
     if effects.outcome == "replayed":
         previous = json.loads(effects.detail)
-        if previous["fingerprint"] != remember.fingerprint:
+        if remember is None or previous["fingerprint"] != remember.fingerprint:
             return _error(409, "idempotency_conflict", "this Idempotency-Key was already used with a different body")
         return _json(202, previous["response"], {"Idempotent-Replayed": "true"})
     log.info("http request %s for %s: %s %s", request.message_id, request.model, effects.outcome, effects.detail)

@@ -34,7 +34,7 @@ def worker() -> Any:
     with _lock:
         if _worker is None:
             install_log_redaction()
-            from worker.bootstrap import build_worker_from_settings
+            from worker.app.bootstrap import build_worker_from_settings
 
             _worker = build_worker_from_settings(os.environ)
         return _worker

@@ -35,17 +35,10 @@ def delivery_id(msg: func.ServiceBusMessage) -> str | None:
 def request_from(msg: func.ServiceBusMessage):
     """(message, None) for a valid request, or (None, InvalidMessage) for a permanently bad one."""
     from shared.errors import InvalidMessage
-    from shared.messages import MAX_MESSAGE_BYTES, RetrainRequested, load_json, parse_as
+    from shared.messages import RetrainRequested, load_document, parse_as
 
-    body = msg.get_body()
     try:
-        if not body:
-            raise InvalidMessage("empty", "the message body is empty")
-        if len(body) > MAX_MESSAGE_BYTES:
-            raise InvalidMessage("too_large", f"the message is {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
-        document = load_json(body)
-        if not isinstance(document, dict):
-            raise InvalidMessage("schema", "the body must be a JSON object")
+        document = load_document(msg.get_body() or b"")
         document.setdefault("message_id", delivery_id(msg))
         document.setdefault("kind", "retrain.requested")
         if document["kind"] != "retrain.requested":

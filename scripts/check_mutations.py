@@ -51,7 +51,7 @@ MUTATIONS = [
     ),
     Mutation(
         "Service Bus errors are not redacted",
-        "worker/servicebus.py",
+        "worker/adapters/azure/servicebus.py",
         "        super().__init__(redact(message))\n",
         "        super().__init__(message)\n",
         ("tests/unit/test_servicebus.py",),
@@ -86,14 +86,14 @@ MUTATIONS = [
     ),
     Mutation(
         "a run planned over images already trained (no watermark base)",
-        "worker/handlers.py",
+        "worker/runs.py",
         "    base = head.trained_watermark\n",
         "    base = 0\n",
         ("tests/unit/test_worker_properties.py",),
     ),
     Mutation(
         "the memory fake lets a commit grow past one batch",
-        "worker/memory_store.py",
+        "tests/fakes/memory_store.py",
         "        if self.writes > MAX_WRITES_PER_COMMIT:\n",
         "        if False:\n",
         ("tests/unit/test_hostile_inputs.py",),
@@ -101,8 +101,8 @@ MUTATIONS = [
     Mutation(
         "the Idempotency-Key is stored outside the request's transaction",
         "worker/bus.py",
-        "                previous = tx.remember_response(",
-        "                previous = None and tx.remember_response(",
+        "                previous = tx.remember_response(message.model, remember.key, remember.fingerprint, remember.response, ctx.now)",
+        "                previous = None and tx.remember_response(message.model, remember.key, remember.fingerprint, remember.response, ctx.now)",
         ("tests/unit/test_hostile_inputs.py",),
     ),
     Mutation(

@@ -187,7 +187,6 @@ _STATUS_MAP = {
     "canceled": "canceled",
     "cancelled": "canceled",
 }
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 
 
 def normalize_status(value: str) -> str:
@@ -276,15 +275,25 @@ def load_json(raw: bytes | str) -> Any:
     return value  # its shape is checked by parse_message / parse_as
 
 
+def load_document(raw: bytes | str) -> dict[str, Any]:
+    """The one check every inbound body passes first (queue, HTTP, inbox file): not empty, at most
+    MAX_MESSAGE_BYTES, JSON within the depth and number limits, an object. Its fields are checked
+    by parse_message / parse_as."""
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size == 0:
+        raise InvalidMessage("empty", "the message body is empty")
+    if size > MAX_MESSAGE_BYTES:
+        raise InvalidMessage("too_large", f"the message is {size} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    document = load_json(raw)
+    if not isinstance(document, dict):
+        raise InvalidMessage("schema", "the message must be a JSON object")
+    return document
+
+
 def parse_message(raw: bytes | str | dict[str, Any], known_models: Collection[str] | None = None) -> Message:
     """Validate raw input into a message, or raise InvalidMessage with a specific reason."""
     if isinstance(raw, bytes | str):
-        size = len(raw.encode() if isinstance(raw, str) else raw)
-        if size == 0:
-            raise InvalidMessage("empty", "the message body is empty")
-        if size > MAX_MESSAGE_BYTES:
-            raise InvalidMessage("too_large", f"the message is {size} bytes; the limit is {MAX_MESSAGE_BYTES}")
-        raw = load_json(raw)
+        raw = load_document(raw)
     if not isinstance(raw, dict):
         raise InvalidMessage("schema", "the message must be a JSON object")
     _check_shape(raw)

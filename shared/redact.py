@@ -38,12 +38,14 @@ def redact(text: object) -> str:
     return value
 
 
-def printable(text: object, keep_newlines: bool = False) -> str:
-    """Text from outside made safe to print: control and bidi characters become escapes such as \\u202e."""
+def printable(text: object, keep_newlines: bool = False, limit: int | None = None) -> str:
+    """Text from outside made safe to print: control and bidi characters become escapes such as \\u202e;
+    with `limit`, cut to that many characters (and "..." to say so)."""
     value = str(text)
     if not keep_newlines:
         value = value.replace("\n", "\\n").replace("\t", "\\t")
-    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+    shown = _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+    return shown if limit is None or len(shown) <= limit else shown[:limit] + "..."
 
 
 class RedactingFilter(logging.Filter):

@@ -62,12 +62,6 @@ class Topology:
             return list(self._hvd.allgather_object(obj))
         return [obj]
 
-    def barrier(self) -> None:
-        if self.kind == "ddp":
-            dist.barrier()
-        elif self.kind == "horovod":
-            self._hvd.allreduce(torch.zeros(1), name="barrier")
-
     def close(self) -> None:
         if self.kind == "ddp" and dist.is_initialized():
             dist.destroy_process_group()
@@ -169,7 +163,7 @@ def _setup_ddp(
     kwargs: dict[str, Any] = {}
     if device.type == "cuda":
         # Binding the group to the device up front lets NCCL connect eagerly and avoids
-        # guessing the device in barrier().
+        # guessing the device in collectives.
         kwargs["device_id"] = device
     dist.init_process_group(
         backend=backend,

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
@@ -25,9 +26,12 @@ from shared.messages import ImageUploaded, Message, RetrainRequested, RunStatusC
 from shared.redact import redact
 from worker.completion import Completer
 from worker.config import RetrainConfig
+from worker.context import Backfill, Context
 from worker.crashpoints import crashpoint
-from worker.handlers import HANDLERS, Backfill, Context, Effects, evaluate, image_row, resolve_backfill
+from worker.handlers import HANDLERS, Effects, image_row, resolve_backfill
+from worker.outbox import queue_event
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
+from worker.runs import evaluate, run_failed
 from worker.store import ConcurrencyConflict, Store, Tx
 from worker.submission import Submitter
 
@@ -126,8 +130,6 @@ class Worker:
             return self._completion_failed(run_id, f"completion failed: {exc.__class__.__name__}: {redact(exc)}")
 
     def _completion_failed(self, run_id: str, reason: str) -> list[str]:
-        from worker.handlers import run_failed
-
         def step(ctx: Context, tx: Tx) -> list[str]:
             run = tx.get_run(run_id)
             if run is None or run.state != "succeeded":
@@ -194,7 +196,7 @@ class Worker:
         """Fold everything staged (a tick's first step on a staged-ingest ledger), a batch per commit."""
         for name in [model] if model else sorted(self.config.models):
             for _ in range(DRAIN_ROUNDS):  # bounded: arrivals that keep coming wait for the next tick
-                if not self._transaction(lambda ctx, tx, name=name: tx.fold(name)):
+                if not self._transaction(partial(_fold, model=name)):
                     break
 
     def _register_backfill(self, message: RetrainRequested) -> Backfill | None:
@@ -218,6 +220,7 @@ class Worker:
         def step(ctx: Context, tx: Tx) -> Effects:
             ctx.backfill = backfill
             if remember is not None:
+                assert message.model is not None, "idempotency keys come with requests, which name their model"
                 previous = tx.remember_response(message.model, remember.key, remember.fingerprint, remember.response, ctx.now)
                 if previous is not None:
                     return Effects(outcome="replayed", detail=json.dumps({"fingerprint": previous[0], "response": previous[1]}))
@@ -242,7 +245,6 @@ class Worker:
         from shared import events as ev
         from shared.messages import safe_message_id
         from shared.redact import printable
-        from worker.handlers import queue_event
         from worker.store import DecisionRow
 
         known = model if model in self.config.models else None
@@ -352,3 +354,7 @@ class Worker:
             if len(events) < batch:
                 break
         return published
+
+
+def _fold(ctx: Context, tx: Tx, model: str) -> int:
+    return tx.fold(model)

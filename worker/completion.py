@@ -30,14 +30,14 @@ from typing import Any
 
 from shared import events as ev
 from worker.config import RetrainConfig
+from worker.context import Context
 from worker.crashpoints import crashpoint
-from worker.exporter import ExportError, OnnxExporter
 from worker.gate import Champion, GateResult, GateRules, evaluate_gate
-from worker.handlers import Context, after_run, queue_event
 from worker.manifests import encode, manifest_path
 from worker.manifests import load as load_manifest
-from worker.ports import BlobStore, Clock, TrainingBackend
-from worker.registry import ModelRegistry
+from worker.outbox import queue_event
+from worker.ports import BlobStore, Clock, ExportError, ExportResult, ModelRegistry, OnnxExporter, TrainingBackend
+from worker.runs import after_run
 from worker.snapshot import training_dir
 from worker.store import ConcurrencyConflict, DecisionRow, ModelVersionRow, RunRow, Store
 from worker.submission import training_args
@@ -182,7 +182,6 @@ class Completer:
 
     def _exported_in_run(self, outputs: Path, metrics: dict[str, Any]):
         """The ONNX the run exported itself (train.py --export_onnx), if it is there and matches this model.pt."""
-        from worker.exporter import ExportResult
 
         onnx_path, report_path = outputs / "model.onnx", outputs / "onnx_report.json"
         if not (onnx_path.is_file() and report_path.is_file()):

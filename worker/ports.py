@@ -1,8 +1,9 @@
-"""The worker's ports: what it needs from a training backend, a blob store, a publisher and a clock.
+"""The worker's ports: what it needs from a training backend, a blob store, a model registry, an
+ONNX exporter, a publisher and a clock.
 
-Each port is a small abstract class with a real adapter (local: torchrun, a directory, a JSON
-lines file; Azure: Azure ML, Blob Storage, Service Bus) and a fake for unit tests. The state
-store's port lives in `worker.store`.
+Each port is a small abstract class with real adapters under `worker.adapters` (local: torchrun,
+a directory, a JSON-lines file; Azure: Azure ML, Blob Storage, Service Bus) and a fake for unit
+tests under `tests/fakes`. The ledger's port lives in `worker.store`.
 """
 
 from __future__ import annotations
@@ -137,3 +138,57 @@ class Clock(abc.ABC):
 class SystemClock(Clock):
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    model: str
+    version: int
+    run_id: str
+    location: str  # a directory (local) or a registry URI (Azure ML)
+    files: dict[str, str]  # name -> path or URI
+
+
+class ModelRegistry(abc.ABC):
+    """Where registered versions live; the ledger stays the source of truth for the champion."""
+
+    @abc.abstractmethod
+    def register(self, model: str, run_id: str, files: dict[str, Path], card: dict[str, Any]) -> RegisteredModel:
+        """Store a new version (or return the one already registered for `run_id`)."""
+
+    @abc.abstractmethod
+    def set_champion(self, model: str, version: int) -> None:
+        """Point the registry's `champion` alias at `version` (atomically)."""
+
+    @abc.abstractmethod
+    def champion_alias(self, model: str) -> int | None:
+        """The version the registry's `champion` alias points at."""
+
+    @abc.abstractmethod
+    def warm_start_checkpoint(self, model: str, version: int) -> str | None:
+        """Where a training run finds the version's model.pt (a local path, or a path in the run's
+        artifacts datastore), or None when the registry cannot hand it to a run."""
+
+
+class ExportError(RuntimeError):
+    """The export could not run at all (bad model file, bad data); not a parity verdict."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    report_path: Path
+    report: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("passed"))
+
+
+class OnnxExporter(abc.ABC):
+    """Exports model.pt to ONNX and checks it against PyTorch on the run's validation images."""
+
+    @abc.abstractmethod
+    def export(
+        self, model_pt: Path, out_dir: Path, *, data_dir: str | None, manifest: Path | None, tolerance: float, samples: int
+    ) -> ExportResult: ...

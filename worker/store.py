@@ -26,6 +26,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.run_ids import make_backend_run_id
+
 
 class ConcurrencyConflict(RuntimeError):  # noqa: N818 - a condition to retry on, not a program error
     """Another writer changed the same state first (or holds the lock); retrying the whole transaction resolves it."""
@@ -46,7 +48,6 @@ RunState = Literal["planned", "submitted", "running", "succeeded", "failed", "ca
 # A succeeded run is still in flight until its completion (gate, registration) finalizes it: the
 # next run must warm-start from the champion that completion may produce.
 IN_FLIGHT_STATES: frozenset[str] = frozenset({"planned", "submitted", "running", "succeeded"})
-ENDED_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 
 
 @dataclass
@@ -124,7 +125,7 @@ class RunRow:
     @property
     def backend_run_id(self) -> str:
         """The id of the current attempt at the backend: a retry is a new backend run, same manifest."""
-        return f"{self.run_id}-a{self.attempt}"
+        return make_backend_run_id(self.run_id, self.attempt)
 
     @property
     def in_flight(self) -> bool:
@@ -357,6 +358,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def transaction(self) -> AbstractContextManager[Tx]:
         """A write transaction, serialised against every other writer of the same ledger."""
+
+    def read(self) -> AbstractContextManager[Tx]:
+        """A consistent read for views (status, explain, models): never committed, and it does not
+        queue behind writers where the adapter can avoid it (SQLite reads a WAL snapshot without the
+        writers' lock). The default is a transaction that is not committed."""
+        return self.transaction()
 
     @abc.abstractmethod
     def unpublished_events(self, limit: int = 100) -> list[OutboxRow]:

@@ -12,9 +12,11 @@ import logging
 from collections.abc import Callable
 
 from worker.config import RetrainConfig
+from worker.context import Context
 from worker.crashpoints import crashpoint
 from worker.manifests import load as load_manifest
 from worker.ports import BackendStatus, BlobStore, Clock, PermanentBackendError, RunSpec, TrainingArgs, TrainingBackend
+from worker.runs import mark_submitted, run_failed
 from worker.store import RunRow, Store
 
 log = logging.getLogger("retrain.submit")
@@ -78,8 +80,6 @@ class Submitter:
 
     def _mark_submit_failed(self, planned: RunRow, reason: str) -> None:
         """The backend refused the run for good (bad request, no permission): no retry, images back."""
-        from worker.handlers import Context, run_failed
-
         with self.store.transaction() as tx:
             run = tx.get_run(planned.run_id)
             if run is None or run.state != "planned" or run.attempt != planned.attempt:
@@ -89,8 +89,6 @@ class Submitter:
         log.warning("the backend refused %s for good: %s", planned.run_id, reason)
 
     def _mark_submitted(self, planned: RunRow, status: BackendStatus) -> None:
-        from worker.handlers import Context, mark_submitted
-
         with self.store.transaction() as tx:
             run = tx.get_run(planned.run_id)
             if run is None or run.state != "planned" or run.attempt != planned.attempt:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from worker.config import RetrainConfig
+from worker.policy import decide
+from worker.runs import snapshot_of
 from worker.store import IN_FLIGHT_STATES, RunRow, Store
 
 
@@ -26,13 +29,17 @@ def _run(run: RunRow) -> dict[str, Any]:
     }
 
 
-def status_view(store: Store, config: RetrainConfig, model: str | None = None) -> dict[str, Any]:
+def status_view(store: Store, config: RetrainConfig, model: str | None = None, now: dt.datetime | None = None) -> dict[str, Any]:
+    """Each model's state, with what the policy would decide now (`next`: the verdict, and when
+    waiting ends without a new event) beside the last decision the worker recorded."""
     models = [model] if model else sorted(config.models)
+    now = now or dt.datetime.now(dt.UTC)
     out: dict[str, Any] = {}
-    with store.transaction() as tx:
+    with store.read() as tx:
         for name in models:
             pending = tx.pending_stats(name)
             decisions = tx.decisions(name, 1)
+            verdict = decide(snapshot_of(tx, name), now, config.model(name))
             out[name] = {
                 "pending": {
                     "total": pending.count,
@@ -47,13 +54,19 @@ def status_view(store: Store, config: RetrainConfig, model: str | None = None) -
                 "last_decision": {"at": decisions[0].at.isoformat(), "outcome": decisions[0].outcome, "reason": decisions[0].reason}
                 if decisions
                 else None,
+                "next": {
+                    "outcome": verdict.outcome,
+                    "reason": verdict.reason,
+                    "wake_at": verdict.wake_at.isoformat() if verdict.wake_at else None,
+                    "forced": verdict.forced,
+                },
             }
     return out
 
 
 def explain_view(store: Store, config: RetrainConfig, model: str | None = None, limit: int = 10) -> dict[str, list[dict[str, Any]]]:
     models = [model] if model else sorted(config.models)
-    with store.transaction() as tx:
+    with store.read() as tx:
         return {
             name: [
                 {"at": d.at.isoformat(), "outcome": d.outcome, "reason": d.reason, "run_id": d.run_id, "message_id": d.message_id}
@@ -67,7 +80,7 @@ def models_view(store: Store, config: RetrainConfig, model: str | None = None) -
     """Registered versions per model, newest first, with their headline metrics and the champion."""
     models = [model] if model else sorted(config.models)
     out: dict[str, Any] = {}
-    with store.transaction() as tx:
+    with store.read() as tx:
         for name in models:
             champion = tx.model_head(name).champion_version
             out[name] = {
@@ -93,7 +106,7 @@ def models_view(store: Store, config: RetrainConfig, model: str | None = None) -
 
 def version_view(store: Store, model: str, version: int | None = None) -> dict[str, Any] | None:
     """One version's full lineage card (the champion when no version is given)."""
-    with store.transaction() as tx:
+    with store.read() as tx:
         versions = tx.model_versions(model)
         champion = tx.model_head(model).champion_version
     wanted = version if version is not None else champion

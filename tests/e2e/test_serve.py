@@ -125,4 +125,4 @@ def test_serve_waits_with_reasons_then_runs_exactly_once_and_keeps_the_files(tmp
         output = serve.communicate(timeout=30)[0]
     assert serve.returncode == 0, output[-3000:]
     assert "rejected" in output
-    assert "bad\\x07name.jpg" in output
+    assert "bad\\u0007name.jpg" in output

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from shared.messages import ImageUploaded, RetrainRequested
 from tests.integration.ledger_client import config_env
-from worker.bootstrap import build_worker
+from worker.adapters.local.torchrun_backend import LocalTorchrunBackend
+from worker.app.bootstrap import build_worker
 from worker.config import load_config
-from worker.local_backend import LocalTorchrunBackend
 
 
 def main(argv: list[str]) -> int:

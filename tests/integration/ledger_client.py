@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from shared.messages import ImageUploaded, Tick
-from worker.bootstrap import build_worker
+from tests.fakes.backend import FakeTrainingBackend
+from worker.adapters.local.sqlite_store import SqliteStore
+from worker.app.bootstrap import build_worker
 from worker.config import load_config
-from worker.fake_backend import FakeTrainingBackend
-from worker.sqlite_store import SqliteStore
 
 
 def config_env(state_dir: str, **knobs: str) -> dict[str, str]:
@@ -31,7 +31,7 @@ def open_store(spec: str):
     if kind == "table":
         import os
 
-        from worker.table_store import TableStore
+        from worker.adapters.azure.table_store import TableStore
 
         return TableStore.from_connection_string(os.environ["RETRAIN_TABLE_CONNECTION"], where)
     return SqliteStore(where if kind == "sqlite" else spec)

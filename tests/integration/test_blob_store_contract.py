@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from worker.azure_blobs import AzureBlobStore
-from worker.directory_blobs import DirectoryBlobStore
+from worker.adapters.azure.blob_store import AzureBlobStore
+from worker.adapters.local.directory_blobs import DirectoryBlobStore
 from worker.ports import BlobStore
 
 pytestmark = pytest.mark.integration
@@ -183,7 +183,7 @@ def test_names_with_spaces_and_unicode_round_trip(backend):
 
 
 def test_azure_errors_are_wrapped_redacted_and_unchained(azurite):
-    from worker.azure_blobs import BlobStoreError
+    from worker.adapters.azure.blob_store import BlobStoreError
 
     key = azurite.connection_string.split("AccountKey=")[1].split(";")[0]
     wrong = azurite.connection_string.replace(key, "A" * 86 + "==")
@@ -229,7 +229,7 @@ def test_info_on_a_folder_is_none_like_a_missing_blob(backend):
 def test_a_models_view_of_the_images_container_backfills_by_prefix(azurite, tmp_path):
     """`retrain` in the Functions app: the images container holds <model>/<label>/<file>."""
     from tests.unit.worker_harness import make_harness
-    from worker.bootstrap import images_stores
+    from worker.app.bootstrap import images_stores
     from worker.config import load_config
 
     container = f"images{uuid.uuid4().hex[:12]}"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, child_env
-from worker.sqlite_store import SqliteStore
+from worker.adapters.local.sqlite_store import SqliteStore
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.local_backend import LocalTorchrunBackend
+from worker.adapters.local.torchrun_backend import LocalTorchrunBackend
 from worker.ports import RunSpec, TrainingArgs
 
 from manifests import dump_manifest, scan_image_folder

@@ -124,7 +124,7 @@ def test_the_worker_exporters_report_parity_for_a_trained_model(trained, tiny_bi
     import shutil
     from pathlib import Path
 
-    from worker.exporter import InProcessOnnxExporter, LocalOnnxExporter
+    from worker.adapters.local.onnx_exporter import InProcessOnnxExporter, LocalOnnxExporter
 
     exporter = LocalOnnxExporter() if kind == "subprocess" else InProcessOnnxExporter()
     out = tmp_path / "out"
@@ -137,7 +137,8 @@ def test_the_worker_exporters_report_parity_for_a_trained_model(trained, tiny_bi
 
 
 def test_the_subprocess_exporter_turns_a_broken_model_into_an_export_error(tmp_path):
-    from worker.exporter import ExportError, LocalOnnxExporter
+    from worker.adapters.local.onnx_exporter import LocalOnnxExporter
+    from worker.ports import ExportError
 
     (tmp_path / "model.pt").write_bytes(b"garbage")
     with pytest.raises(ExportError, match="exited 2"):

@@ -15,8 +15,8 @@ import pytest
 
 from tests.conftest import ROOT, child_env
 from tests.unit.worker_harness import make_harness
+from worker.adapters.azure.table_store import TableStore
 from worker.store import ConcurrencyConflict, DecisionRow
-from worker.table_store import TableStore
 
 pytestmark = pytest.mark.integration
 
@@ -179,7 +179,7 @@ def test_four_processes_on_one_table_count_each_image_once_and_make_one_run(azur
 
 def test_configuration_alone_moves_the_ledger_to_table_storage(azurite, tmp_path):
     from shared.errors import ConfigError
-    from worker.bootstrap import open_ledger
+    from worker.app.bootstrap import open_ledger
     from worker.config import load_config
 
     config = load_config(

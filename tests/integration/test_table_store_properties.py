@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.unit.test_worker_properties import WorkerMachine
-from worker.table_store import TableStore
+from worker.adapters.azure.table_store import TableStore
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from tests.unit.test_worker import *  # noqa: F403 - the same behaviours, on Table Storage
-from worker.table_store import TableStore
+from worker.adapters.azure.table_store import TableStore
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from worker.azureml_backend import (
+from tests.fakes.azureml import FakeAzureMLSeam
+from worker.adapters.azure.azureml_v1 import (
     AzureMLBackend,
     AzureMLError,
     AzureMLModelRegistry,
@@ -17,7 +18,6 @@ from worker.azureml_backend import (
     map_status,
     serialized_run_config,
 )
-from worker.fake_azureml import FakeAzureMLSeam
 from worker.ports import RunSpec, TrainingArgs
 
 pytestmark = pytest.mark.unit
@@ -186,7 +186,7 @@ def test_a_permanently_refused_submission_fails_the_run_without_retries(tmp_path
 
 
 def test_configuration_chooses_azure_ml_and_its_cluster(tmp_path):
-    from worker.azureml_backend import compute_provisioning, settings_from_config
+    from worker.adapters.azure.azureml_v1 import compute_provisioning, settings_from_config
     from worker.config import load_config
 
     path = tmp_path / "retrain.toml"
@@ -204,7 +204,7 @@ def test_configuration_chooses_azure_ml_and_its_cluster(tmp_path):
 
 
 def test_service_principal_auth_needs_its_secret_from_the_environment():
-    from worker.azureml_backend import authentication
+    from worker.adapters.azure.azureml_v1 import authentication
     from worker.config import AzureMLConfig
 
     cfg = AzureMLConfig(auth="service_principal", tenant_id="t", client_id="c")
@@ -219,9 +219,9 @@ def test_the_worker_drives_azure_ml_end_to_end_offline(tmp_path, environment):
     import hashlib
 
     from shared import events as ev
-    from worker.bootstrap import build_worker
-    from worker.fakes import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
-    from worker.memory_store import MemoryStore
+    from tests.fakes.adapters import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
+    from tests.fakes.memory_store import MemoryStore
+    from worker.app.bootstrap import build_worker
 
     from .worker_harness import small_config
 
@@ -231,7 +231,7 @@ def test_the_worker_drives_azure_ml_end_to_end_offline(tmp_path, environment):
     clock, store = FakeClock(), MemoryStore()
     worker = build_worker(
         small_config(tmp_path, cooldown=0), store=store, backend=aml, clock=clock, publisher=RecordingPublisher(), blobs={"birds": FakeBlobStore()},
-        registry=registry, exporter=FakeOnnxExporter(),
+        registry=registry, exporter=FakeOnnxExporter(), artifacts=artifacts,
     )  # fmt: skip
 
     def upload_and_run(start: int):

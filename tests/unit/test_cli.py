@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from worker.cli import app
+from worker.app.cli import app
 
 pytestmark = pytest.mark.unit
 

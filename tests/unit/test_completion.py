@@ -5,9 +5,9 @@ import threading
 import pytest
 
 from shared import events as ev
+from tests.fakes.memory_store import MemoryStore
 from worker import completion as completion_module
-from worker.memory_store import MemoryStore
-from worker.sqlite_store import SqliteStore
+from worker.adapters.local.sqlite_store import SqliteStore
 
 from .worker_harness import make_harness
 
@@ -171,7 +171,7 @@ def test_two_completions_of_the_same_run_at_once_make_one_version_and_one_event(
     run = first_run(h)
     h.worker.completer = None  # deliver "succeeded" without completing, then complete twice at once
     h.succeed(run, best=0.9)
-    from worker.bootstrap import build_worker
+    from worker.app.bootstrap import build_worker
 
     racers = [build_worker(h.worker.config, store=new_store(), backend=h.backend, clock=h.clock, publisher=h.publisher,
                            blobs={"birds": h.blobs}, registry=h.registry, exporter=h.exporter) for _ in range(2)]  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.fake_backend import FakeTrainingBackend
+from tests.fakes.backend import FakeTrainingBackend
 from worker.ports import RunSpec, TrainingBackend
 
 pytestmark = pytest.mark.unit

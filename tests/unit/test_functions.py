@@ -339,9 +339,9 @@ def test_the_timer_ticks_and_relays_the_outbox(h):
 
 
 def test_the_app_wires_service_bus_publishing_from_settings(tmp_path):
-    from worker.bootstrap import build_worker_from_settings
-    from worker.jsonl_publisher import JsonlPublisher
-    from worker.servicebus import ServiceBusPublisher
+    from worker.adapters.azure.servicebus import ServiceBusPublisher
+    from worker.adapters.local.jsonl_publisher import JsonlPublisher
+    from worker.app.bootstrap import build_worker_from_settings
 
     base = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path)}
     assert isinstance(build_worker_from_settings(base).publisher, JsonlPublisher)

@@ -52,7 +52,7 @@ def test_http_answers_400_not_500_to_deep_or_huge_json(h, body):  # noqa: F811
 
 
 def test_a_deep_file_in_the_local_inbox_is_moved_aside_and_serve_goes_on(tmp_path):
-    from worker.serve import LocalService
+    from worker.app.serve import LocalService
 
     harness = make_harness(tmp_path)
     server = LocalService(harness.worker)
@@ -79,7 +79,7 @@ def test_ids_are_checked_against_a_strict_pattern_at_the_message_boundary(bad):
 def test_inject_refuses_a_request_id_that_is_a_path_and_writes_nothing_outside(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from worker.cli import app
+    from worker.app.cli import app
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RETRAIN__WORKER__STATE_DIR", str(tmp_path / "state"))
@@ -92,7 +92,7 @@ def test_inject_refuses_a_request_id_that_is_a_path_and_writes_nothing_outside(t
 
 def test_the_local_inbox_itself_refuses_an_id_that_is_not_a_file_name(tmp_path):
     from shared.errors import InvalidMessage
-    from worker.local_inbox import LocalInbox
+    from worker.adapters.local.inbox import LocalInbox
 
     with pytest.raises(InvalidMessage):
         LocalInbox(tmp_path / "inbox").put("../../x", {"kind": "retrain.requested"})
@@ -299,7 +299,7 @@ def test_the_blob_trigger_passes_last_modified_so_an_older_write_delivered_late_
 
 @pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
 def test_processed_ids_are_kept_past_the_redelivery_window_then_pruned(tmp_path, store_kind):
-    from worker.sqlite_store import SqliteStore
+    from worker.adapters.local.sqlite_store import SqliteStore
 
     store = SqliteStore(tmp_path / "ledger.db") if store_kind == "sqlite" else None
     harness = make_harness(tmp_path, store=store)
@@ -359,8 +359,8 @@ def _scan_with_deadline(scanner, seconds: float = 20.0) -> list:
 def test_only_regular_files_inside_the_root_are_counted_and_nothing_hangs_or_crashes(tmp_path, caplog):
     import os
 
-    from worker.directory_blobs import DirectoryBlobStore
-    from worker.folder_scan import FolderScanner
+    from worker.adapters.local.directory_blobs import DirectoryBlobStore
+    from worker.adapters.local.folder_scan import FolderScanner
 
     root = tmp_path / "images"
     (root / "chicken").mkdir(parents=True)
@@ -389,7 +389,7 @@ def test_only_regular_files_inside_the_root_are_counted_and_nothing_hangs_or_cra
 def test_a_fifo_in_the_local_inbox_is_moved_aside_not_read(tmp_path):
     import os
 
-    from worker.serve import LocalService
+    from worker.app.serve import LocalService
 
     harness = make_harness(tmp_path)
     server = LocalService(harness.worker)
@@ -408,7 +408,7 @@ def test_a_fifo_in_the_local_inbox_is_moved_aside_not_read(tmp_path):
 
 
 def test_the_event_file_recovers_a_torn_tail_without_losing_the_next_event(tmp_path):
-    from worker.jsonl_publisher import JsonlPublisher
+    from worker.adapters.local.jsonl_publisher import JsonlPublisher
 
     path = tmp_path / "events.jsonl"
     JsonlPublisher(path).publish([{"id": "e1", "type": "t", "subject": "s"}])
@@ -427,7 +427,7 @@ def test_two_processes_on_one_event_file_write_each_event_once(tmp_path):
 
     path = tmp_path / "events.jsonl"
     code = (
-        "import sys; from worker.jsonl_publisher import JsonlPublisher; p = JsonlPublisher(sys.argv[1])\n"
+        "import sys; from worker.adapters.local.jsonl_publisher import JsonlPublisher; p = JsonlPublisher(sys.argv[1])\n"
         "for i in range(200):\n"
         "    p.publish([{'id': f'e{i}', 'type': 't', 'subject': 's'}, {'id': f'e{i + 1}', 'type': 't', 'subject': 's'}])\n"
     )
@@ -486,7 +486,7 @@ def test_a_secret_never_reaches_logs_exceptions_or_events(tmp_path, caplog, text
 
 
 def test_the_memory_fake_refuses_a_commit_larger_than_one_batch_like_the_table_store():
-    from worker.memory_store import MemoryStore
+    from tests.fakes.memory_store import MemoryStore
     from worker.store import CommitTooLargeError, ImageRow
 
     store = MemoryStore()
@@ -514,7 +514,7 @@ def test_a_backfill_and_a_run_over_thousands_of_images_never_need_a_large_commit
 def test_a_ledger_from_before_the_watermarks_is_refused_with_a_way_out(tmp_path):
     import sqlite3
 
-    from worker.sqlite_store import LedgerSchemaError, SqliteStore
+    from worker.adapters.local.sqlite_store import LedgerSchemaError, SqliteStore
 
     old = sqlite3.connect(tmp_path / "ledger.db")
     old.execute("CREATE TABLE images (model TEXT, path TEXT, etag TEXT, state TEXT, run_id TEXT)")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.local_backend import LocalTorchrunBackend
-from worker.local_runner import proc_stat
+from worker.adapters.local.torchrun_backend import LocalTorchrunBackend
+from worker.adapters.local.torchrun_runner import proc_stat
 from worker.ports import RunSpec, TrainingArgs
 
 pytestmark = pytest.mark.unit
@@ -235,7 +235,7 @@ def test_a_restarted_worker_finds_its_running_and_finished_runs(harness):
 
 SUBMITTER = """\
 import sys, time
-from worker.local_backend import LocalTorchrunBackend
+from worker.adapters.local.torchrun_backend import LocalTorchrunBackend
 from worker.ports import RunSpec, TrainingArgs
 
 root, script, pids = sys.argv[1:4]
@@ -346,6 +346,6 @@ def test_the_training_environment_is_unbuffered_single_threaded_and_can_import_t
 
 
 def test_the_backend_modules_do_not_import_torch():
-    code = "import sys, worker.local_backend, worker.local_runner, worker.fake_backend; print('torch' in sys.modules)"
+    code = "import sys, worker.adapters.local.torchrun_backend, worker.adapters.local.torchrun_runner, tests.fakes.backend; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False"

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from shared import events as ev
 from shared.messages import RetrainRequested
 from shared.redact import install_log_redaction, redact
-from worker import servicebus
-from worker.fakes import FakeBlobStore
+from tests.fakes.adapters import FakeBlobStore
+from worker.adapters.azure import servicebus
 
 from .servicebus_fakes import FakeServiceBusClient
 
@@ -95,7 +95,7 @@ def test_the_injector_sends_the_request_with_its_id(monkeypatch, tmp_path):
 
 
 def test_retrain_inject_to_servicebus_validates_then_sends(monkeypatch, tmp_path):
-    from worker.cli import app
+    from worker.app.cli import app
 
     client = FakeServiceBusClient()
     monkeypatch.setattr(servicebus, "client_factory", lambda **kw: client.factory())

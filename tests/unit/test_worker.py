@@ -6,8 +6,8 @@ Every test runs against the in-memory fake store and the real SQLite store.
 import pytest
 
 from shared import events as ev
-from worker.memory_store import MemoryStore
-from worker.sqlite_store import SqliteStore
+from tests.fakes.memory_store import MemoryStore
+from worker.adapters.local.sqlite_store import SqliteStore
 
 from .worker_harness import make_harness
 

@@ -11,8 +11,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from shared.manifest_hash import manifest_sha256
 from shared.messages import ImageUploaded
-from worker.memory_store import MemoryStore
-from worker.sqlite_store import SqliteStore
+from tests.fakes.memory_store import MemoryStore
+from worker.adapters.local.sqlite_store import SqliteStore
 from worker.store import IN_FLIGHT_STATES
 
 from .worker_harness import make_harness

@@ -6,12 +6,12 @@ import dataclasses
 from pathlib import Path
 
 from shared.messages import ImageUploaded, RetrainRequested, RunStatusChanged
-from worker.bootstrap import build_worker
+from tests.fakes.adapters import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
+from tests.fakes.backend import FakeTrainingBackend
+from tests.fakes.memory_store import MemoryStore
+from worker.adapters.local.registry import LocalModelRegistry
+from worker.app.bootstrap import build_worker
 from worker.config import RetrainConfig, load_config
-from worker.fake_backend import FakeTrainingBackend
-from worker.fakes import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
-from worker.memory_store import MemoryStore
-from worker.registry import LocalModelRegistry
 from worker.store import Store
 
 

@@ -1,4 +1,4 @@
-"""The model registry port and its local adapter: a directory of versions beside the ledger.
+"""The model registry's local adapter: a directory of versions beside the ledger.
 
     <root>/<model>/<version>/model.pt, model.onnx, onnx_report.json, metrics.json, card.json
     <root>/<model>/champion -> <version>      (a symlink, moved atomically)
@@ -10,41 +10,14 @@ user can load `<root>/<model>/champion/model.onnx` with onnxruntime.
 
 from __future__ import annotations
 
-import abc
 import fcntl
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-@dataclass(frozen=True)
-class RegisteredModel:
-    model: str
-    version: int
-    run_id: str
-    location: str  # a directory (local) or a registry URI (Azure ML)
-    files: dict[str, str]  # name -> path or URI
-
-
-class ModelRegistry(abc.ABC):
-    @abc.abstractmethod
-    def register(self, model: str, run_id: str, files: dict[str, Path], card: dict[str, Any]) -> RegisteredModel:
-        """Store a new version (or return the one already registered for `run_id`)."""
-
-    @abc.abstractmethod
-    def set_champion(self, model: str, version: int) -> None:
-        """Point the registry's `champion` alias at `version` (atomically)."""
-
-    @abc.abstractmethod
-    def champion_alias(self, model: str) -> int | None:
-        """The version the registry's `champion` alias points at."""
-
-    @abc.abstractmethod
-    def local_model_path(self, model: str, version: int) -> Path | None:
-        """A local path to the version's model.pt when the registry is a directory."""
+from worker.ports import ModelRegistry, RegisteredModel
 
 
 class LocalModelRegistry(ModelRegistry):
@@ -96,9 +69,9 @@ class LocalModelRegistry(ModelRegistry):
         link = self.root / model / "champion"
         return int(os.readlink(link)) if link.is_symlink() else None
 
-    def local_model_path(self, model: str, version: int) -> Path | None:
+    def warm_start_checkpoint(self, model: str, version: int) -> str | None:
         path = self.root / model / str(version) / "model.pt"
-        return path if path.exists() else None
+        return str(path) if path.exists() else None
 
     def card(self, model: str, version: int) -> dict[str, Any] | None:
         path = self.root / model / str(version) / "card.json"

@@ -146,8 +146,8 @@ class _Narrator:
 
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult:
-    from worker.bootstrap import build_worker
-    from worker.serve import LocalService
+    from worker.app.bootstrap import build_worker
+    from worker.app.serve import LocalService
     from worker.views import models_view
 
     started = time.monotonic()

@@ -26,8 +26,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_afte
 
 from shared.messages import normalize_status
 from shared.redact import redact
-from worker.ports import BackendStatus, PermanentBackendError, RunSpec, TrainingBackend
-from worker.registry import ModelRegistry, RegisteredModel
+from worker.ports import BackendStatus, ModelRegistry, PermanentBackendError, RegisteredModel, RunSpec, TrainingBackend
 from worker.snapshot import training_dir
 
 log = logging.getLogger("retrain.azureml")
@@ -375,8 +374,9 @@ class AzureMLModelRegistry(ModelRegistry):
     def champion_alias(self, model: str) -> int | None:
         return self.seam.champion_version(model)
 
-    def local_model_path(self, model: str, version: int) -> Path | None:
-        return None
+    def warm_start_checkpoint(self, model: str, version: int) -> str | None:
+        # The path in the artifacts datastore that register() copied model.pt to; none without one.
+        return self.champion_path(model, version) if self.artifacts is not None else None
 
     @staticmethod
     def champion_path(model: str, version: int) -> str:

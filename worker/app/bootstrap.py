@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from worker.adapters.local.directory_blobs import DirectoryBlobStore
+from worker.adapters.local.jsonl_publisher import JsonlPublisher
+from worker.adapters.local.onnx_exporter import InProcessOnnxExporter, LocalOnnxExporter
+from worker.adapters.local.registry import LocalModelRegistry
 from worker.bus import Worker
 from worker.completion import Completer
 from worker.config import RetrainConfig
-from worker.directory_blobs import DirectoryBlobStore
-from worker.exporter import InProcessOnnxExporter, LocalOnnxExporter, OnnxExporter
-from worker.jsonl_publisher import JsonlPublisher
-from worker.ports import BlobStore, Clock, Publisher, SystemClock, TrainingBackend
-from worker.registry import LocalModelRegistry, ModelRegistry
+from worker.ports import BlobStore, Clock, ModelRegistry, OnnxExporter, Publisher, SystemClock, TrainingBackend
 from worker.store import Store
 from worker.submission import Submitter
 
@@ -27,7 +27,7 @@ def open_ledger(config: RetrainConfig, env=None) -> Store:
 
     if config.worker.store == "table":
         from shared.errors import ConfigError
-        from worker.table_store import TableStore
+        from worker.adapters.azure.table_store import TableStore
 
         env = os.environ if env is None else env
         if env.get("RETRAIN_TABLES"):
@@ -35,7 +35,7 @@ def open_ledger(config: RetrainConfig, env=None) -> Store:
         if env.get("RETRAIN_TABLES__tableServiceUri"):
             return TableStore.from_endpoint(env["RETRAIN_TABLES__tableServiceUri"], config.worker.table_name)
         raise ConfigError("worker.store = 'table' needs RETRAIN_TABLES or RETRAIN_TABLES__tableServiceUri")
-    from worker.sqlite_store import SqliteStore
+    from worker.adapters.local.sqlite_store import SqliteStore
 
     return SqliteStore(ledger_path(config), synchronous=config.worker.sqlite_synchronous)
 
@@ -50,13 +50,16 @@ def build_worker(
     blobs: dict[str, BlobStore] | None = None,
     registry: ModelRegistry | None = None,
     exporter: OnnxExporter | None = None,
+    artifacts: BlobStore | None = None,
 ) -> Worker:
+    """Wire the worker from its configuration; anything passed in replaces the configured adapter.
+    `artifacts` is where manifests go when training runs read them remotely (the state folder if None)."""
     if store is None:
         store = open_ledger(config)
     if backend is None and config.worker.backend == "azureml":
-        backend, registry = _azureml(config, registry)
+        backend, registry, artifacts = _azureml(config, registry, artifacts)
     if backend is None:
-        from worker.local_backend import LocalTorchrunBackend
+        from worker.adapters.local.torchrun_backend import LocalTorchrunBackend
 
         backend = LocalTorchrunBackend(config.worker.state_dir / "runs")
     clock = clock or SystemClock()
@@ -67,43 +70,41 @@ def build_worker(
     exporter = exporter or (InProcessOnnxExporter() if config.worker.export_in_process else LocalOnnxExporter())
     # Frozen manifests (manifests/<sha256>.json): the artifacts container when the registry has one
     # (Azure ML reads them from there), else the state folder.
-    manifests = getattr(registry, "artifacts", None) or DirectoryBlobStore(config.worker.state_dir, images_only=False)
+    manifests = artifacts or DirectoryBlobStore(config.worker.state_dir, images_only=False)
 
     def champion_checkpoint(model: str) -> str | None:
         """Warm start from the champion's weights (train.py then measures it as the baseline)."""
         with store.transaction() as tx:
             version = tx.model_head(model).champion_version
-        if not version:
-            return None
-        if hasattr(registry, "champion_path"):  # a remote registry: a path in the artifacts datastore
-            return registry.champion_path(model, version)
-        path = registry.local_model_path(model, version)
-        return str(path) if path else None
+        return registry.warm_start_checkpoint(model, version) if version else None
 
     submitter = Submitter(store, backend, config, clock, manifests=manifests, init_checkpoint=champion_checkpoint)
     completer = Completer(store, backend, registry, exporter, config, clock, manifests=manifests)
     return Worker(store, backend, config, clock, submitter, blobs=blobs, publisher=publisher, completer=completer, manifests=manifests)
 
 
-def _azureml(config: RetrainConfig, registry: ModelRegistry | None):
-    """Azure ML for training and the registry: configuration alone switches a deployment to it."""
+def _azureml(
+    config: RetrainConfig, registry: ModelRegistry | None, artifacts: BlobStore | None
+) -> tuple[TrainingBackend, ModelRegistry, BlobStore | None]:
+    """Azure ML for training and the registry: configuration alone switches a deployment to it.
+    Also the artifacts container (manifests, champion checkpoints) the runs read, when configured."""
     import os
 
-    from worker import azureml_backend as aml
+    from worker.adapters.azure import azureml_v1 as aml
 
     workspace = aml.load_workspace(config.azureml, os.environ)
     aml.ensure_compute(workspace, config.azureml)
     seam = aml.WorkspaceSeam(workspace)
     backend = aml.AzureMLBackend(seam, aml.settings_from_config(config.azureml), outputs_root=config.worker.state_dir / "azureml-outputs")
-    return backend, registry or aml.AzureMLModelRegistry(
-        seam, config.worker.state_dir / "azureml-staging", artifacts=artifacts_store(os.environ)
-    )
+    artifacts = artifacts or artifacts_store(os.environ)
+    registry = registry or aml.AzureMLModelRegistry(seam, config.worker.state_dir / "azureml-staging", artifacts=artifacts)
+    return backend, registry, artifacts
 
 
 def artifacts_store(env) -> BlobStore | None:
     """The artifacts container (manifests, champion checkpoints, oversize events) when configured:
     RETRAIN_ARTIFACTS (a connection string) or RETRAIN_ARTIFACTS__blobServiceUri, container RETRAIN_ARTIFACTS_CONTAINER."""
-    from worker.azure_blobs import AzureBlobStore
+    from worker.adapters.azure.blob_store import AzureBlobStore
 
     container = env.get("RETRAIN_ARTIFACTS_CONTAINER", "retrain")
     if env.get("RETRAIN_ARTIFACTS"):
@@ -119,8 +120,8 @@ def build_worker_from_settings(env) -> Worker:
     Settings: RETRAIN_SERVICEBUS (a connection string) or RETRAIN_SERVICEBUS__fullyQualifiedNamespace
     (managed identity via DefaultAzureCredential), and RETRAIN_EVENTS_TOPIC for published events.
     """
+    from worker.adapters.azure.servicebus import ServiceBusPublisher, client_factory
     from worker.config import load_config
-    from worker.servicebus import ServiceBusPublisher, client_factory
 
     config = load_config(env.get("RETRAIN_CONFIG") or None, env=env)
     blobs = images_stores(config, env)
@@ -136,15 +137,15 @@ def build_worker_from_settings(env) -> Worker:
 
 def images_stores(config: RetrainConfig, env) -> dict[str, BlobStore] | None:
     """Each model's view of the images container (for backfills by prefix or list) when RETRAIN_STORAGE is set."""
-    from worker.directory_blobs import PrefixedBlobStore
+    from worker.adapters.local.directory_blobs import PrefixedBlobStore
 
     container = env.get("RETRAIN_IMAGES_CONTAINER", "images")
     if env.get("RETRAIN_STORAGE"):
-        from worker.azure_blobs import AzureBlobStore
+        from worker.adapters.azure.blob_store import AzureBlobStore
 
         shared = AzureBlobStore.from_connection_string(env["RETRAIN_STORAGE"], container)
     elif env.get("RETRAIN_STORAGE__blobServiceUri"):
-        from worker.azure_blobs import AzureBlobStore
+        from worker.adapters.azure.blob_store import AzureBlobStore
 
         shared = AzureBlobStore.from_account_url(env["RETRAIN_STORAGE__blobServiceUri"], container)
     else:

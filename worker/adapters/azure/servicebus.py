@@ -15,11 +15,11 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
+from shared.messages import MAX_MESSAGE_BYTES
 from shared.redact import redact
 from worker.ports import BlobStore, Publisher
 
 log = logging.getLogger("retrain.servicebus")
-MAX_MESSAGE_BYTES = 256 * 1024  # standard tier
 CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
 
 
@@ -43,6 +43,8 @@ def client_factory(connection: str | None = None, namespace: str | None = None, 
             return ServiceBusClient.from_connection_string(connection, **client_kwargs)
         from azure.identity import DefaultAzureCredential
 
+        if not namespace:
+            raise ValueError("a Service Bus connection string or namespace is needed")
         return ServiceBusClient(namespace, DefaultAzureCredential(), **client_kwargs)
 
     return build
@@ -116,7 +118,7 @@ class ServiceBusPublisher(Publisher):
         body = json.dumps(event, sort_keys=True, separators=(",", ":"))
         if len(body.encode()) > MAX_MESSAGE_BYTES - 8 * 1024:  # headroom for properties and framing
             body = json.dumps(self._by_reference(event, body), sort_keys=True, separators=(",", ":"))
-        properties = {
+        properties: dict[str | bytes, Any] = {
             f"cloudEvents:{key}": str(event[key]) for key in ("specversion", "id", "source", "type", "time", "subject") if key in event
         }
         return ServiceBusMessage(

@@ -11,7 +11,7 @@ restarted worker (or a second one) sees the same runs:
     exit_code         the training's exit status (negative: killed by that signal), written last
     cancel_requested  cancel() was called
 
-The training command runs under `python -m worker.local_runner` (see that module), started in a
+The training command runs under `python -m worker.adapters.local.torchrun_runner` (see that module), started in a
 new session so that it outlives the worker. `os.mkdir` of the run directory is the claim on a
 `backend_run_id`: it is atomic, so two submits of one id (threads or processes) start one run.
 Liveness is "the recorded pid is alive and started when runner.json says", which tells the
@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from worker.local_runner import (
+from worker.adapters.local.torchrun_runner import (
     CANCEL_FILE,
     EXIT_CODE_FILE,
     LOG_FILE,
@@ -48,7 +48,7 @@ from worker.local_runner import (
 from worker.ports import BackendStatus, RunSpec, TrainingBackend
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-REPO_ROOT = Path(__file__).resolve().parent.parent  # holds the worker package; goes on the runner's PYTHONPATH
+REPO_ROOT = Path(__file__).resolve().parents[3]  # holds the worker package; goes on the runner's PYTHONPATH
 QUEUED_GRACE_S = 60.0  # a run dir without runner.json older than this lost its runner before it started
 DETAIL_MAX_CHARS = 500
 
@@ -161,7 +161,7 @@ class LocalTorchrunBackend(TrainingBackend):
     def _start_runner(self, run_dir: Path) -> None:
         with open(run_dir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.local_runner", str(run_dir)],
+                [sys.executable, "-m", "worker.adapters.local.torchrun_runner", str(run_dir)],
                 cwd=run_dir,
                 env=self._child_env(),
                 stdin=subprocess.DEVNULL,

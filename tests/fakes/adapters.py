@@ -9,8 +9,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from worker.exporter import ExportResult, OnnxExporter
-from worker.ports import BlobInfo, BlobStore, Clock, Publisher
+from worker.ports import BlobInfo, BlobStore, Clock, ExportResult, OnnxExporter, Publisher
 
 
 class FakeClock(Clock):

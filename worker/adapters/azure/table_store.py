@@ -28,11 +28,12 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from shared.run_ids import model_of
 from worker.store import (
     IN_FLIGHT_STATES,
     CommitTooLargeError,
@@ -61,7 +62,6 @@ ARRIVALS_PER_FOLD = 30  # staged images read per fold (3-4 writes each)
 PATHS_PER_QUERY = 14  # `RowKey eq` comparisons per filter (the service allows 15 comparisons)
 STAGE_BATCH = 49  # images staged per batch by a backfill (2 entities each)
 MERGE = "__merge__"  # marks a buffered write that updates some properties of an existing entity
-RUN_ID = re.compile(r"^(?P<model>[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)-\d{4,}-[0-9a-f]{8}$")
 
 
 def _k(text: str) -> str:
@@ -224,7 +224,7 @@ class TableTx(Tx):
     def _matches(entity: dict[str, Any], where: str, params: dict[str, Any]) -> bool:
         # Stored and buffered entities pass the same filter, applied here.
         eq = all(entity.get(prop) == params.get(name) for prop, name in re.findall(r"(\w+) eq @(\w+)", where))
-        le = all(entity.get(prop) <= params.get(name) for prop, name in re.findall(r"(\w+) le @(\w+)", where))
+        le = all(cast(Any, entity.get(prop)) <= params.get(name) for prop, name in re.findall(r"(\w+) le @(\w+)", where))
         return eq and le
 
     def _put(self, pk: str, rk: str, doc: dict[str, Any], **indexed: Any) -> None:
@@ -274,7 +274,7 @@ class TableTx(Tx):
             return "duplicate"
         self._put(row.model, marker, {"ar": None})
         [outcome] = self._fold(row.model, [(None, _staged_doc(row))], budget=BATCH)
-        return outcome
+        return cast(Literal["new", "stale"], outcome)
 
     def fold(self, model: str, budget: int = FOLD_OPS) -> int:
         """Fold staged arrivals (oldest first) into the ledger: give each its arrival seq, settle which
@@ -283,7 +283,7 @@ class TableTx(Tx):
         arrivals = self._query(model, "ar|", top=ARRIVALS_PER_FOLD)
         return len(self._fold(model, arrivals, budget)) if arrivals else 0
 
-    def _fold(self, model: str, arrivals: list[tuple[str | None, dict[str, Any]]], budget: int) -> list[str]:
+    def _fold(self, model: str, arrivals: Sequence[tuple[str | None, dict[str, Any]]], budget: int) -> list[str]:
         head = self._head(model)
         counts = self._counts(head)
         pending = head.get("pending")
@@ -404,8 +404,7 @@ class TableTx(Tx):
 
     @staticmethod
     def _model_of(run_id: str) -> str:
-        match = RUN_ID.match(run_id)
-        return match["model"] if match else GLOBAL
+        return model_of(run_id) or GLOBAL
 
     def insert_run(self, run: RunRow) -> None:
         if self._get(run.model, f"run|{run.run_id}") is not None:
@@ -657,6 +656,7 @@ class TableStore(Store):
                     group.cond.notify_all()
         if item.error is not None:
             raise item.error
+        assert item.outcome is not None, "a flushed batch sets every item's outcome or error"
         return item.outcome
 
     def _submit_retrying(self, ops: list[tuple]) -> None:
@@ -735,7 +735,7 @@ class TableStore(Store):
         entity = self.get(pk, "head")
         if entity is None:
             return {}, None
-        return _doc_of(entity), entity.metadata["etag"]
+        return _doc_of(entity), cast(Any, entity).metadata["etag"]  # a TableEntity
 
     def _guarded_head_op(self, pk: str, doc: dict[str, Any], etag: str | None) -> tuple:
         from azure.core import MatchConditions
@@ -793,7 +793,7 @@ class TableStore(Store):
         for e in self.query(flt, {}):
             d = _doc_of(e)
             row = OutboxRow(
-                event_id=d["event_id"], type=d["type"], subject=d["subject"], payload=d["payload"], created_at=_dt(d["created_at"]),
+                event_id=d["event_id"], type=d["type"], subject=d["subject"], payload=d["payload"], created_at=dt.datetime.fromisoformat(d["created_at"]),
                 published_at=_dt(d.get("published_at")),
             )  # fmt: skip
             rows.append(((e["RowKey"], e["PartitionKey"]), row))  # RowKey: created time, then the partition's sequence

@@ -58,7 +58,7 @@ class LocalInbox:
 
     def read(self, path: Path) -> bytes:
         """The file's bytes (at most one message's worth: a larger file is refused by the parser)."""
-        from worker.directory_blobs import open_regular
+        from worker.adapters.local.directory_blobs import open_regular
 
         with open_regular(path) as fh:
             return fh.read(MAX_MESSAGE_BYTES + 1)

@@ -14,15 +14,10 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from shared.messages import ImageUploaded
-from worker.directory_blobs import DirectoryBlobStore
+from shared.redact import printable
+from worker.adapters.local.directory_blobs import DirectoryBlobStore
 
 log = logging.getLogger("retrain.scan")
-
-
-def sanitize(text: str, limit: int = 120) -> str:
-    """A loggable rendering of an untrusted name: control characters escaped, length capped."""
-    shown = text.encode("unicode_escape").decode("ascii")
-    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 @dataclass
@@ -41,7 +36,7 @@ class FolderScanner:
             except ValidationError as exc:
                 reason = "; ".join(e["msg"] for e in exc.errors(include_url=False, include_input=False))
                 self.rejected[blob.path] = reason
-                log.warning("rejected %s in %s: %s", sanitize(blob.path), self.model, reason)
+                log.warning("rejected %s in %s: %s", printable(blob.path, limit=120), self.model, reason)
                 continue
             self.seen[blob.path] = blob.etag
             yield message

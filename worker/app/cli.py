@@ -32,7 +32,7 @@ def _config(path: Path | None):
 
 
 def _store(config):
-    from worker.bootstrap import open_ledger
+    from worker.app.bootstrap import open_ledger
 
     return open_ledger(config)
 
@@ -50,8 +50,8 @@ def serve(
     settle_seconds: Annotated[float, typer.Option(help="ignore files modified more recently than this (still being written)")] = 1.0,
 ) -> None:
     """Run the local worker: scan image folders, consume the inbox, tick, publish events."""
-    from worker.bootstrap import build_worker
-    from worker.serve import LocalService
+    from worker.app.bootstrap import build_worker
+    from worker.app.serve import LocalService
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     cfg = _config(config)
@@ -88,7 +88,7 @@ def inject(
     """Send a RetrainRequested (forced run and/or backfill). Invalid input: error, nothing written."""
     from shared.errors import InvalidMessage
     from shared.messages import RetrainRequested, parse_as
-    from worker.local_inbox import LocalInbox
+    from worker.adapters.local.inbox import LocalInbox
 
     cfg = _config(config)
     if to not in ("local", "servicebus"):
@@ -140,7 +140,7 @@ def _servicebus_injector():
     """From the same settings as the Functions app: RETRAIN_SERVICEBUS (or __fullyQualifiedNamespace) and RETRAIN_REQUESTS_QUEUE."""
     import os
 
-    from worker import servicebus
+    from worker.adapters.azure import servicebus
 
     # Azure's identity-based connection setting is spelled this way (and env vars are case-sensitive).
     connection, namespace = os.environ.get("RETRAIN_SERVICEBUS"), os.environ.get("RETRAIN_SERVICEBUS__fullyQualifiedNamespace")  # noqa: SIM112
@@ -161,7 +161,7 @@ def status(
     config: ConfigOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Per model: pending images per class, runs in flight, recent runs, the last decision."""
+    """Per model: pending images per class, runs in flight, recent runs, the last decision and the policy's verdict now."""
     from worker.views import status_view
 
     cfg = _config(config)
@@ -189,6 +189,8 @@ def status(
             )
         if s["last_decision"]:
             table.add_row("decision", f"{s['last_decision']['outcome']}: {s['last_decision']['reason']}")
+        wake = f" (until {s['next']['wake_at'][:19]})" if s["next"]["wake_at"] else ""
+        table.add_row("now", f"{s['next']['outcome']}: {s['next']['reason']}{wake}")
         console.print(table)
 
 
@@ -280,7 +282,7 @@ def models(
 @app.command()
 def cancel(run_id: Annotated[str, typer.Argument(help="the run to stop")], config: ConfigOption = None) -> None:
     """Stop a run in flight; its new images go back to pending (a canceled run is not retried)."""
-    from worker.bootstrap import build_worker
+    from worker.app.bootstrap import build_worker
 
     cfg = _config(config)
     try:
@@ -310,8 +312,8 @@ def demo(
     """The whole loop on this machine: images arrive, the policy waits, DDP runs, gate, registry, ONNX, events."""
     from rich.console import Console
 
-    from worker.demo import DemoConfig, DemoError, run_demo
-    from worker.demo_report import render_summary
+    from worker.app.demo import DemoConfig, DemoError, run_demo
+    from worker.app.demo_report import render_summary
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
@@ -332,4 +334,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -1,4 +1,4 @@
-"""The ONNX export port and its local adapter: training/export_onnx.py in a subprocess.
+"""The ONNX exporter's local adapters: training/export_onnx.py in a subprocess.
 
 The export runs where the model file is (next to the worker for local runs); export_onnx.py
 checks the graph and its parity with PyTorch on the run's own validation images and writes a
@@ -7,38 +7,14 @@ JSON report, which is what the completion handler reads.
 
 from __future__ import annotations
 
-import abc
 import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from worker.ports import ExportError, ExportResult, OnnxExporter
 from worker.snapshot import training_dir
-
-
-class ExportError(RuntimeError):
-    """The export could not run at all (bad model file, bad data); not a parity verdict."""
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    onnx_path: Path
-    report_path: Path
-    report: dict[str, Any]
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.report.get("passed"))
-
-
-class OnnxExporter(abc.ABC):
-    @abc.abstractmethod
-    def export(
-        self, model_pt: Path, out_dir: Path, *, data_dir: str | None, manifest: Path | None, tolerance: float, samples: int
-    ) -> ExportResult: ...
 
 
 class LocalOnnxExporter(OnnxExporter):

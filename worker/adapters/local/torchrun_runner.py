@@ -1,4 +1,4 @@
-"""The detached wrapper around one local training process: `python -m worker.local_runner <run_dir>`.
+"""The detached wrapper around one local training process: `python -m worker.adapters.local.torchrun_runner <run_dir>`.
 
 `LocalTorchrunBackend` starts this in a new session, so the run outlives the worker that started
 it (a worker restart, a Ctrl-C in the worker's terminal). The runner exists so that the outcome of
@@ -143,7 +143,7 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m worker.local_runner <run_dir>", file=sys.stderr)
+        print("usage: python -m worker.adapters.local.torchrun_runner <run_dir>", file=sys.stderr)
         return 2
     return Runner(Path(args[0]).resolve()).run()
 

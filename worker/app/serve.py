@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 from shared.errors import InvalidMessage
 from shared.messages import parse_message
+from worker.adapters.local.directory_blobs import DirectoryBlobStore
+from worker.adapters.local.folder_scan import FolderScanner
+from worker.adapters.local.inbox import LocalInbox
 from worker.bus import Worker
-from worker.directory_blobs import DirectoryBlobStore
-from worker.folder_scan import FolderScanner
-from worker.local_inbox import LocalInbox
 
 log = logging.getLogger("retrain.serve")
 
@@ -47,10 +47,10 @@ class LocalService:
     def cycle(self) -> CycleReport:
         report = CycleReport()
         for scanner in self.scanners:
-            for message in scanner.scan():
+            for image in scanner.scan():
                 if self.stop.is_set():
                     return report
-                report.planned += self.worker.handle(message).planned_runs
+                report.planned += self.worker.handle(image).planned_runs
                 report.scanned += 1
         for path in self.inbox.pending():
             if self.stop.is_set():

@@ -29,6 +29,7 @@ from worker.store import (
     DataStats,
     DecisionRow,
     ImageRow,
+    ImageState,
     ModelHead,
     ModelVersionRow,
     OutboxRow,
@@ -140,7 +141,12 @@ def _dt(value: str | None) -> dt.datetime | None:
     return None if value is None else dt.datetime.fromisoformat(value)
 
 
-def _image(r: sqlite3.Row, state: str) -> ImageRow:
+def _at(value: str) -> dt.datetime:
+    """A timestamp the schema requires (NOT NULL)."""
+    return dt.datetime.fromisoformat(value)
+
+
+def _image(r: sqlite3.Row, state: ImageState) -> ImageRow:
     return ImageRow(
         model=r["model"], path=r["path"], etag=r["etag"], label=r["label"], split=r["split"], size=r["size"], state=state,
         seq=r["seq"], occurred_at=_dt(r["occurred_at"]), first_seen_at=_dt(r["first_seen_at"]), latest=bool(r["latest"]), source=r["source"],
@@ -182,12 +188,18 @@ def _head(model: str, text: str | None) -> ModelHead:
 
 
 class SqliteTx(Tx):
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
+    def __init__(self, conn: sqlite3.Connection, read_only: bool = False):
+        self.conn, self.read_only = conn, read_only
         self.committed = False
 
     def _one(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
         return self.conn.execute(sql, params).fetchone()
+
+    def _aggregate(self, sql: str, params: tuple = ()) -> sqlite3.Row:
+        """A query that always yields one row (an aggregate, or SELECTs of scalar subqueries)."""
+        row = self.conn.execute(sql, params).fetchone()
+        assert row is not None, sql
+        return row
 
     # inbox
     def claim_message(self, message_id: str, kind: str, model: str | None, at: dt.datetime) -> bool:
@@ -217,11 +229,11 @@ class SqliteTx(Tx):
         return "stale" if stale else "new"
 
     def image_watermark(self, model: str) -> int:
-        return self._one("SELECT COALESCE(MAX(seq), 0) AS s FROM images WHERE model=?", (model,))["s"]
+        return self._aggregate("SELECT COALESCE(MAX(seq), 0) AS s FROM images WHERE model=?", (model,))["s"]
 
     def _watermarks(self, model: str) -> tuple[int, int | None]:
         """(trained watermark, the in-flight run's watermark or None)."""
-        row = self._one(
+        row = self._aggregate(
             "SELECT (SELECT doc FROM model_heads WHERE model=?) AS head, "
             f"(SELECT doc FROM runs WHERE model=? AND state IN ({_IN_FLIGHT_SQL}) LIMIT 1) AS run",
             (model, model),
@@ -233,7 +245,11 @@ class SqliteTx(Tx):
         trained, flying = self._watermarks(model)
         floor = max(trained, flying or 0)
         kept = self._one("SELECT floor FROM pending_floor WHERE model=?", (model,))
-        if kept is None or kept["floor"] != floor:  # the floor moved (a run planned or failed): recount once
+        stale = kept is None or kept["floor"] != floor
+        if stale and self.read_only:  # a view counts for itself; the next writer refreshes the kept counts
+            counted = "SELECT label, COUNT(*) AS n FROM images WHERE model=? AND latest=1 AND seq>? GROUP BY label"
+            rows = self.conn.execute(counted, (model, floor)).fetchall()
+        elif stale:  # the floor moved (a run planned or failed): recount once
             self.conn.execute("DELETE FROM pending_counts WHERE model=?", (model,))
             self.conn.execute(
                 "INSERT INTO pending_counts SELECT model, label, COUNT(*) FROM images WHERE model=? AND latest=1 AND seq>? GROUP BY label",
@@ -242,11 +258,12 @@ class SqliteTx(Tx):
             self.conn.execute(
                 "INSERT INTO pending_floor VALUES (?, ?) ON CONFLICT (model) DO UPDATE SET floor=excluded.floor", (model, floor)
             )
-        rows = self.conn.execute("SELECT label, n FROM pending_counts WHERE model=? AND n > 0", (model,)).fetchall()
+        if not (stale and self.read_only):
+            rows = self.conn.execute("SELECT label, n FROM pending_counts WHERE model=? AND n > 0", (model,)).fetchall()
         if not rows:
             return PendingStats()
         # Arrival order is seq order, so the oldest and newest pending are the ends of the seq range.
-        ends = self._one(
+        ends = self._aggregate(
             "SELECT (SELECT first_seen_at FROM images WHERE model=? AND latest=1 AND seq>? ORDER BY seq LIMIT 1) AS oldest, "
             "(SELECT first_seen_at FROM images WHERE model=? AND latest=1 AND seq>? ORDER BY seq DESC LIMIT 1) AS newest",
             (model, floor, model, floor),
@@ -275,7 +292,7 @@ class SqliteTx(Tx):
     def count_images(self, model: str) -> dict[str, int]:
         trained, flying = self._watermarks(model)
         flying = flying if flying is not None and flying > trained else trained
-        row = self._one(
+        row = self._aggregate(
             "SELECT SUM(latest=0) AS superseded, SUM(latest=1 AND seq<=?) AS trained, SUM(latest=1 AND seq>? AND seq<=?) AS in_run, "
             "SUM(latest=1 AND seq>?) AS pending FROM images WHERE model=?",
             (trained, trained, flying, flying, model),
@@ -312,7 +329,7 @@ class SqliteTx(Tx):
 
     # requests
     def add_request(self, row: RequestRow) -> None:
-        seq = self._one("SELECT COALESCE(MAX(seq), 0) + 1 AS s FROM requests WHERE model=?", (row.model,))["s"]
+        seq = self._aggregate("SELECT COALESCE(MAX(seq), 0) + 1 AS s FROM requests WHERE model=?", (row.model,))["s"]
         self.conn.execute(
             "INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?)",
             (
@@ -333,7 +350,7 @@ class SqliteTx(Tx):
     @staticmethod
     def _request(r: sqlite3.Row) -> RequestRow:
         return RequestRow(
-            request_id=r["request_id"], model=r["model"], force=bool(r["force"]), created_at=_dt(r["created_at"]),
+            request_id=r["request_id"], model=r["model"], force=bool(r["force"]), created_at=_at(r["created_at"]),
             overrides=json.loads(r["overrides"]), state=r["state"], requested_by=r["requested_by"], reason=r["reason"], seq=r["seq"],
         )  # fmt: skip
 
@@ -351,7 +368,7 @@ class SqliteTx(Tx):
         rows = self.conn.execute("SELECT * FROM decisions WHERE model=? ORDER BY seq DESC LIMIT ?", (model, limit)).fetchall()
         return [
             DecisionRow(
-                model=r["model"], at=_dt(r["at"]), outcome=r["outcome"], reason=r["reason"], run_id=r["run_id"], message_id=r["message_id"]
+                model=r["model"], at=_at(r["at"]), outcome=r["outcome"], reason=r["reason"], run_id=r["run_id"], message_id=r["message_id"]
             )
             for r in rows
         ]
@@ -393,7 +410,7 @@ class SqliteTx(Tx):
                 model=r["model"],
                 version=r["version"],
                 run_id=r["run_id"],
-                created_at=_dt(r["created_at"]),
+                created_at=_at(r["created_at"]),
                 location=r["location"],
                 metrics=json.loads(r["metrics"]),
                 card=json.loads(r["card"]),
@@ -422,6 +439,8 @@ class SqliteTx(Tx):
         )
 
     def commit(self) -> None:
+        if self.read_only:
+            raise RuntimeError("a read (Store.read) cannot commit; use Store.transaction to write")
         self.conn.execute("COMMIT")
         self.committed = True
 
@@ -510,6 +529,15 @@ class SqliteStore(Store):
         finally:
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
+    @contextmanager
+    def read(self) -> Iterator[SqliteTx]:
+        conn = self._conn
+        conn.execute("BEGIN")  # deferred: the first SELECT takes a WAL snapshot; writers carry on
+        try:
+            yield SqliteTx(conn, read_only=True)
+        finally:
+            conn.execute("ROLLBACK")
+
     def unpublished_events(self, limit: int = 100) -> list[OutboxRow]:
         rows = self._conn.execute("SELECT * FROM outbox WHERE published_at IS NULL ORDER BY seq LIMIT ?", (limit,)).fetchall()
         return [self._outbox(r) for r in rows]
@@ -528,7 +556,7 @@ class SqliteStore(Store):
     @staticmethod
     def _outbox(r: sqlite3.Row) -> OutboxRow:
         return OutboxRow(
-            event_id=r["event_id"], type=r["type"], subject=r["subject"], payload=json.loads(r["payload"]), created_at=_dt(r["created_at"]),
+            event_id=r["event_id"], type=r["type"], subject=r["subject"], payload=json.loads(r["payload"]), created_at=_at(r["created_at"]),
             published_at=_dt(r["published_at"]),
         )  # fmt: skip
 

@@ -7,7 +7,7 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from worker.demo import DemoResult
+from worker.app.demo import DemoResult
 
 
 def _f(value, fmt: str = ".3f") -> str:

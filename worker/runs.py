@@ -1,0 +1,224 @@
+"""A run's life in the ledger: the policy's verdict carried out (planning a run with its frozen
+manifest), submission marks, success, failure with retries and back-off, and the evaluation that
+follows each. Every function runs inside the caller's transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from shared import events as ev
+from shared.redact import printable
+from shared.run_ids import make_run_id
+from worker.context import Context
+from worker.manifests import build_manifest, freeze
+from worker.outbox import queue_event
+from worker.policy import Decision, Snapshot, decide
+from worker.store import IN_FLIGHT_STATES, DecisionRow, ManifestEntry, RequestRow, RunRow, RunState, Tx
+
+REJECTIONS_PER_COMMIT = 20  # forced requests dropped per evaluation (more wait for the next one)
+
+
+REQUEST_IDS_KEPT = 20  # on the run record; the request watermark covers them all
+
+
+def snapshot_of(tx: Tx, model: str, requests: list[RequestRow] | None = None) -> Snapshot:
+    """What the policy decides from: the model's pending images, data, head, run in flight, first forced request."""
+    requests = tx.open_requests(model) if requests is None else requests
+    return Snapshot(
+        pending=tx.pending_stats(model),
+        data=tx.data_stats(model),
+        head=tx.model_head(model),
+        in_flight=next(iter(tx.runs(model, IN_FLIGHT_STATES, limit=1)), None),
+        force_request=next((r for r in requests if r.force), None),
+    )
+
+
+def evaluate(ctx: Context, tx: Tx, model: str, message_id: str | None) -> tuple[Decision, RunRow | None]:
+    """Run the policy for `model`, carry out and record its decision."""
+    cfg = ctx.config.model(model)
+    requests = tx.open_requests(model)
+    snapshot = snapshot_of(tx, model, requests)
+    head, force = snapshot.head, snapshot.force_request
+    decision = decide(snapshot, ctx.now, cfg)
+    run = None
+    if decision.outcome == "coalesce" and not head.followup_wanted:
+        head.followup_wanted = True
+        tx.save_model_head(head)
+    elif decision.outcome == "drop" and force is not None:
+        for request in [r for r in requests if r.force][:REJECTIONS_PER_COMMIT]:
+            reject_request(ctx, tx, request, decision.reason)
+    elif decision.outcome == "submit":
+        # In queue mode each forced request makes its own run: consume up to the first one.
+        consumed = requests[: requests.index(force) + 1] if cfg.in_flight == "queue" and force is not None else requests
+        run = plan_run(ctx, tx, model, decision.reason, consumed)
+    last = next(iter(tx.decisions(model, 1)), None)
+    if run is not None or last is None or (last.outcome, last.reason) != (decision.outcome, decision.reason):
+        # An unchanged verdict is not recorded again: `retrain explain` shows changes, not ticks.
+        tx.record_decision(
+            DecisionRow(
+                model=model,
+                at=ctx.now,
+                outcome=decision.outcome,
+                reason=decision.reason,
+                run_id=run.run_id if run else None,
+                message_id=message_id,
+            )
+        )
+    return decision, run
+
+
+def reject_request(ctx: Context, tx: Tx, request: RequestRow, reason: str) -> None:
+    request.state = "rejected"
+    tx.reject_request(request)
+    data = {"request_id": request.request_id, "model": request.model, "reason": reason, "requested_by": request.requested_by}
+    queue_event(tx, ev.REQUEST_REJECTED, f"requests/{request.request_id}", data, ctx.now)
+
+
+def plan_run(ctx: Context, tx: Tx, model: str, reason: str, requests: list[RequestRow]) -> RunRow:
+    """Freeze the manifest and record the run as planned (step 1 of the submit protocol).
+
+    The run covers every image that arrived so far (its watermark); images above the last
+    successful run's watermark are new to it. The manifest is written as a content-addressed
+    blob before the commit; the ledger records only its digest and the watermarks, so planning
+    writes the same few records for 10 images or 10 million.
+    """
+    cfg = ctx.config.model(model)
+    head = tx.model_head(model)
+    watermark = tx.image_watermark(model)
+    base = head.trained_watermark
+    candidates = tx.manifest_candidates(model, base if cfg.training_data == "new" else 0, watermark)
+    entries = [ManifestEntry(path=i.path, etag=i.etag, label=i.label, split=i.split, is_new=i.seq > base) for i in candidates]
+    document = build_manifest(entries)
+    if ctx.manifests is None:
+        raise RuntimeError("no manifest store configured: a run cannot be planned")
+    freeze(ctx.manifests, document)
+    digest = document["sha256"]
+    seq = head.next_seq
+    overrides: dict[str, Any] = {}
+    for request in requests:  # the newest request's overrides win
+        overrides.update(request.overrides)
+    run = RunRow(
+        run_id=make_run_id(model, seq, digest),
+        model=model,
+        seq=seq,
+        state="planned",
+        manifest_sha256=digest,
+        image_count=len(entries),
+        new_image_count=sum(e.is_new for e in entries),
+        classes=list(document["classes"]),
+        created_at=ctx.now,
+        watermark=watermark,
+        base_watermark=base,
+        reason=reason,
+        request_ids=[r.request_id for r in requests][:REQUEST_IDS_KEPT],
+        overrides=overrides,
+    )
+    tx.insert_run(run)
+    if requests:
+        head.request_watermark = max(head.request_watermark, max(r.seq for r in requests))
+    head.next_seq, head.followup_wanted = seq + 1, False
+    tx.save_model_head(head)
+    return run
+
+
+def mark_submitted(ctx: Context, tx: Tx, run: RunRow, state: RunState) -> None:
+    """The backend has the run (the submitter's mark, or a status event that overtook it).
+
+    `retrain.run.submitted` is queued by whichever comes first: its id is derived from the run and
+    attempt, so the second is a duplicate the outbox drops.
+    """
+    if run.state == "planned":
+        run.submitted_at, run.next_attempt_at = run.submitted_at or ctx.now, None
+        queue_submitted_event(ctx, tx, run)
+    run.state = state
+    if state == "running":
+        run.started_at = run.started_at or ctx.now
+    tx.update_run(run)
+
+
+def queue_submitted_event(ctx: Context, tx: Tx, run: RunRow) -> None:
+    data = {
+        "run_id": run.run_id, "model": run.model, "attempt": run.attempt, "backend_run_id": run.backend_run_id,
+        "manifest_sha256": run.manifest_sha256, "image_count": run.image_count, "new_image_count": run.new_image_count,
+        "classes": run.classes, "reason": run.reason, "request_ids": run.request_ids, "overrides": run.overrides,
+    }  # fmt: skip
+    queue_event(tx, ev.RUN_SUBMITTED, f"runs/{run.run_id}", data, ctx.now, discriminator=str(run.attempt))
+
+
+def run_succeeded(ctx: Context, tx: Tx, run: RunRow) -> None:
+    """The run's images are trained (the trained watermark moves to its own); completion finalizes it."""
+    run.state, run.outcome, run.finished_at = "succeeded", "succeeded", ctx.now
+    run.started_at = run.started_at or ctx.now
+    tx.update_run(run)
+    head = tx.model_head(run.model)
+    head.trained_watermark = max(head.trained_watermark, run.watermark)
+    head.last_run_finished_at = ctx.now
+    head.failed_runs, head.backoff_until = 0, None
+    tx.save_model_head(head)
+
+
+def run_failed(ctx: Context, tx: Tx, run: RunRow, status: str, detail: str, message_id: str | None) -> list[str]:
+    cfg = ctx.config.model(run.model)
+    detail = printable(detail)
+    if status == "failed" and run.attempt < cfg.max_attempts:  # submit_failed and canceled are final
+        backoff = cfg.retry_backoff * 2 ** (run.attempt - 1)
+        run.attempt += 1
+        run.state, run.submitted_at, run.started_at = "planned", None, None
+        run.next_attempt_at = ctx.now + dt.timedelta(seconds=backoff)
+        run.detail = detail[:2000]
+        tx.update_run(run)
+        tx.record_decision(
+            DecisionRow(
+                model=run.model,
+                at=ctx.now,
+                outcome="retry",
+                reason=f"run {run.run_id} failed; attempt {run.attempt}/{cfg.max_attempts} at {run.next_attempt_at:%H:%M:%S} UTC",
+                run_id=run.run_id,
+                message_id=message_id,
+            )
+        )
+        return []
+    head = tx.model_head(run.model)
+    if run.state == "succeeded":  # completion failed for good: the run's images were not trained after all
+        head.trained_watermark = run.base_watermark
+    returned = run.new_image_count
+    run.state, run.outcome, run.finished_at, run.detail = "finalized", status, ctx.now, detail[:2000]
+    tx.update_run(run)
+    head.last_run_finished_at = ctx.now
+    backoff_note = ""
+    if status != "canceled":  # an operator's cancel is not the model failing
+        head.failed_runs += 1
+        if head.failed_runs >= cfg.backoff_after_failed_runs:
+            exponent = head.failed_runs - cfg.backoff_after_failed_runs
+            delay = min(cfg.failure_backoff * 2**exponent, cfg.failure_backoff_max)
+            head.backoff_until = ctx.now + dt.timedelta(seconds=delay)
+            backoff_note = f"; {head.failed_runs} failed runs in a row: no new run before {head.backoff_until:%Y-%m-%d %H:%M:%S} UTC"
+    tx.save_model_head(head)
+    data = {
+        "run_id": run.run_id,
+        "model": run.model,
+        "status": status,
+        "attempts": run.attempt,
+        "detail": detail[:2000],
+        "images_returned_to_pending": returned,
+        "consecutive_failed_runs": head.failed_runs,
+        "backoff_until": head.backoff_until.isoformat() if head.backoff_until else None,
+    }
+    queue_event(tx, ev.RUN_FAILED, f"runs/{run.run_id}", data, ctx.now)
+    tx.record_decision(
+        DecisionRow(
+            model=run.model,
+            at=ctx.now,
+            outcome="failed",
+            reason=f"run {run.run_id} {status} after {run.attempt} attempt(s); {returned} images back to pending{backoff_note}",
+            run_id=run.run_id,
+            message_id=message_id,
+        )
+    )
+    return after_run(ctx, tx, run.model, message_id)
+
+
+def after_run(ctx: Context, tx: Tx, model: str, message_id: str | None) -> list[str]:
+    _, run = evaluate(ctx, tx, model, message_id)
+    return [run.run_id] if run else []
