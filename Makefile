@@ -15,7 +15,7 @@ STAMP := $(VENV)/.requirements-$(REQS_HASH)
 HOROVOD_STAMP := $(VENV)/.horovod-0.28.1
 EDITABLE_STAMP := $(VENV)/.editable-$(TREE_HASH)
 
-.PHONY: venv horovod azurite demo test lint format bench mutate clean-venv
+.PHONY: venv horovod azurite demo test unit lint format bench mutate clean-venv
 
 venv: $(STAMP) $(EDITABLE_STAMP)
 
@@ -47,14 +47,19 @@ node_modules/.bin/azurite: package.json package-lock.json
 demo: venv
 	$(BIN)/retrain demo
 
-test: venv horovod azurite
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+# Everything: the lint (style, types, layer contracts), then every test (unit, integration, e2e).
+test: venv horovod azurite lint
 	$(BIN)/python -m pytest
+
+# The in-process tests only (seconds): tests/unit, no torchrun, Horovod or Azurite.
+unit: venv
+	$(BIN)/python -m pytest tests/unit -q
 
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: venv
 	$(BIN)/ruff check --fix .

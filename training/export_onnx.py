@@ -41,6 +41,9 @@ DEFAULT_OPSET = 17
 class Normalized(torch.nn.Module):
     """The classifier with its input normalisation baked in: ONNX input is RGB in [0, 1], NCHW."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, model: torch.nn.Module, mean, std):
         super().__init__()
         self.model = model

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -172,7 +173,7 @@ class EpochSampler(DistributedSampler):
     """DistributedSampler that tags each index with the epoch, so augmentation can be seeded by it
     even inside persistent DataLoader workers that never see `set_epoch`."""
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
         for index in super().__iter__():
             yield (index, epoch)
@@ -237,7 +238,7 @@ def build_data(
     # accuracy); the per-rank (correct, count) sums are reduced afterwards.
     val_set = ImageListDataset(root, val[rank::world_size], class_to_idx, eval_transform(image_size), image_size, seed=seed)
     sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    common = {
+    common: dict[str, Any] = {
         "num_workers": workers,
         "pin_memory": pin_memory,
         "persistent_workers": workers > 0,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -161,6 +162,15 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def _class_images(root: Path, folder: Path, classes: set[str]) -> Iterator[tuple[str, str]]:
+    """(label, path relative to root) for every image under folder/<label>/; adds each label to `classes`."""
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        classes.add(class_dir.name)
+        for file in sorted(class_dir.rglob("*")):
+            if file.is_file() and _is_image_name(file.name):
+                yield class_dir.name, file.relative_to(root).as_posix()
+
+
 def scan_image_folder(data_dir: str | Path, val_fraction: float = 0.2) -> Manifest:
     """Build a manifest from an ImageFolder tree.
 
@@ -174,21 +184,13 @@ def scan_image_folder(data_dir: str | Path, val_fraction: float = 0.2) -> Manife
     split_dirs = {name: root / name for name in SPLITS}
     records: list[ImageRecord] = []
     classes: set[str] = set()
-    if all(d.is_dir() for d in split_dirs.values()):
+    if all(d.is_dir() for d in split_dirs.values()):  # the reference layout: the split is the folder's
         for split, split_dir in split_dirs.items():
-            for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                classes.add(class_dir.name)
-                for file in sorted(class_dir.rglob("*")):
-                    if file.is_file() and _is_image_name(file.name):
-                        rel = file.relative_to(root).as_posix()
-                        records.append(ImageRecord(path=rel, label=class_dir.name, split=split))
+            for label, rel in _class_images(root, split_dir, classes):
+                records.append(ImageRecord(path=rel, label=label, split=split))
     else:
-        for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            classes.add(class_dir.name)
-            for file in sorted(class_dir.rglob("*")):
-                if file.is_file() and _is_image_name(file.name):
-                    rel = file.relative_to(root).as_posix()
-                    records.append(ImageRecord(path=rel, label=class_dir.name, split=stable_split(rel, val_fraction)))
+        for label, rel in _class_images(root, root, classes):
+            records.append(ImageRecord(path=rel, label=label, split=stable_split(rel, val_fraction)))
     if not classes:
         raise DataError(f"no class folders under {root} (expected <class>/<image> or train/<class>/<image>)")
     if not records:

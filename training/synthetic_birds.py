@@ -16,6 +16,7 @@ import argparse
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -127,7 +128,8 @@ def generate(
             folder = root / split / label if layout == "split" else root / label
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{prefix}{label}-{seed:04d}-{i:05d}.{'png' if i % 10 == 9 else 'jpg'}"
-            draw_bird(label, rng).save(path, **({"quality": 88} if path.suffix == ".jpg" else {}))
+            options: dict[str, Any] = {"quality": 88} if path.suffix == ".jpg" else {}
+            draw_bird(label, rng).save(path, **options)
             written.append(path)
     for k in range(corrupt):
         label = CLASSES[k % len(CLASSES)]

@@ -62,6 +62,24 @@ class Topology:
             return list(self._hvd.allgather_object(obj))
         return [obj]
 
+    @property
+    def supports_channels_last(self) -> bool:
+        """Horovod's collectives insist on (NCHW-)contiguous tensors; channels_last weights are not."""
+        return self.kind != "horovod"
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The model and optimizer that train in step on every rank: DDP wraps the model (gradients
+        are averaged in backward); Horovod starts every rank from rank 0's weights and optimizer
+        state and averages gradients in the optimizer's step; one process trains as it is."""
+        if self.kind == "ddp":
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids), optimizer
+        if self.kind == "horovod":
+            self._hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+            self._hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+            return model, self._hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        return model, optimizer
+
     def close(self) -> None:
         if self.kind == "ddp" and dist.is_initialized():
             dist.destroy_process_group()

@@ -25,7 +25,6 @@ says what to fix), 1 anything unexpected.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,15 +33,18 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from reporting import AzureMLLogger, Progress
 from torch import nn
 
-from imagedata import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD, build_data, find_unreadable, loader_workers, to_model_input
-from manifests import DataError, load_manifest, scan_image_folder
+from imagedata import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD, DataBundle, build_data, find_unreadable, loader_workers, to_model_input
+from manifests import DataError, Manifest, load_manifest, scan_image_folder
 from modelio import (
     ARCHITECTURES,
     WEIGHT_CHOICES,
@@ -206,74 +208,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------
-# Progress and metrics reporting (rank 0 only)
-
-
-class Progress:
-    """A one-line progress bar on a terminal, plain per-epoch lines otherwise."""
-
-    def __init__(self, enabled: bool, total_epochs: int):
-        self.enabled = enabled
-        self.bar = enabled and sys.stderr.isatty()
-        self.total_epochs = total_epochs
-
-    def step(self, epoch: int, step: int, steps: int, images_per_s: float, loss: float | None) -> None:
-        if not self.bar:
-            return
-        width = 24
-        filled = int(width * step / max(1, steps))
-        loss_text = f" loss {loss:.4f}" if loss is not None else ""
-        sys.stderr.write(
-            f"\repoch {epoch}/{self.total_epochs} [{'#' * filled}{'.' * (width - filled)}] {step}/{steps} {images_per_s:6.1f} img/s{loss_text}   "
-        )
-        sys.stderr.flush()
-
-    def epoch_done(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        if self.bar:
-            sys.stderr.write("\n")
-        log.info(
-            "epoch %d/%d train_loss=%.4f train_acc=%.4f val_loss=%.4f val_acc=%.4f lr=%.2e %.1fs %.1f img/s data_wait=%.1f%%",
-            row["epoch"],
-            self.total_epochs,
-            row["train_loss"],
-            row["train_acc"],
-            row["val_loss"],
-            row["val_acc"],
-            row["lr"],
-            row["seconds"],
-            row["images_per_s"],
-            100.0 * row["data_wait_fraction"],
-        )
-
-
-class AzureMLLogger:
-    """Logs metrics to the Azure ML run when running inside one; does nothing otherwise."""
-
-    def __init__(self, enabled: bool):
-        self.run = None
-        if not enabled:
-            return
-        try:
-            from azureml.core.run import Run  # optional: only present in Azure ML images
-        except ImportError:
-            return
-        try:
-            run = Run.get_context()
-        except Exception:  # an unconfigured SDK must never break training
-            return
-        # An offline context means "not inside Azure ML"; logging there only fills memory.
-        if not getattr(run, "id", "").startswith("OfflineRun"):
-            self.run = run
-
-    def log(self, name: str, value: Any) -> None:
-        if self.run is not None and value is not None:
-            with contextlib.suppress(Exception):
-                self.run.log(name, value)
-
-
-# --------------------------------------------------------------------------------------------
 # Training
 
 
@@ -328,20 +262,34 @@ def average_buffers(model: nn.Module, topo: Topology) -> None:
             buffer.copy_(topo.all_reduce_sum(buffer.detach().clone()) / topo.world_size)
 
 
+class Inputs:
+    """Turns a loader's uint8 batch into the model's input on the device: normalised, in the training
+    memory format; `amp_dtype` is the autocast that training and evaluation both run under."""
+
+    def __init__(self, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool):
+        self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_model_input(images, self.device, self.mean, self.std, self.channels_last)
+        return x, labels.to(self.device, non_blocking=True)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, topo: Topology, norm, channels_last: bool, amp_dtype) -> tuple[float, float, int]:
+def evaluate(
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], topo: Topology, inputs: Inputs
+) -> tuple[float, float, int]:
     """(mean loss, accuracy, images) over the whole validation set, identical on every rank.
 
     Runs on the bare model, not the DDP wrapper: ranks hold different numbers of validation
     batches and DDP's forward may issue collectives.
     """
     model.eval()
-    mean, std = norm
     sums = torch.zeros(3, dtype=torch.float64, device=topo.device)  # loss sum, correct, count
     for images, labels in loader:
-        x = to_model_input(images, topo.device, mean, std, channels_last)
-        y = labels.to(topo.device, non_blocking=True)
-        with torch.autocast(topo.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        x, y = inputs(images, labels)
+        with torch.autocast(topo.device.type, dtype=inputs.amp_dtype, enabled=inputs.amp_dtype is not None):
             logits = model(x)
         valid = y != IGNORE_LABEL
         sums[0] += F.cross_entropy(logits.float(), y, ignore_index=IGNORE_LABEL, reduction="sum")
@@ -360,13 +308,31 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
-    started = time.time()
-    torch.manual_seed(args.seed)  # same initial weights on every rank
-    device = topo.device
-    progress = Progress(topo.is_writer, args.num_epochs)
-    aml = AzureMLLogger(topo.is_writer)
+@dataclass
+class Model:
+    """The network on this rank, and where its starting weights came from."""
 
+    net: nn.Module  # the bare model: evaluated and saved (never the DDP wrapper)
+    arch: str
+    weights_source: str  # "imagenet" | "random" | "checkpoint" | "checkpoint-backbone"
+    baseline_comparable: bool  # warm-started with the same classes: the champion can be measured
+    channels_last: bool
+
+
+@dataclass
+class Epoch:
+    """One pass over the training data, summed over every rank."""
+
+    loss_sum: float
+    correct: float
+    seen: int
+    steps: int
+    seconds: float  # training only, device synchronised at both ends
+    data_wait: float  # of which waiting for the loader
+
+
+def load_data(args: argparse.Namespace, topo: Topology) -> tuple[Manifest, dict[str, str], DataBundle, int]:
+    """The manifest (frozen, or scanned from the folder), the images no rank could read, the loaders."""
     root = Path(args.data_dir)
     manifest = load_manifest(args.manifest) if args.manifest else scan_image_folder(root, args.val_fraction)
     skipped: dict[str, str] = {}
@@ -374,7 +340,7 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
         skipped.update(part)
     if skipped and topo.is_writer:
         log.warning("skipping %d unreadable images, e.g. %s", len(skipped), ", ".join(f"{p} ({r})" for p, r in list(skipped.items())[:3]))
-    workers = loader_workers(args.workers, topo.local_world_size, device)
+    workers = loader_workers(args.workers, topo.local_world_size, topo.device)
     data = build_data(
         root,
         manifest,
@@ -385,182 +351,214 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
         rank=topo.rank,
         world_size=topo.world_size,
         seed=args.seed,
-        pin_memory=device.type == "cuda",
+        pin_memory=topo.device.type == "cuda",
     )
+    return manifest, skipped, data, workers
 
+
+def load_model(args: argparse.Namespace, topo: Topology, class_names: list[str]) -> Model:
+    """The architecture with its starting weights (the champion's for a warm start, else ImageNet's),
+    BatchNorm handled as asked, on the device in the memory format that will train."""
     init = load_checkpoint(args.init_checkpoint) if args.init_checkpoint else None
     arch = args.arch or (init["arch"] if init else "resnet18")
-    model = build_model(arch, len(data.class_names))
+    model = build_model(arch, len(class_names))
     same_head = False
     if init is not None:
         if init["arch"] != arch:
             raise CheckpointError(f"--init_checkpoint is a {init['arch']} but --arch is {arch}")
-        same_head = warm_start(model, init, data.class_names)
+        same_head = warm_start(model, init, class_names)
         weights_source = "checkpoint" if same_head else "checkpoint-backbone"
     else:
         weights_source = load_imagenet_backbone(model, arch, args.weights)
     if args.bn == "frozen":
         freeze_batchnorm(model)
     if args.bn == "sync":
-        if not (topo.kind == "ddp" and device.type == "cuda"):
+        if not (topo.kind == "ddp" and topo.device.type == "cuda"):
             raise DataError("--bn sync needs DDP on CUDA (SyncBatchNorm does not run on CPU)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if topo.kind == "horovod" and args.channels_last:
-        # Horovod's collectives insist on (NCHW-)contiguous tensors, and channels_last weights
-        # and gradients are not; fall back rather than fail.
-        if topo.is_writer:
-            log.warning("channels_last is not supported with Horovod; using NCHW")
-        args.channels_last = False
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    raw_model = model
-    amp_dtype, use_scaler = amp_settings(args.amp, device)
-    norm = (
-        torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-        torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1),
-    )
+    channels_last = args.channels_last and topo.supports_channels_last
+    if args.channels_last and not channels_last and topo.is_writer:
+        log.warning("channels_last is not supported with %s; using NCHW", topo.kind)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=topo.device).to(memory_format=memory_format)
+    return Model(model, arch, weights_source, init is not None and same_head, channels_last)
 
-    baseline_val_acc = None
-    if init is not None and same_head:
-        # The champion judged on this run's own validation set: the gate compares like with like.
-        _, baseline_val_acc, _ = evaluate(raw_model, data.val_loader, topo, norm, args.channels_last, amp_dtype)
-        if topo.is_writer:
-            log.info("baseline (init checkpoint) val_acc=%.4f on %d images", baseline_val_acc, data.num_val)
 
+def train_one_epoch(
+    args: argparse.Namespace,
+    topo: Topology,
+    epoch: int,
+    model: nn.Module,
+    optimizer,
+    scaler,
+    data: DataBundle,
+    inputs: Inputs,
+    progress: Progress,
+) -> Epoch:
+    """One epoch of steps on this rank's shard; the sums come back reduced over every rank."""
+    device = topo.device
+    steps_per_epoch = min(len(data.train_loader), args.max_steps_per_epoch or len(data.train_loader))
+    data.train_sampler.set_epoch(epoch)
+    set_train_mode(model, args.bn)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    synchronize(device)  # GPU work is asynchronous: the clock is read only when the device is idle
+    epoch_start = fetch_start = time.perf_counter()
+    data_wait, step_count = 0.0, 0
+    for step, (images, labels) in enumerate(data.train_loader, start=1):
+        data_wait += time.perf_counter() - fetch_start
+        step_count = step
+        x, y = inputs(images, labels)
+        with torch.autocast(device.type, dtype=inputs.amp_dtype, enabled=inputs.amp_dtype is not None):
+            logits = model(x)
+        valid = y != IGNORE_LABEL
+        count = valid.sum()
+        # Sum over valid samples / their count: an ignored (unreadable) sample changes
+        # nothing, and a batch of only ignored samples gives a zero loss, not NaN.
+        loss_sum = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_LABEL, reduction="sum")
+        loss = loss_sum / count.clamp(min=1)
+        optimizer.zero_grad()  # set_to_none is the default (and Horovod takes no arguments)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        # Accumulate on the device; reading values back every step would stall a GPU.
+        sums[0] += loss_sum.detach()
+        sums[1] += ((logits.detach().argmax(dim=1) == y) & valid).sum()
+        sums[2] += count
+        if progress.bar:
+            shown_loss = float(loss.detach()) if step % args.log_every == 0 or step == steps_per_epoch else None
+            elapsed = time.perf_counter() - epoch_start
+            progress.step(epoch, step, steps_per_epoch, step * args.batch_size * topo.world_size / max(elapsed, 1e-9), shown_loss)
+        if step >= steps_per_epoch:
+            break
+        fetch_start = time.perf_counter()
+    sums = topo.all_reduce_sum(sums)
+    synchronize(device)
+    seconds = time.perf_counter() - epoch_start
+    return Epoch(float(sums[0]), float(sums[1]), int(sums[2].item()), step_count, seconds, data_wait)
+
+
+def epoch_row(epoch: int, trained: Epoch, val_loss: float, val_acc: float, lr: float, seconds: float) -> dict[str, Any]:
+    """One line of metrics.json's history."""
+    return {
+        "epoch": epoch,
+        "train_loss": trained.loss_sum / max(trained.seen, 1),
+        "train_acc": trained.correct / max(trained.seen, 1),
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": lr,
+        "seconds": round(seconds, 3),
+        "train_seconds": round(trained.seconds, 3),
+        "steps": trained.steps,
+        "images_per_s": round(trained.seen / max(trained.seconds, 1e-9), 2),
+        "data_wait_s": round(trained.data_wait, 3),
+        "data_wait_fraction": round(trained.data_wait / max(trained.seconds, 1e-9), 4),
+    }
+
+
+@dataclass
+class Fit:
+    """The epochs' results: one history row each, and the best epoch's weights (rank 0 keeps them)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    train_images: int = 0
+    train_seconds: float = 0.0
+
+
+def measure_baseline(model: Model, data: DataBundle, topo: Topology, inputs: Inputs) -> float | None:
+    """The champion judged on this run's own validation set, so the gate compares like with like."""
+    if not model.baseline_comparable:
+        return None
+    _, baseline_val_acc, _ = evaluate(model.net, data.val_loader, topo, inputs)
+    if topo.is_writer:
+        log.info("baseline (init checkpoint) val_acc=%.4f on %d images", baseline_val_acc, data.num_val)
+    return baseline_val_acc
+
+
+def make_optimizer(args: argparse.Namespace, topo: Topology, model: Model) -> tuple[nn.Module, torch.optim.Optimizer, float]:
+    """SGD at the (optionally world-size scaled) learning rate, wrapped for the topology."""
     effective_lr = args.learning_rate * (topo.world_size if args.lr_scaling == "linear" else 1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=effective_lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    if topo.kind == "ddp":
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    elif topo.kind == "horovod":
-        hvd = topo._hvd
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    params = [p for p in model.net.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(params, lr=effective_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    trained_model, optimizer = topo.wrap(model.net, sgd)
+    return trained_model, optimizer, effective_lr
+
+
+def fit(
+    args: argparse.Namespace, topo: Topology, model: Model, data: DataBundle, inputs: Inputs, use_scaler: bool, aml: AzureMLLogger
+) -> tuple[Fit, float]:
+    """Train for the requested epochs, evaluating after each; returns the results and the learning rate."""
+    trained_model, optimizer, effective_lr = make_optimizer(args, topo, model)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-
-    if topo.is_writer:
-        log.info(
-            "training %s on %s: %d train / %d val images, %d classes %s, world_size=%d (%s%s), device=%s, batch=%dx%d, lr=%g, amp=%s, channels_last=%s, workers=%d, weights=%s",
-            arch,
-            manifest.sha256[:12],
-            data.num_train,
-            data.num_val,
-            len(data.class_names),
-            data.class_names,
-            topo.world_size,
-            topo.kind,
-            f"/{topo.backend}" if topo.backend else "",
-            device,
-            args.batch_size,
-            topo.world_size,
-            effective_lr,
-            amp_dtype,
-            args.channels_last,
-            workers,
-            weights_source,
-        )
-
-    history: list[dict[str, Any]] = []
-    best_val_acc, best_epoch, best_state = -1.0, 0, None
-    steps_per_epoch = len(data.train_loader)
-    if args.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
-    total_train_images, total_train_seconds = 0, 0.0
-    mean, std = norm
+    progress = Progress(topo.is_writer, args.num_epochs)
+    result = Fit()
     for epoch in range(1, args.num_epochs + 1):
-        data.train_sampler.set_epoch(epoch)
-        set_train_mode(model, args.bn)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         lr = optimizer.param_groups[0]["lr"]
-        synchronize(device)  # GPU work is asynchronous: the clock is read only when the device is idle
         epoch_start = time.perf_counter()
-        data_wait = 0.0
-        fetch_start = time.perf_counter()
-        step_count = 0
-        for step, (images, labels) in enumerate(data.train_loader, start=1):
-            data_wait += time.perf_counter() - fetch_start
-            step_count = step
-            x = to_model_input(images, device, mean, std, args.channels_last)
-            y = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
-            valid = y != IGNORE_LABEL
-            count = valid.sum()
-            # Sum over valid samples / their count: an ignored (unreadable) sample changes
-            # nothing, and a batch of only ignored samples gives a zero loss, not NaN.
-            loss_sum = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_LABEL, reduction="sum")
-            loss = loss_sum / count.clamp(min=1)
-            optimizer.zero_grad()  # set_to_none is the default (and Horovod takes no arguments)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            # Accumulate on the device; reading values back every step would stall a GPU.
-            sums[0] += loss_sum.detach()
-            sums[1] += ((logits.detach().argmax(dim=1) == y) & valid).sum()
-            sums[2] += count
-            if progress.bar:
-                shown_loss = float(loss.detach()) if step % args.log_every == 0 or step == steps_per_epoch else None
-                elapsed = time.perf_counter() - epoch_start
-                progress.step(epoch, step, steps_per_epoch, step * args.batch_size * topo.world_size / max(elapsed, 1e-9), shown_loss)
-            if step >= steps_per_epoch:
-                break
-            fetch_start = time.perf_counter()
-        sums = topo.all_reduce_sum(sums)
-        synchronize(device)
-        train_seconds = time.perf_counter() - epoch_start
+        trained = train_one_epoch(args, topo, epoch, trained_model, optimizer, scaler, data, inputs, progress)
+        result.train_images += trained.seen
+        result.train_seconds += trained.seconds
         scheduler.step()
-        average_buffers(raw_model, topo)
-        val_loss, val_acc, _ = evaluate(raw_model, data.val_loader, topo, norm, args.channels_last, amp_dtype)
-        seen = int(sums[2].item())
-        total_train_images += seen
-        total_train_seconds += train_seconds
-        row = {
-            "epoch": epoch,
-            "train_loss": float(sums[0] / max(seen, 1)),
-            "train_acc": float(sums[1] / max(seen, 1)),
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": lr,
-            "seconds": round(time.perf_counter() - epoch_start, 3),
-            "train_seconds": round(train_seconds, 3),
-            "steps": step_count,
-            "images_per_s": round(seen / max(train_seconds, 1e-9), 2),
-            "data_wait_s": round(data_wait, 3),
-            "data_wait_fraction": round(data_wait / max(train_seconds, 1e-9), 4),
-        }
-        history.append(row)
+        average_buffers(model.net, topo)
+        val_loss, val_acc, _ = evaluate(model.net, data.val_loader, topo, inputs)
+        row = epoch_row(epoch, trained, val_loss, val_acc, lr, time.perf_counter() - epoch_start)
+        result.history.append(row)
         progress.epoch_done(row)
         for name in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             aml.log(name, row[name])
-        if val_acc > best_val_acc:  # strictly better, as the reference keeps the first best
-            best_val_acc, best_epoch = val_acc, epoch
+        if val_acc > result.best_val_acc:  # strictly better, as the reference keeps the first best
+            result.best_val_acc, result.best_epoch = val_acc, epoch
             if topo.is_writer:
-                best_state = cpu_state_dict(raw_model)
+                result.best_state = cpu_state_dict(model.net)
+    return result, effective_lr
 
-    digests = topo.all_gather_object(state_digest(raw_model))
+
+def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
+    """Data, model, baseline, epochs, then (rank 0) model.pt, the optional ONNX export and metrics.json."""
+    started = time.time()
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    device = topo.device
+    manifest, skipped, data, workers = load_data(args, topo)
+    model = load_model(args, topo, data.class_names)
+    amp_dtype, use_scaler = amp_settings(args.amp, device)
+    inputs = Inputs(device, amp_dtype, model.channels_last)
+    baseline_val_acc = measure_baseline(model, data, topo, inputs)
+    if topo.is_writer:
+        log.info(
+            "training %s on %s: %d train / %d val images, %d classes %s, world_size=%d (%s%s), device=%s, batch=%dx%d, lr=%g, amp=%s, channels_last=%s, workers=%d, weights=%s",
+            model.arch, manifest.sha256[:12], data.num_train, data.num_val, len(data.class_names), data.class_names, topo.world_size,
+            topo.kind, f"/{topo.backend}" if topo.backend else "", device, args.batch_size, topo.world_size,
+            args.learning_rate * (topo.world_size if args.lr_scaling == "linear" else 1), amp_dtype, model.channels_last, workers,
+            model.weights_source,
+        )  # fmt: skip
+    aml = AzureMLLogger(topo.is_writer)
+    result, effective_lr = fit(args, topo, model, data, inputs, use_scaler, aml)
+
+    digests = topo.all_gather_object(state_digest(model.net))
     if len(set(digests)) != 1:
         raise RuntimeError(f"replicas diverged: per-rank weight digests differ {digests}")
-
+    history = result.history
     metrics: dict[str, Any] = {
         "baseline_val_acc": baseline_val_acc,
-        "best_val_acc": best_val_acc,
-        "best_epoch": best_epoch,
+        "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
         "final_val_acc": history[-1]["val_acc"],
         "history": history,
-        "images_per_s": round(total_train_images / max(total_train_seconds, 1e-9), 2),
-        "data_wait_fraction": round(sum(r["data_wait_s"] for r in history) / max(total_train_seconds, 1e-9), 4),
+        "images_per_s": round(result.train_images / max(result.train_seconds, 1e-9), 2),
+        "data_wait_fraction": round(sum(r["data_wait_s"] for r in history) / max(result.train_seconds, 1e-9), 4),
         "world_size": topo.world_size,
         "distributed": topo.kind,
         "backend": topo.backend,
         "device": str(device),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-        "channels_last": args.channels_last,
+        "channels_last": model.channels_last,
         "num_train": data.num_train,
         "num_val": data.num_val,
         "skipped_images": len(skipped),
@@ -568,8 +566,8 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
         "class_names": data.class_names,
         "manifest_sha256": manifest.sha256,
         "init_checkpoint_sha256": file_sha256(args.init_checkpoint) if args.init_checkpoint else None,
-        "weights_source": weights_source,
-        "arch": arch,
+        "weights_source": model.weights_source,
+        "arch": model.arch,
         "image_size": args.image_size,
         "batch_size_per_rank": args.batch_size,
         "effective_learning_rate": effective_lr,
@@ -580,21 +578,35 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
         "torch_version": str(torch.__version__),
     }
     if topo.is_writer:
-        onnx = None
-        if args.export_onnx:
-            onnx = {"data_dir": args.data_dir, "manifest": args.manifest, "tolerance": args.onnx_tolerance, "samples": 32}
-        write_outputs(Path(args.output_dir), arch, best_state, data.class_names, args.image_size, metrics, manifest.sha256, onnx)
-        aml.log("best_val_acc", best_val_acc)
-        if baseline_val_acc is not None:
-            aml.log("baseline_val_acc", baseline_val_acc)
-        log.info(
-            "best_val_acc=%.4f (epoch %d)%s; wrote %s",
-            best_val_acc,
-            best_epoch,
-            f", baseline_val_acc={baseline_val_acc:.4f}" if baseline_val_acc is not None else "",
-            args.output_dir,
-        )
+        save_outputs(args, model, result, data.class_names, metrics, manifest.sha256, aml)
     return metrics
+
+
+def save_outputs(
+    args: argparse.Namespace,
+    model: Model,
+    result: Fit,
+    class_names: list[str],
+    metrics: dict[str, Any],
+    manifest_sha256: str,
+    aml: AzureMLLogger,
+) -> None:
+    """Rank 0: the best epoch's weights as model.pt (and ONNX when asked), metrics.json, the run's final metrics."""
+    assert result.best_state is not None, "rank 0 keeps the best epoch's weights (num_epochs >= 1)"
+    onnx = None
+    if args.export_onnx:
+        onnx = {"data_dir": args.data_dir, "manifest": args.manifest, "tolerance": args.onnx_tolerance, "samples": 32}
+    write_outputs(Path(args.output_dir), model.arch, result.best_state, class_names, args.image_size, metrics, manifest_sha256, onnx)
+    aml.log("best_val_acc", result.best_val_acc)
+    aml.log("baseline_val_acc", metrics["baseline_val_acc"])  # None is not logged
+    baseline = metrics["baseline_val_acc"]
+    log.info(
+        "best_val_acc=%.4f (epoch %d)%s; wrote %s",
+        result.best_val_acc,
+        result.best_epoch,
+        f", baseline_val_acc={baseline:.4f}" if baseline is not None else "",
+        args.output_dir,
+    )
 
 
 def write_outputs(

@@ -11,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from worker.ports import ExportError, ExportResult, OnnxExporter
 from worker.snapshot import training_dir
@@ -48,7 +50,7 @@ class InProcessOnnxExporter(OnnxExporter):
     """
 
     def __init__(self) -> None:
-        self._export_and_verify = None
+        self._export_and_verify: Callable[..., dict[str, Any]] | None = None
 
     def _load(self):
         if self._export_and_verify is None:
