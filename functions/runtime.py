@@ -10,26 +10,29 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shared.redact import install_log_redaction
 
+if TYPE_CHECKING:  # the worker package is imported on the first invocation, not at indexing
+    from worker.bus import Worker
+
 _lock = threading.Lock()
-_worker: Any = None
+_worker: Worker | None = None
 
 IMAGES_CONTAINER_SETTING = "RETRAIN_IMAGES_CONTAINER"
 AML_TOPIC_SETTING = "RETRAIN_AML_WORKSPACE_TOPIC"
 log = logging.getLogger("retrain.functions")
 
 
-def use_worker(worker: Any) -> None:
+def use_worker(worker: Worker | None) -> None:
     """Install the worker the functions use (tests, or a host that builds its own)."""
     global _worker
     with _lock:
         _worker = worker
 
 
-def worker() -> Any:
+def worker() -> Worker:
     global _worker
     with _lock:
         if _worker is None:

@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
-from shared.messages import ImageUploaded, Message, RetrainRequested, RunStatusChanged, Tick
-from shared.redact import redact
+from shared import events as ev
+from shared.messages import ImageUploaded, Message, RetrainRequested, RunStatusChanged, Tick, safe_message_id
+from shared.redact import printable, redact
 from worker.completion import Completer
 from worker.config import RetrainConfig
 from worker.context import Backfill, Context
@@ -32,7 +33,7 @@ from worker.handlers import HANDLERS, Effects, image_row, resolve_backfill
 from worker.outbox import queue_event
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
 from worker.runs import evaluate, run_failed
-from worker.store import ConcurrencyConflict, Store, Tx
+from worker.store import ConcurrencyConflict, DecisionRow, Store, Tx
 from worker.submission import Submitter
 
 log = logging.getLogger("retrain.worker")
@@ -242,11 +243,6 @@ class Worker:
         names a partition or a file), and an id that does not fit the id pattern is replaced by its
         digest.
         """
-        from shared import events as ev
-        from shared.messages import safe_message_id
-        from shared.redact import printable
-        from worker.store import DecisionRow
-
         known = model if model in self.config.models else None
         message_id = safe_message_id(message_id)
         description = printable(redact(description))[:2000]

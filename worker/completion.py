@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
 from shared import events as ev
 from worker.config import RetrainConfig
 from worker.context import Context
@@ -60,8 +62,6 @@ SUMMARY_KEYS = (
 def _retrying(commit, *args: Any) -> list[str]:
     """Step 4 on a ledger shared by instances: a lost optimistic race (another completion, or any
     writer, committed first) re-runs the step on fresh state, where its checks see who won."""
-    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
-
     for attempt in Retrying(
         retry=retry_if_exception_type(ConcurrencyConflict),
         wait=wait_random_exponential(multiplier=0.01, max=0.5),

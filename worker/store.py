@@ -26,7 +26,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
 from shared.run_ids import make_backend_run_id
+from worker.crashpoints import crashpoint
 
 
 class ConcurrencyConflict(RuntimeError):  # noqa: N818 - a condition to retry on, not a program error
@@ -336,10 +339,6 @@ class Store(abc.ABC):
     def stage_images(self, rows: list[ImageRow]) -> int:
         """Record many (a backfill), IMAGES_PER_COMMIT per transaction, each idempotent on its own and
         retried on a conflict; returns how many were new. A crash part-way leaves whole chunks."""
-        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
-
-        from worker.crashpoints import crashpoint
-
         new = 0
         for n in range(0, len(rows), IMAGES_PER_COMMIT):
             for attempt in Retrying(

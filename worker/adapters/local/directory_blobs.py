@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import stat as stat_module
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,8 +87,6 @@ class DirectoryBlobStore(BlobStore):
         return st
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
-        import time
-
         if not self.root.is_dir():
             return
         cutoff = time.time() - self.settle_seconds

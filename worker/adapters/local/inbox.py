@@ -17,6 +17,7 @@ from pathlib import Path
 from shared.errors import InvalidMessage
 from shared.messages import ID_PATTERN, MAX_MESSAGE_BYTES
 from shared.redact import printable
+from worker.adapters.local.directory_blobs import open_regular
 
 
 class LocalInbox:
@@ -58,8 +59,6 @@ class LocalInbox:
 
     def read(self, path: Path) -> bytes:
         """The file's bytes (at most one message's worth: a larger file is refused by the parser)."""
-        from worker.adapters.local.directory_blobs import open_regular
-
         with open_regular(path) as fh:
             return fh.read(MAX_MESSAGE_BYTES + 1)
 

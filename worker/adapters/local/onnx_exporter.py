@@ -57,7 +57,7 @@ class InProcessOnnxExporter(OnnxExporter):
             snapshot = str(training_dir())
             if snapshot not in sys.path:
                 sys.path.insert(0, snapshot)
-            from export_onnx import export_and_verify
+            from export_onnx import export_and_verify  # noqa: PLC0415 - torch and onnxruntime, on first use only
 
             self._export_and_verify = export_and_verify
         return self._export_and_verify

@@ -46,6 +46,7 @@ from worker.adapters.local.torchrun_runner import (
     is_same_process_alive,
 )
 from worker.ports import BackendStatus, RunSpec, TrainingBackend
+from worker.snapshot import training_dir as default_training_dir
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 REPO_ROOT = Path(__file__).resolve().parents[3]  # holds the worker package; goes on the runner's PYTHONPATH
@@ -77,8 +78,6 @@ class LocalTorchrunBackend(TrainingBackend):
         self.runs_root = Path(os.path.abspath(runs_root))
         self.launcher = list(launcher) if launcher is not None else None
         if training_dir is None and launcher is None:
-            from worker.snapshot import training_dir as default_training_dir
-
             training_dir = default_training_dir()
         self.training_dir = Path(os.path.abspath(training_dir)) if training_dir is not None else None
         self.python = python
