@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CODE = (
     "import sys, time; t = time.perf_counter(); import function_app; ms = (time.perf_counter() - t) * 1000; "
-    "print(ms, ','.join(m for m in ('torch', 'torchvision', 'azureml', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules) or '-')"
+    "print(ms, ','.join(m for m in ('torch', 'torchvision', 'azureml', 'azure.ai.ml', 'mlflow', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules) or '-')"
 )
 
 

@@ -181,6 +181,7 @@ _STATUS_MAP = {
     "finalizing": "running",
     "notresponding": "running",  # not terminal: Azure ML may recover the run
     "cancelrequested": "running",
+    "paused": "queued",  # a paused (e.g. preempted low-priority) job waits to resume
     "completed": "succeeded",
     "succeeded": "succeeded",
     "failed": "failed",

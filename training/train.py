@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from reporting import AzureMLLogger, Progress
+from reporting import Progress, Tracking
 from torch import nn
 
 from imagedata import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD, DataBundle, build_data, find_unreadable, loader_workers, to_model_input
@@ -64,6 +64,9 @@ from topology import DISTRIBUTED_CHOICES, Topology, TopologyError, setup_topolog
 log = logging.getLogger("train")
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
+# The arguments recorded as the tracked run's parameters (paths and switches without effect on the result are left out).
+TRACKED_ARGS = ("arch", "num_epochs", "batch_size", "image_size", "learning_rate", "momentum", "weight_decay", "step_size", "gamma",
+                "lr_scaling", "amp", "bn", "seed", "weights", "val_fraction", "max_steps_per_epoch")  # fmt: skip
 
 
 def synchronize(device: torch.device) -> None:
@@ -491,7 +494,7 @@ def make_optimizer(args: argparse.Namespace, topo: Topology, model: Model) -> tu
 
 
 def fit(
-    args: argparse.Namespace, topo: Topology, model: Model, data: DataBundle, inputs: Inputs, use_scaler: bool, aml: AzureMLLogger
+    args: argparse.Namespace, topo: Topology, model: Model, data: DataBundle, inputs: Inputs, use_scaler: bool, tracking: Tracking
 ) -> tuple[Fit, float]:
     """Train for the requested epochs, evaluating after each; returns the results and the learning rate."""
     trained_model, optimizer, effective_lr = make_optimizer(args, topo, model)
@@ -511,8 +514,7 @@ def fit(
         row = epoch_row(epoch, trained, val_loss, val_acc, lr, time.perf_counter() - epoch_start)
         result.history.append(row)
         progress.epoch_done(row)
-        for name in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
-            aml.log(name, row[name])
+        tracking.epoch(row)
         if val_acc > result.best_val_acc:  # strictly better, as the reference keeps the first best
             result.best_val_acc, result.best_epoch = val_acc, epoch
             if topo.is_writer:
@@ -538,8 +540,12 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
             args.learning_rate * (topo.world_size if args.lr_scaling == "linear" else 1), amp_dtype, model.channels_last, workers,
             model.weights_source,
         )  # fmt: skip
-    aml = AzureMLLogger(topo.is_writer)
-    result, effective_lr = fit(args, topo, model, data, inputs, use_scaler, aml)
+    tracking = Tracking(topo.is_writer)
+    tracking.start(
+        {**{k: v for k, v in vars(args).items() if k in TRACKED_ARGS}, "world_size": topo.world_size, "distributed": topo.kind},
+        {"manifest_sha256": manifest.sha256, "arch": model.arch, "weights_source": model.weights_source},
+    )
+    result, effective_lr = fit(args, topo, model, data, inputs, use_scaler, tracking)
 
     digests = topo.all_gather_object(state_digest(model.net))
     if len(set(digests)) != 1:
@@ -578,7 +584,7 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
         "torch_version": str(torch.__version__),
     }
     if topo.is_writer:
-        save_outputs(args, model, result, data.class_names, metrics, manifest.sha256, aml)
+        save_outputs(args, model, result, data.class_names, metrics, manifest.sha256, tracking)
     return metrics
 
 
@@ -589,7 +595,7 @@ def save_outputs(
     class_names: list[str],
     metrics: dict[str, Any],
     manifest_sha256: str,
-    aml: AzureMLLogger,
+    tracking: Tracking,
 ) -> None:
     """Rank 0: the best epoch's weights as model.pt (and ONNX when asked), metrics.json, the run's final metrics."""
     assert result.best_state is not None, "rank 0 keeps the best epoch's weights (num_epochs >= 1)"
@@ -597,8 +603,8 @@ def save_outputs(
     if args.export_onnx:
         onnx = {"data_dir": args.data_dir, "manifest": args.manifest, "tolerance": args.onnx_tolerance, "samples": 32}
     write_outputs(Path(args.output_dir), model.arch, result.best_state, class_names, args.image_size, metrics, manifest_sha256, onnx)
-    aml.log("best_val_acc", result.best_val_acc)
-    aml.log("baseline_val_acc", metrics["baseline_val_acc"])  # None is not logged
+    output_dir = Path(args.output_dir)
+    tracking.finish(metrics, [output_dir / "metrics.json", output_dir / "onnx_report.json"])
     baseline = metrics["baseline_val_acc"]
     log.info(
         "best_val_acc=%.4f (epoch %d)%s; wrote %s",

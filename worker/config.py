@@ -114,6 +114,9 @@ class ModelConfig(_Section):
 class AzureMLConfig(_Section):
     """Where and how runs go when `worker.backend = "azureml"` (see README, "Deploy to Azure")."""
 
+    sdk: Literal["v2", "v1"] = Field(
+        "v2", description="v2: azure-ai-ml command jobs (supported); v1: azureml-core ScriptRunConfig (out of support since 2026-06-30)"
+    )
     config_path: str | None = Field(None, description="a workspace config.json; else the three ids below")
     subscription_id: str | None = None
     resource_group: str | None = None
@@ -131,7 +134,9 @@ class AzureMLConfig(_Section):
     idle_seconds_before_scaledown: int = Field(1800, ge=60)
     node_count: int = Field(1, ge=1)
     gpus_per_node: int = Field(1, ge=1)
-    curated_environment: str | None = None
+    curated_environment: str | None = Field(
+        None, description="a curated environment (v2: e.g. AzureML-acpt-pytorch-2.2-cuda12.1, used @latest); else built from training/"
+    )
     base_image: str = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04"
     images_datastore: str = "images"
     artifacts_datastore: str = "retrain"
@@ -144,6 +149,11 @@ class WorkerConfig(_Section):
     tick_seconds: Seconds = 2.0
     scan_seconds: Seconds = 2.0
     backend: Literal["local", "azureml"] = "local"
+    tracking: Literal["none", "mlflow"] = Field(
+        "none",
+        description="mlflow: local runs log params, per-epoch metrics and results to sqlite:///<state_dir>/mlflow.db (`mlflow ui` shows them; "
+        "needs mlflow in the training environment). Azure ML v2 jobs always log to the workspace's MLflow.",
+    )
     store: Literal["sqlite", "table"] = Field(
         "sqlite", description="the ledger: a SQLite file in state_dir, or Azure Table Storage (RETRAIN_TABLES)"
     )

@@ -9,7 +9,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from worker.adapters.azure.azureml_v1 import AzureMLSeam, RunInfo
+from worker.adapters.azure.azureml.seam import AzureMLSeam, RunInfo
 
 
 class FakeAzureMLSeam(AzureMLSeam):

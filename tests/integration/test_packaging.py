@@ -24,5 +24,5 @@ def test_the_wheel_ships_the_layers_and_no_fakes(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("tests/") or "fake" in n]
     for expected in ("worker/policy.py", "worker/adapters/local/sqlite_store.py", "worker/adapters/azure/table_store.py",
-                     "worker/adapters/azure/azureml_v1/backend.py", "worker/app/cli.py", "shared/run_ids.py", "functions/runtime.py"):  # fmt: skip
+                     "worker/adapters/azure/azureml/v2.py", "worker/app/cli.py", "shared/run_ids.py", "functions/runtime.py"):  # fmt: skip
         assert expected in names

@@ -7,17 +7,10 @@ import json
 import pytest
 
 from tests.fakes.azureml import FakeAzureMLSeam
-from worker.adapters.azure.azureml_v1 import (
-    AzureMLBackend,
-    AzureMLError,
-    AzureMLModelRegistry,
-    AzureMLSettings,
-    PermanentSubmitError,
-    build_environment,
-    build_script_run_config,
-    map_status,
-    serialized_run_config,
-)
+from worker.adapters.azure.azureml.backend import AzureMLBackend, AzureMLSettings
+from worker.adapters.azure.azureml.registry import AzureMLModelRegistry
+from worker.adapters.azure.azureml.seam import AzureMLError, PermanentSubmitError, map_status
+from worker.adapters.azure.azureml.v1 import V1Jobs, build_environment, build_script_run_config, serialized_run_config
 from worker.ports import RunSpec, TrainingArgs
 
 pytestmark = pytest.mark.unit
@@ -82,12 +75,12 @@ def test_azure_ml_statuses_map_to_ours(azure, ours):
 
 
 def backend(seam, tmp_path, environment):
-    return AzureMLBackend(seam, SETTINGS, environment=environment, outputs_root=tmp_path / "aml-outputs")
+    return AzureMLBackend(seam, SETTINGS, jobs=V1Jobs(), environment=environment, outputs_root=tmp_path / "aml-outputs")
 
 
 def test_the_environment_is_registered_once_per_worker_and_reused(tmp_path):
     seam = FakeAzureMLSeam()
-    b = AzureMLBackend(seam, SETTINGS, outputs_root=tmp_path)
+    b = AzureMLBackend(seam, SETTINGS, jobs=V1Jobs(), outputs_root=tmp_path)
     b.submit(spec(run_id="birds-0001-abcd1234-a1"))
     b.submit(spec(run_id="birds-0002-abcd1234-a1"))
     assert [c for c in seam.calls if c[0] == "ensure_environment"] == [("ensure_environment", "retrain-training")]
@@ -186,7 +179,8 @@ def test_a_permanently_refused_submission_fails_the_run_without_retries(tmp_path
 
 
 def test_configuration_chooses_azure_ml_and_its_cluster(tmp_path):
-    from worker.adapters.azure.azureml_v1 import compute_provisioning, settings_from_config
+    from worker.adapters.azure.azureml.backend import settings_from_config
+    from worker.adapters.azure.azureml.v1 import compute_provisioning
     from worker.config import load_config
 
     path = tmp_path / "retrain.toml"
@@ -204,7 +198,7 @@ def test_configuration_chooses_azure_ml_and_its_cluster(tmp_path):
 
 
 def test_service_principal_auth_needs_its_secret_from_the_environment():
-    from worker.adapters.azure.azureml_v1 import authentication
+    from worker.adapters.azure.azureml.v1 import authentication
     from worker.config import AzureMLConfig
 
     cfg = AzureMLConfig(auth="service_principal", tenant_id="t", client_id="c")
@@ -226,7 +220,7 @@ def test_the_worker_drives_azure_ml_end_to_end_offline(tmp_path, environment):
     from .worker_harness import small_config
 
     seam, artifacts = FakeAzureMLSeam(), FakeBlobStore()
-    aml = AzureMLBackend(seam, SETTINGS, environment=environment, outputs_root=tmp_path / "aml-outputs")
+    aml = AzureMLBackend(seam, SETTINGS, jobs=V1Jobs(), environment=environment, outputs_root=tmp_path / "aml-outputs")
     registry = AzureMLModelRegistry(seam, tmp_path / "staging", artifacts=artifacts)
     clock, store = FakeClock(), MemoryStore()
     worker = build_worker(

@@ -338,11 +338,21 @@ def test_default_commands_use_torchrun_horovodrun_or_plain_python(tmp_path):
 def test_the_training_environment_is_unbuffered_single_threaded_and_can_import_the_worker(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     backend = LocalTorchrunBackend(tmp_path / "runs", launcher=[sys.executable, "unused.py"], env={"EXTRA": "1"})
-    env = backend._child_env()
+    run = spec("birds-0001-abcd1234-a1")
+    env = backend._child_env(run)
     assert (env["OMP_NUM_THREADS"], env["PYTHONUNBUFFERED"], env["EXTRA"]) == ("1", "1", "1")
     assert str(Path(__file__).resolve().parents[2]) in env["PYTHONPATH"].split(os.pathsep)
+    assert env["RETRAIN_RUN_ID"] == "birds-0001-abcd1234-a1"
+    assert "MLFLOW_TRACKING_URI" not in env or env["MLFLOW_TRACKING_URI"] == os.environ.get("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    assert backend._child_env()["OMP_NUM_THREADS"] == "4"
+    assert backend._child_env(run)["OMP_NUM_THREADS"] == "4"
+
+
+def test_with_mlflow_tracking_each_run_logs_to_the_store_under_its_models_experiment(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    backend = LocalTorchrunBackend(tmp_path / "runs", launcher=[sys.executable, "unused.py"], mlflow_uri=uri)
+    env = backend._child_env(spec("birds-0001-abcd1234-a1"))
+    assert (env["MLFLOW_TRACKING_URI"], env["MLFLOW_EXPERIMENT_NAME"]) == (uri, "retrain-birds")
 
 
 def test_the_backend_modules_do_not_import_torch():

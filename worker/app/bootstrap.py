@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from shared.errors import ConfigError
 from worker.adapters.local.directory_blobs import DirectoryBlobStore
 from worker.adapters.local.jsonl_publisher import JsonlPublisher
 from worker.adapters.local.onnx_exporter import InProcessOnnxExporter, LocalOnnxExporter
@@ -26,7 +29,6 @@ def open_ledger(config: RetrainConfig, env=None) -> Store:
     import os
 
     if config.worker.store == "table":
-        from shared.errors import ConfigError
         from worker.adapters.azure.table_store import TableStore
 
         env = os.environ if env is None else env
@@ -61,7 +63,8 @@ def build_worker(
     if backend is None:
         from worker.adapters.local.torchrun_backend import LocalTorchrunBackend
 
-        backend = LocalTorchrunBackend(config.worker.state_dir / "runs")
+        mlflow_uri = f"sqlite:///{(config.worker.state_dir / 'mlflow.db').resolve()}" if config.worker.tracking == "mlflow" else None
+        backend = LocalTorchrunBackend(config.worker.state_dir / "runs", mlflow_uri=mlflow_uri)
     clock = clock or SystemClock()
     publisher = publisher or JsonlPublisher(config.events_file)
     if blobs is None:
@@ -90,15 +93,48 @@ def _azureml(
     Also the artifacts container (manifests, champion checkpoints) the runs read, when configured."""
     import os
 
-    from worker.adapters.azure import azureml_v1 as aml
+    from worker.adapters.azure.azureml.backend import AzureMLBackend, settings_from_config
+    from worker.adapters.azure.azureml.registry import AzureMLModelRegistry
 
-    workspace = aml.load_workspace(config.azureml, os.environ)
-    aml.ensure_compute(workspace, config.azureml)
-    seam = aml.WorkspaceSeam(workspace)
-    backend = aml.AzureMLBackend(seam, aml.settings_from_config(config.azureml), outputs_root=config.worker.state_dir / "azureml-outputs")
+    cfg = config.azureml
+    check_azureml_settings(cfg, os.environ)
+    seam: Any
+    jobs: Any
+    if cfg.sdk == "v1":
+        from worker.adapters.azure.azureml import v1
+
+        workspace = v1.load_workspace(cfg, os.environ)
+        v1.ensure_compute(workspace, cfg)
+        seam, jobs = v1.WorkspaceSeam(workspace), v1.V1Jobs()
+    else:
+        from worker.adapters.azure.azureml import v2
+
+        client = v2.ml_client(cfg, os.environ)
+        v2.ensure_compute(client, cfg)
+        seam, jobs = v2.MLClientSeam(client, staging=config.worker.state_dir / "azureml-downloads"), v2.V2Jobs()
+    outputs = config.worker.state_dir / "azureml-outputs"
+    backend = AzureMLBackend(seam, settings_from_config(cfg), jobs=jobs, outputs_root=outputs)
     artifacts = artifacts or artifacts_store(os.environ)
-    registry = registry or aml.AzureMLModelRegistry(seam, config.worker.state_dir / "azureml-staging", artifacts=artifacts)
+    registry = registry or AzureMLModelRegistry(seam, config.worker.state_dir / "azureml-staging", artifacts=artifacts)
     return backend, registry, artifacts
+
+
+def check_azureml_settings(cfg: Any, env: Mapping[str, str]) -> None:
+    """Every missing workspace id or credential at once, as one ConfigError (no SDK call is made)."""
+    problems = []
+    if not cfg.config_path:
+        missing = [name for name in ("subscription_id", "resource_group", "workspace_name") if not getattr(cfg, name)]
+        if missing:
+            problems.append(f"azureml.{', azureml.'.join(missing)} (or azureml.config_path, a workspace config.json)")
+    elif not Path(cfg.config_path).is_file():
+        problems.append(f"azureml.config_path {cfg.config_path} (no such file)")
+    if cfg.auth == "service_principal":
+        needed = [f"azureml.{n}" for n in ("tenant_id", "client_id") if not getattr(cfg, n)]
+        needed += [f"${cfg.client_secret_env}"] if not env.get(cfg.client_secret_env) else []
+        if needed:
+            problems.append(f"{', '.join(needed)} for service_principal auth")
+    if problems:
+        raise ConfigError("worker.backend = 'azureml' needs " + "; ".join(problems))
 
 
 def artifacts_store(env) -> BlobStore | None:

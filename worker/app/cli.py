@@ -330,7 +330,13 @@ def demo(
 
 
 def main() -> None:
-    app()
+    from shared.errors import ConfigError
+
+    try:
+        app()
+    except ConfigError as exc:  # raised while wiring (a backend or ledger without its settings): one line, not a traceback
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,6 +73,7 @@ class LocalTorchrunBackend(TrainingBackend):
         python: str = sys.executable,
         launcher: list[str] | None = None,
         env: Mapping[str, str] | None = None,
+        mlflow_uri: str | None = None,
     ) -> None:
         # Absolute paths throughout: the runner and the training run with the run directory as cwd.
         self.runs_root = Path(os.path.abspath(runs_root))
@@ -82,6 +83,7 @@ class LocalTorchrunBackend(TrainingBackend):
         self.training_dir = Path(os.path.abspath(training_dir)) if training_dir is not None else None
         self.python = python
         self.env = dict(env or {})
+        self.mlflow_uri = mlflow_uri  # each run logs to this MLflow store, one experiment per model
 
     # -- paths and commands ---------------------------------------------------------------------
 
@@ -116,9 +118,13 @@ class LocalTorchrunBackend(TrainingBackend):
             args += ["--init_checkpoint", os.path.abspath(spec.init_checkpoint)]
         return [*launcher, *args]
 
-    def _child_env(self) -> dict[str, str]:
+    def _child_env(self, spec: RunSpec) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.env)
+        env["RETRAIN_RUN_ID"] = spec.backend_run_id  # the tracked run's name
+        if self.mlflow_uri:
+            env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
+            env["MLFLOW_EXPERIMENT_NAME"] = f"retrain-{spec.model}"
         env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores; torchrun would set it too, with a warning
         env["PYTHONUNBUFFERED"] = "1"  # train.log fills as the run goes, not when it ends
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -149,7 +155,7 @@ class LocalTorchrunBackend(TrainingBackend):
             atomic_write_text(run_dir / MANIFEST_FILE, manifest_text)
             atomic_write_text(run_dir / SPEC_FILE, spec_text)
             (run_dir / OUTPUTS_DIR).mkdir()
-            self._start_runner(run_dir)
+            self._start_runner(run_dir, spec)
         except OSError as exc:
             # The id is claimed; record why it failed rather than leaving a run that looks queued.
             with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
@@ -157,12 +163,12 @@ class LocalTorchrunBackend(TrainingBackend):
             atomic_write_text(run_dir / EXIT_CODE_FILE, "127\n")
         return self.status(spec.backend_run_id)
 
-    def _start_runner(self, run_dir: Path) -> None:
+    def _start_runner(self, run_dir: Path, spec: RunSpec) -> None:
         with open(run_dir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "worker.adapters.local.torchrun_runner", str(run_dir)],
                 cwd=run_dir,
-                env=self._child_env(),
+                env=self._child_env(spec),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

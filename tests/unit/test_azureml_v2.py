@@ -1,0 +1,379 @@
+"""The Azure ML v2 backend and registry, offline: real azure-ai-ml job and model entities, a fake
+MLClient (its `jobs`, `models`, `environments` operations) at the SDK boundary."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+
+from tests.fakes.azureml import FakeAzureMLSeam
+from worker.adapters.azure.azureml.backend import AzureMLBackend, AzureMLSettings
+from worker.adapters.azure.azureml.registry import AzureMLModelRegistry
+from worker.adapters.azure.azureml.seam import PermanentSubmitError, map_status
+from worker.adapters.azure.azureml.v2 import (
+    MLClientSeam,
+    V2Jobs,
+    build_command_job,
+    build_environment,
+    check_job_name,
+    compute_cluster,
+    job_document,
+)
+from worker.ports import RunSpec, TrainingArgs
+
+pytestmark = pytest.mark.unit
+
+SETTINGS = AzureMLSettings(compute_target="gpu-nc24", node_count=2, gpus_per_node=4, retry_wait_seconds=0.001)
+SHA = "ab" * 32
+
+
+def spec(distributed="ddp", init=None, run_id="birds-0003-abcd1234-a1") -> RunSpec:
+    return RunSpec(
+        backend_run_id=run_id,
+        model="birds",
+        manifest={},
+        data_dir="",
+        training=TrainingArgs(epochs=30, batch_size=32, image_size=224, learning_rate=0.001, nproc=4, distributed=distributed),
+        init_checkpoint=init,
+        tags={"model": "birds", "run_id": run_id.rsplit("-a", 1)[0], "manifest_sha256": SHA},
+    )
+
+
+def test_a_ddp_run_is_a_pytorch_command_job_with_one_process_per_gpu_on_every_node():
+    job = job_document(build_command_job(spec(init="champions/birds/2/model.pt"), SETTINGS, build_environment(SETTINGS)))
+    assert job["type"] == "command"
+    assert job["name"] == job["display_name"] == "birds-0003-abcd1234-a1"
+    assert job["experiment_name"] == "retrain"
+    assert job["compute"] == "azureml:gpu-nc24"
+    assert job["distribution"] == {"type": "pytorch", "process_count_per_instance": 4}
+    assert job["resources"]["instance_count"] == 2
+    assert job["limits"]["timeout"] == SETTINGS.max_run_seconds
+    assert job["inputs"]["images"] == {"type": "uri_folder", "path": "azureml://datastores/images/paths/birds", "mode": "ro_mount"}
+    assert job["inputs"]["manifest"] == {
+        "type": "uri_file",
+        "path": f"azureml://datastores/retrain/paths/manifests/{SHA}.json",  # content-addressed
+        "mode": "download",
+    }
+    assert job["inputs"]["champion"]["path"] == "azureml://datastores/retrain/paths/champions/birds/2/model.pt"
+    assert job["outputs"]["outputs"]["type"] == "uri_folder"
+    command = job["command"].split()
+    assert command[:2] == ["python", "train.py"]
+    for flag, value in [("--data_dir", "${{inputs.images}}"), ("--manifest", "${{inputs.manifest}}"), ("--output_dir", "${{outputs.outputs}}"),
+                        ("--init_checkpoint", "${{inputs.champion}}"), ("--distributed", "ddp"), ("--num_epochs", "30")]:  # fmt: skip
+        assert command[command.index(flag) + 1] == value
+    assert "--export_onnx" in command
+    assert job["tags"]["manifest_sha256"] == job["properties"]["manifest_sha256"] == SHA
+    assert job["code"] == str(Path(__file__).resolve().parents[2] / "training")
+
+
+def test_a_horovod_run_is_an_mpi_command_job_and_a_cold_start_has_no_champion_input():
+    job = job_document(build_command_job(spec("horovod"), SETTINGS, build_environment(SETTINGS)))
+    assert job["distribution"] == {"type": "mpi", "process_count_per_instance": 4}
+    assert job["resources"]["instance_count"] == 2
+    assert "champion" not in job["inputs"]
+    command = job["command"].split()
+    assert command[command.index("--distributed") + 1] == "horovod"
+    assert command.count("--distributed") == 1
+
+
+def test_the_environment_is_training_requirements_on_the_base_image_or_a_curated_one_by_name():
+    env = build_environment(SETTINGS)
+    pip = env.conda_file["dependencies"][-1]["pip"]
+    assert any(p.startswith("torch==") for p in pip)
+    assert any(p.startswith("azureml-mlflow==") for p in pip)  # MLflow in the job reaches the workspace
+    assert env.image == SETTINGS.base_image
+    curated = AzureMLSettings(curated_environment="AzureML-acpt-pytorch-2.2-cuda12.1")
+    assert build_environment(curated) == "azureml:AzureML-acpt-pytorch-2.2-cuda12.1@latest"
+    pinned = AzureMLSettings(curated_environment="azureml:my-env:3")
+    assert build_environment(pinned) == "azureml:my-env:3"
+
+
+def test_job_names_take_our_longest_run_ids_and_refuse_what_azure_ml_refuses():
+    longest = f"{'m' * 63}-9999999-abcdef12-a99"
+    assert check_job_name(longest) == longest
+    for bad in ("birds:0003", "birds/0003", "-birds", "x" * 256, "", "bírds"):
+        with pytest.raises(PermanentSubmitError):
+            check_job_name(bad)
+
+
+@pytest.mark.parametrize(
+    ("azure", "ours"),
+    [("NotStarted", "queued"), ("Starting", "queued"), ("Provisioning", "queued"), ("Preparing", "queued"), ("Queued", "queued"),
+     ("Running", "running"), ("Finalizing", "running"), ("CancelRequested", "running"), ("NotResponding", "running"),
+     ("Paused", "queued"), ("Completed", "succeeded"), ("Failed", "failed"), ("Canceled", "canceled"), ("Unknown", "unknown"),
+     ("", "unknown")],
+)  # fmt: skip
+def test_every_v2_job_status_maps_to_one_of_ours(azure, ours):
+    assert map_status(azure) == ours
+
+
+def test_the_compute_cluster_is_built_from_settings():
+    cfg = SimpleNamespace(
+        compute_target="gpu", vm_size="Standard_NC24ads_A100_v4", min_nodes=0, max_nodes=4, idle_seconds_before_scaledown=900
+    )
+    cluster = compute_cluster(cfg)._to_dict()
+    assert (cluster["name"], cluster["size"], cluster["min_instances"], cluster["max_instances"]) == (
+        "gpu",
+        "Standard_NC24ads_A100_v4",
+        0,
+        4,
+    )
+    assert cluster["idle_time_before_scale_down"] == 900
+
+
+# -- the seam against a fake MLClient ---------------------------------------------------------
+
+
+class FakeJobs:
+    def __init__(self) -> None:
+        self.jobs: dict[str, object] = {}
+        self.creates: list[str] = []
+        self.fail_creates: list[BaseException] = []
+        self.race = False  # another submitter creates the job first, then this create is refused
+        self.outputs: dict[str, dict[str, bytes]] = {}
+
+    def get(self, name):
+        if name not in self.jobs:
+            raise ResourceNotFoundError(f"job {name} not found")
+        return self.jobs[name]
+
+    def create_or_update(self, job, *, experiment_name=None, **_):
+        self.creates.append(job.name)
+        if self.fail_creates:
+            raise self.fail_creates.pop(0)
+        if self.race:
+            self.jobs[job.name] = SimpleNamespace(name=job.name, status="Running", error=None)
+            raise ResourceExistsError(f"A job with name {job.name} already exists")
+        if job.name in self.jobs:
+            raise HttpResponseError("UserError: a job with this name already exists")
+        assert experiment_name == "retrain"
+        self.jobs[job.name] = SimpleNamespace(name=job.name, status="NotStarted", error=None, entity=job)
+        return self.jobs[job.name]
+
+    def begin_cancel(self, name):
+        self.jobs[name].status = "CancelRequested"
+        return SimpleNamespace(result=lambda: None)
+
+    def download(self, name, *, download_path, output_name=None, all=False):
+        folder = Path(download_path) / "named-outputs" / output_name
+        folder.mkdir(parents=True)
+        for file, data in self.outputs[name].items():
+            (folder / file).write_bytes(data)
+
+
+class FakeModels:
+    def __init__(self) -> None:
+        self.versions: list[object] = []
+
+    def list(self, name=None):
+        return [m for m in self.versions if m.name == name]
+
+    def create_or_update(self, model):
+        if getattr(model, "version", None) is None:
+            model.version = str(len(self.list(model.name)) + 1)
+            self.versions.append(model)
+        return model
+
+
+class FakeEnvironments:
+    def __init__(self) -> None:
+        self.registered: list[str] = []
+
+    def create_or_update(self, env):
+        self.registered.append(env.name)
+        env.version = "1"
+        return env
+
+
+def client():
+    return SimpleNamespace(jobs=FakeJobs(), models=FakeModels(), environments=FakeEnvironments())
+
+
+def backend(fake, tmp_path) -> AzureMLBackend:
+    return AzureMLBackend(MLClientSeam(fake), SETTINGS, jobs=V2Jobs(), outputs_root=tmp_path / "outputs")
+
+
+def test_submitting_twice_creates_one_job_and_registers_the_environment_once(tmp_path):
+    fake = client()
+    aml = backend(fake, tmp_path)
+    first = aml.submit(spec())
+    again = aml.submit(spec())
+    assert (first.backend_run_id, first.state, again.state) == ("birds-0003-abcd1234-a1", "queued", "queued")
+    assert fake.jobs.creates == ["birds-0003-abcd1234-a1"]
+    aml.submit(spec(run_id="birds-0004-abcd1234-a1"))
+    assert fake.environments.registered == ["retrain-training"]
+    tags = fake.jobs.jobs["birds-0003-abcd1234-a1"].entity.tags
+    assert (tags["run_id"], tags["manifest_sha256"], tags["sdk"], tags["backend_run_id"]) == (
+        "birds-0003-abcd1234",
+        SHA,
+        "v2",
+        "birds-0003-abcd1234-a1",
+    )
+    assert "worker_version" in tags
+
+
+def test_a_create_that_loses_the_race_returns_the_job_that_won(tmp_path):
+    fake = client()
+    fake.jobs.race = True
+    status = backend(fake, tmp_path).submit(spec())
+    assert (status.backend_run_id, status.state) == ("birds-0003-abcd1234-a1", "running")
+    assert fake.jobs.creates == ["birds-0003-abcd1234-a1"]
+
+
+def test_transient_errors_are_retried_and_permanent_ones_fail_at_once(tmp_path):
+    fake = client()
+    busy = HttpResponseError("service busy")
+    busy.status_code = 503
+    fake.jobs.fail_creates = [busy, busy]
+    assert backend(fake, tmp_path).submit(spec()).state == "queued"
+    assert len(fake.jobs.creates) == 3
+
+    denied = client()
+    forbidden = HttpResponseError("AuthorizationFailed: the identity may not create jobs")
+    forbidden.status_code = 403
+    denied.jobs.fail_creates = [forbidden]
+    with pytest.raises(PermanentSubmitError, match="AuthorizationFailed"):
+        backend(denied, tmp_path).submit(spec())
+    assert len(denied.jobs.creates) == 1
+
+
+def test_outputs_are_downloaded_by_output_name_and_cancel_asks_azure_ml(tmp_path):
+    fake = client()
+    aml = backend(fake, tmp_path)
+    aml.submit(spec())
+    fake.jobs.outputs["birds-0003-abcd1234-a1"] = {"model.pt": b"weights", "metrics.json": b"{}", "other.bin": b"x"}
+    fake.jobs.jobs["birds-0003-abcd1234-a1"].status = "Completed"
+    status = aml.status("birds-0003-abcd1234-a1")
+    assert status.state == "succeeded"
+    out = Path(status.outputs_dir)
+    assert (out / "model.pt").read_bytes() == b"weights"
+    assert not (out / "other.bin").exists()
+    assert aml.status("birds-9999-abcd1234-a1").state == "unknown"
+    aml.submit(spec(run_id="birds-0005-abcd1234-a1"))
+    fake.jobs.jobs["birds-0005-abcd1234-a1"].status = "Running"
+    assert aml.cancel("birds-0005-abcd1234-a1").state == "running"  # CancelRequested: not over yet
+    assert fake.jobs.jobs["birds-0005-abcd1234-a1"].status == "CancelRequested"
+
+
+def test_the_registry_is_idempotent_by_run_id_and_moves_the_champion_tag(tmp_path):
+    fake = client()
+    seam = MLClientSeam(fake)
+    registry = AzureMLModelRegistry(seam, tmp_path / "staging")
+    files = {"model.pt": tmp_path / "model.pt", "model.onnx": tmp_path / "model.onnx"}
+    for f in files.values():
+        f.write_bytes(b"x")
+    card = {"metrics": {"best_val_acc": 0.9}, "manifest": {"sha256": SHA}, "artifacts": {"model.pt": {"sha256": "cd" * 32}}}
+    first = registry.register("birds", "birds-0001-abcd1234", files, card)
+    again = registry.register("birds", "birds-0001-abcd1234", files, card)
+    second = registry.register("birds", "birds-0002-abcd1234", files, card)
+    assert (first.version, again.version, second.version) == (1, 1, 2)
+    [v1, v2] = fake.models.versions
+    assert v1.type == "custom_model"
+    assert v1.tags["run_id"] == "birds-0001-abcd1234"
+    assert v1.properties["best_val_acc"] == "0.9"
+    registry.set_champion("birds", 1)
+    registry.set_champion("birds", 2)
+    assert (v1.tags.get("champion"), v2.tags.get("champion")) == (None, "true")
+    assert registry.champion_alias("birds") == 2
+
+
+def test_the_worker_trains_registers_and_warm_starts_through_the_v2_backend(tmp_path):
+    """The loop end to end with the v2 job builder behind the fake seam: two runs, the second warm-started."""
+    from shared import events as ev
+    from shared.messages import ImageUploaded
+    from tests.fakes.adapters import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
+    from tests.fakes.memory_store import MemoryStore
+    from worker.app.bootstrap import build_worker
+
+    from .worker_harness import small_config
+
+    seam, artifacts = FakeAzureMLSeam(), FakeBlobStore()
+    aml = AzureMLBackend(seam, SETTINGS, jobs=V2Jobs(), environment="azureml:curated@latest", outputs_root=tmp_path / "aml-outputs")
+    registry = AzureMLModelRegistry(seam, tmp_path / "staging", artifacts=artifacts)
+    clock, store = FakeClock(), MemoryStore()
+    worker = build_worker(
+        small_config(tmp_path, cooldown=0), store=store, backend=aml, clock=clock, publisher=RecordingPublisher(),
+        blobs={"birds": FakeBlobStore()}, registry=registry, exporter=FakeOnnxExporter(), artifacts=artifacts,
+    )  # fmt: skip
+
+    def upload_and_run(start: int):
+        for i in range(start, start + 12):
+            worker.handle(ImageUploaded.of("birds", f"{'chicken' if i % 2 else 'turkey'}/{i:03d}.jpg", "e1", 10))
+        clock.advance(11)
+        worker.tick()
+        with store.transaction() as tx:
+            return tx.runs("birds")[0]
+
+    def finish(run, best, baseline, init_sha=None):
+        weights = f"weights of {run.run_id}".encode()
+        metrics = {"best_val_acc": best, "baseline_val_acc": baseline, "model_sha256": hashlib.sha256(weights).hexdigest(),
+                   "manifest_sha256": run.manifest_sha256, "init_checkpoint_sha256": init_sha}  # fmt: skip
+        seam.outputs[run.backend_run_id] = {"model.pt": weights, "metrics.json": json.dumps(metrics).encode()}
+        seam.set_status(run.backend_run_id, "Completed")
+        worker.tick()
+        return hashlib.sha256(weights).hexdigest()
+
+    first = upload_and_run(0)
+    job = job_document(seam.configs[first.backend_run_id])
+    assert job["name"] == first.backend_run_id
+    assert job["inputs"]["manifest"]["path"].endswith(f"manifests/{first.manifest_sha256}.json")
+    assert artifacts.blobs[f"manifests/{first.manifest_sha256}.json"]
+    assert "champion" not in job["inputs"]
+    assert seam.tags[first.backend_run_id]["sdk"] == "v2"
+    champion_sha = finish(first, 0.8, None)
+    second = upload_and_run(100)
+    job = job_document(seam.configs[second.backend_run_id])
+    assert job["inputs"]["champion"]["path"].endswith("champions/birds/1/model.pt")
+    finish(second, 0.9, 0.8, init_sha=champion_sha)
+    assert [m["version"] for m in seam.models["birds"]] == [1, 2]
+    assert seam.champions["birds"] == 2
+    assert [e.type for e in store.all_events()].count(ev.MODEL_REGISTERED) == 2
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def test_v2_is_the_default_sdk_and_v1_is_selectable():
+    from worker.config import load_config
+
+    assert load_config(None, env={}).azureml.sdk == "v2"
+    assert load_config(None, env={"RETRAIN__AZUREML__SDK": "v1"}).azureml.sdk == "v1"
+
+
+def test_every_missing_workspace_setting_is_reported_at_once():
+    from shared.errors import ConfigError
+    from worker.app.bootstrap import check_azureml_settings
+    from worker.config import load_config
+
+    cfg = load_config(None, env={"RETRAIN__AZUREML__AUTH": "service_principal", "RETRAIN__AZUREML__RESOURCE_GROUP": "rg"}).azureml
+    with pytest.raises(ConfigError) as caught:
+        check_azureml_settings(cfg, {})
+    message = str(caught.value)
+    for name in ("azureml.subscription_id", "azureml.workspace_name", "azureml.tenant_id", "azureml.client_id", "$AZUREML_CLIENT_SECRET"):
+        assert name in message
+    assert "resource_group" not in message
+    complete = load_config(None, env={"RETRAIN__AZUREML__SUBSCRIPTION_ID": "s", "RETRAIN__AZUREML__RESOURCE_GROUP": "rg",
+                                      "RETRAIN__AZUREML__WORKSPACE_NAME": "ws"}).azureml  # fmt: skip
+    check_azureml_settings(complete, {})  # managed identity needs no secret
+
+
+def test_the_cli_says_what_is_missing_in_one_line_not_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RETRAIN__WORKER__BACKEND": "azureml", "RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"),
+           "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images")}  # fmt: skip
+    env.pop("RETRAIN_CONFIG", None)
+    done = subprocess.run([sys.executable, "-m", "worker", "serve", "--cycles", "1"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "error: worker.backend = 'azureml' needs azureml.subscription_id, azureml.resource_group, azureml.workspace_name "
+        "(or azureml.config_path, a workspace config.json)"
+    ]

@@ -1,0 +1,81 @@
+"""The seam between the Azure ML v1 backend and azureml-core: the workspace, experiment, run and
+model calls the backend and registry make (`WorkspaceSeam`, faked in tests), the status mapping,
+and which errors are transient."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.messages import normalize_status
+from shared.redact import redact
+from worker.ports import PermanentBackendError
+
+
+def map_status(azure_status: str) -> str:
+    """Azure ML's status names -> ours (NotResponding is not terminal; shared with the Event Grid path)."""
+    try:
+        return normalize_status(azure_status or "")
+    except ValueError:
+        return "unknown"
+
+
+class AzureMLError(RuntimeError):
+    """An Azure ML call failed. `status_code` when the service answered; the message is redacted."""
+
+    def __init__(self, message: str, status_code: int | None = None):
+        super().__init__(redact(message))
+        self.status_code = status_code
+
+
+class PermanentSubmitError(AzureMLError, PermanentBackendError):
+    """Retrying cannot help (bad request, no permission, missing compute): the run is marked submit_failed."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, PermanentSubmitError):
+        return False
+    if isinstance(exc, AzureMLError):
+        return exc.status_code is None or exc.status_code == 429 or exc.status_code >= 500
+    return isinstance(exc, TimeoutError | ConnectionError)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    status: str  # Azure ML's status name
+    detail: str = ""
+
+
+class AzureMLSeam(abc.ABC):
+    """The workspace / experiment / run / model calls, and nothing else."""
+
+    @abc.abstractmethod
+    def get_run(self, run_id: str) -> RunInfo | None: ...
+
+    @abc.abstractmethod
+    def submit(self, experiment: str, config: Any, run_id: str, tags: dict[str, str]) -> RunInfo: ...
+
+    @abc.abstractmethod
+    def ensure_environment(self, environment: Any) -> Any:
+        """Register the environment once (a new version only when its definition changes) and return it."""
+
+    @abc.abstractmethod
+    def cancel(self, run_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def download_outputs(self, run_id: str, names: list[str], dest: Path) -> Path: ...
+
+    @abc.abstractmethod
+    def find_model(self, name: str, run_id: str) -> int | None: ...
+
+    @abc.abstractmethod
+    def register_model(self, name: str, path: Path, tags: dict[str, str], properties: dict[str, str]) -> int: ...
+
+    @abc.abstractmethod
+    def tag_champion(self, name: str, version: int) -> None: ...
+
+    @abc.abstractmethod
+    def champion_version(self, name: str) -> int | None: ...
