@@ -9,7 +9,9 @@
     epochs = 8
 
 Any value can be overridden from the environment with `RETRAIN__<SECTION>__<KEY>=value`, e.g.
-`RETRAIN__MODELS__BIRDS__MIN_NEW_IMAGES=10` or `RETRAIN__WORKER__STATE_DIR=/data/retrain`.
+`RETRAIN__MODELS__BIRDS__MIN_NEW_IMAGES=10` or `RETRAIN__WORKER__STATE_DIR=/data/retrain`. A model
+whose name has a '-' is written with '_' there (app setting names allow no '-'): `bird-cam` is
+`RETRAIN__MODELS__BIRD_CAM__...`.
 Durations accept seconds or "90s", "5m", "1h", "2d". Everything is validated at start and every
 problem is reported at once.
 """
@@ -211,6 +213,10 @@ def _apply_env(document: dict[str, Any], env: Mapping[str, str]) -> dict[str, An
         path = [part.lower() for part in key[len(ENV_PREFIX) :].split("__") if part]
         if not path:
             continue
+        if path[0] == "models" and len(path) > 1:
+            # App setting names hold letters, digits, '.' and '_' only, and model names hold no '_':
+            # RETRAIN__MODELS__BIRD_CAM__... is the model `bird-cam`.
+            path[1] = path[1].replace("_", "-")
         node = document
         for part in path[:-1]:
             child = node.setdefault(part, {})

@@ -26,7 +26,8 @@ def config_env(state_dir: str, **knobs: str) -> dict[str, str]:
 
 
 def open_store(spec: str):
-    """`sqlite:<path>` (or a bare path) or `table:<table name>` (connection string in $RETRAIN_TABLE_CONNECTION)."""
+    """`sqlite:<path>` (or a bare path), `sqlite-portable:<path>` (the writers' lock Windows uses) or
+    `table:<table name>` (connection string in $RETRAIN_TABLE_CONNECTION)."""
     kind, _, where = spec.partition(":")
     if kind == "table":
         import os
@@ -34,6 +35,8 @@ def open_store(spec: str):
         from worker.adapters.azure.table_store import TableStore
 
         return TableStore.from_connection_string(os.environ["RETRAIN_TABLE_CONNECTION"], where)
+    if kind == "sqlite-portable":
+        return SqliteStore(where, portable_lock=True)
     return SqliteStore(where if kind == "sqlite" else spec)
 
 

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 PROCESSES, EVENTS, DUPLICATE_SHARE = 4, 2000, 0.3
 
 
-def test_four_processes_with_duplicates_count_every_image_once_and_make_one_run(tmp_path):
+@pytest.mark.parametrize("lock", ["sqlite", "sqlite-portable"])  # flock (Linux, macOS) and filelock's lock (the Windows path)
+def test_four_processes_with_duplicates_count_every_image_once_and_make_one_run(tmp_path, lock):
     rng = random.Random(7)
     unique_per_process = int(EVENTS * (1 - DUPLICATE_SHARE))
     universe = [(f"{'chicken' if i % 2 else 'turkey'}/{i:06d}.jpg", f"e{i}") for i in range(PROCESSES * unique_per_process)]
@@ -33,7 +34,7 @@ def test_four_processes_with_duplicates_count_every_image_once_and_make_one_run(
     SqliteStore(db).close()  # create the schema once, as `retrain serve` does at start
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.ledger_client", str(db), str(tmp_path / "state"), str(p), str(f)],
+            [sys.executable, "-m", "tests.integration.ledger_client", f"{lock}:{db}", str(tmp_path / "state"), str(p), str(f)],
             cwd=ROOT,
             env=child_env(PYTHONPATH=str(ROOT)),
             stdout=subprocess.PIPE,

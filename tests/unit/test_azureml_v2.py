@@ -354,6 +354,7 @@ def test_every_missing_workspace_setting_is_reported_at_once():
     with pytest.raises(ConfigError) as caught:
         check_azureml_settings(cfg, {})
     message = str(caught.value)
+    assert len(message.splitlines()) == 2  # the workspace ids, the service principal: a line each
     for name in ("azureml.subscription_id", "azureml.workspace_name", "azureml.tenant_id", "azureml.client_id", "$AZUREML_CLIENT_SECRET"):
         assert name in message
     assert "resource_group" not in message

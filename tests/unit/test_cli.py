@@ -60,7 +60,10 @@ def test_inject_reads_a_backfill_list(env, tmp_path):
     assert [i["path"] for i in body["images"]] == ["chicken/a.jpg", "turkey/b.png"]
 
 
-def test_status_explain_and_models_work_on_an_empty_ledger(env):
+def test_status_explain_and_models_work_on_an_empty_ledger(env, tmp_path):
+    from worker.adapters.local.sqlite_store import SqliteStore
+
+    SqliteStore(tmp_path / "state" / "ledger.db").close()  # as `retrain serve` leaves it before anything arrives
     status = invoke(env, "status", "--json")
     assert status.exit_code == 0, status.output
     assert json.loads(status.output)["birds"]["pending"]["total"] == 0
@@ -77,3 +80,13 @@ def test_a_bad_config_file_is_reported_and_exits_2(env, tmp_path):
     result = invoke(env, "status", "-c", str(bad))
     assert result.exit_code == 2
     assert "models.birds.min_new_images" in result.output
+
+
+def test_serve_creates_the_images_folders_it_watches(env, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="retrain.serve"):
+        result = invoke(env, "serve", "--cycles", "1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "images" / "birds").is_dir()
+    assert f"created {tmp_path / 'images' / 'birds'}" in caplog.text

@@ -10,7 +10,6 @@ import sys
 
 import azure.functions as func
 import pytest
-from azure.functions.blob import InputStream
 from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 
@@ -76,8 +75,8 @@ def test_importing_the_app_pulls_in_no_heavy_packages_and_opens_nothing():
 def test_the_functions_declare_the_bindings_the_host_needs():
     # The JSON the host indexes, exactly as the worker reports it.
     bindings = {name: {b["type"]: b for b in json.loads(f.get_function_json())["bindings"]} for name, f in app_functions().items()}
-    blob = bindings["image_uploaded"]["blobTrigger"]
-    assert (blob["path"], blob["connection"], blob["source"]) == ("%RETRAIN_IMAGES_CONTAINER%/{name}", "RETRAIN_STORAGE", "EventGrid")
+    # BlobCreated through Event Grid, with no blob binding: the host never downloads the image.
+    assert set(bindings["image_uploaded"]) == {"eventGridTrigger"}
     sb = bindings["retrain_requested"]["serviceBusTrigger"]
     assert (sb["queueName"], sb["connection"]) == ("%RETRAIN_REQUESTS_QUEUE%", "RETRAIN_SERVICEBUS")
     http = bindings["retrain_http"]["httpTrigger"]
@@ -95,8 +94,8 @@ def test_host_json_settles_service_bus_messages_by_the_functions_outcome():
     assert host["extensionBundle"]["id"] == "Microsoft.Azure.Functions.ExtensionBundle"
     example = json.loads((ROOT / "local.settings.json.example").read_text())["Values"]
     for name in (
-        "RETRAIN_STORAGE",
-        "RETRAIN_SERVICEBUS",
+        "RETRAIN_STORAGE__blobServiceUri",
+        "RETRAIN_SERVICEBUS__fullyQualifiedNamespace",
         "RETRAIN_REQUESTS_QUEUE",
         "RETRAIN_EVENTS_TOPIC",
         "RETRAIN_IMAGES_CONTAINER",
@@ -108,14 +107,20 @@ def test_host_json_settles_service_bus_messages_by_the_functions_outcome():
 # --- blob trigger -----------------------------------------------------------------------------
 
 
-def blob(name: str, etag: str = '"0x8DC1"', length: int = 1234) -> InputStream:
-    return InputStream(
-        data=b"jpeg",
-        name=name,
-        uri=f"https://acct.blob.core.windows.net/{name}",
-        length=length,
-        blob_properties={"ETag": etag, "ContentLength": length},
-    )
+def blob(
+    name: str, etag: str = '"0x8DC1"', length: int = 1234, api: str = "PutBlob", when=None, event_type="Microsoft.Storage.BlobCreated"
+):
+    """The BlobCreated event Event Grid delivers for `<container>/<blob name>` (as the storage service sends it)."""
+    import datetime as dt
+
+    container, _, blob_name = name.partition("/")
+    data = {"api": api, "clientRequestId": "c", "requestId": "r", "eTag": etag, "contentType": "image/jpeg", "contentLength": length,
+            "blobType": "BlockBlob", "url": f"https://acct.blob.core.windows.net/{name}", "sequencer": "00"}  # fmt: skip
+    return func.EventGridEvent(
+        id=f"evt-{name}-{etag}", data=data, topic="/subscriptions/s/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/acct",
+        subject=f"/blobServices/default/containers/{container}/blobs/{blob_name}", event_type=event_type,
+        event_time=when or dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC), data_version="",
+    )  # fmt: skip
 
 
 def test_a_new_blob_becomes_one_pending_image_even_when_delivered_twice(h):
@@ -146,7 +151,31 @@ def test_bad_blob_names_are_logged_escaped_and_not_counted(h, caplog, name, word
 def test_empty_blobs_and_blobs_without_an_etag_are_ignored(h):
     call("image_uploaded", blob("images/birds/chicken/empty.jpg", length=0))
     call("image_uploaded", blob("images/birds/chicken/noetag.jpg", etag=""))
+    call("image_uploaded", blob("images/birds/chicken/odd.jpg", length="lots"))
     assert pending(h).count == 0
+
+
+@pytest.mark.parametrize("api", ["PutBlob", "PutBlockList", "CopyBlob", "FlushWithClose"])
+def test_every_api_that_commits_a_whole_blob_counts(h, api):
+    call("image_uploaded", blob(f"images/birds/chicken/{api}.jpg", api=api))
+    assert pending(h).count == 1
+
+
+@pytest.mark.parametrize(
+    ("event", "why"),
+    [
+        ({"api": "PutBlock"}, "does not commit"),  # a block staged, not a blob
+        ({"api": ""}, "does not commit"),
+        ({"name": "other/birds/chicken/1.jpg"}, "not in the images container"),
+        ({"event_type": "Microsoft.Storage.BlobDeleted"}, "not a BlobCreated"),
+    ],
+)
+def test_events_that_are_not_a_committed_image_in_the_images_container_are_ignored(h, caplog, event, why):
+    name = event.pop("name", "images/birds/chicken/1.jpg")
+    with caplog.at_level(logging.INFO, logger="retrain.functions.blob"):
+        call("image_uploaded", blob(name, **event))
+    assert pending(h).count == 0
+    assert why in caplog.text
 
 
 # --- Service Bus trigger ----------------------------------------------------------------------

@@ -23,9 +23,14 @@ def ledger_path(config: RetrainConfig) -> Path:
     return config.worker.state_dir / "ledger.db"
 
 
-def open_ledger(config: RetrainConfig, env=None) -> Store:
+class NoLedgerError(RuntimeError):
+    """A read-only command found no ledger where the configuration says it is (it creates none)."""
+
+
+def open_ledger(config: RetrainConfig, env=None, *, existing_only: bool = False) -> Store:
     """SQLite in state_dir, or Azure Table Storage: RETRAIN_TABLES (a connection string) or
-    RETRAIN_TABLES__tableServiceUri (identity-based, DefaultAzureCredential)."""
+    RETRAIN_TABLES__tableServiceUri (identity-based, DefaultAzureCredential). `existing_only`: the
+    read-only commands' way in, which never creates a ledger (or its folder)."""
     import os
 
     if config.worker.store == "table":
@@ -39,7 +44,13 @@ def open_ledger(config: RetrainConfig, env=None) -> Store:
         raise ConfigError("worker.store = 'table' needs RETRAIN_TABLES or RETRAIN_TABLES__tableServiceUri")
     from worker.adapters.local.sqlite_store import SqliteStore
 
-    return SqliteStore(ledger_path(config), synchronous=config.worker.sqlite_synchronous)
+    path = ledger_path(config)
+    if existing_only and not path.is_file():
+        raise NoLedgerError(
+            f"no ledger at {path.resolve()}: nothing has run with this configuration here "
+            "(start `retrain serve`, or pass -c with the configuration the worker uses)"
+        )
+    return SqliteStore(path, synchronous=config.worker.sqlite_synchronous)
 
 
 def build_worker(
@@ -133,8 +144,8 @@ def check_azureml_settings(cfg: Any, env: Mapping[str, str]) -> None:
         needed += [f"${cfg.client_secret_env}"] if not env.get(cfg.client_secret_env) else []
         if needed:
             problems.append(f"{', '.join(needed)} for service_principal auth")
-    if problems:
-        raise ConfigError("worker.backend = 'azureml' needs " + "; ".join(problems))
+    if problems:  # one line per problem
+        raise ConfigError("\n".join(f"worker.backend = 'azureml' needs {problem}" for problem in problems))
 
 
 def artifacts_store(env) -> BlobStore | None:

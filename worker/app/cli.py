@@ -32,13 +32,28 @@ def _config(path: Path | None):
 
 
 def _store(config):
-    from worker.app.bootstrap import open_ledger
+    """The ledger for a read-only command: never created here (a missing one is an error, exit 1)."""
+    from worker.app.bootstrap import NoLedgerError, open_ledger
 
-    return open_ledger(config)
+    try:
+        return open_ledger(config, existing_only=True)
+    except NoLedgerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _version(value: bool) -> None:
+    if value:
+        from worker import __version__
+
+        typer.echo(f"retrain {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
+) -> None:
     """Event-driven retraining worker for PyTorch image classifiers."""
 
 
@@ -64,7 +79,11 @@ def serve(
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     for name in sorted(cfg.models):
-        logging.getLogger("retrain.serve").info("model %s: watching %s", name, cfg.images_dir(name))
+        folder = cfg.images_dir(name)
+        if not folder.is_dir():
+            folder.mkdir(parents=True)  # so that a person can drop <label>/<file> into it
+            logging.getLogger("retrain.serve").info("model %s: created %s (put images in %s/<label>/)", name, folder, folder)
+        logging.getLogger("retrain.serve").info("model %s: watching %s", name, folder)
     service.run(max_seconds=max_seconds, cycles=cycles)
 
 
@@ -310,7 +329,14 @@ def demo(
     min_value: Annotated[float, typer.Option(help="the gate's minimum best_val_acc")] = 0.6,
 ) -> None:
     """The whole loop on this machine: images arrive, the policy waits, DDP runs, gate, registry, ONNX, events."""
+    import importlib.util
+
     from rich.console import Console
+
+    missing = [m for m in ("torch", "torchvision", "onnx", "onnxruntime", "PIL") if importlib.util.find_spec(m) is None]
+    if missing:
+        typer.echo(f"error: the demo trains and exports a model and needs {', '.join(missing)}: pip install 'retrain[train]'", err=True)
+        raise typer.Exit(2)
 
     from worker.app.demo import DemoConfig, DemoError, run_demo
     from worker.app.demo_report import render_summary
@@ -334,8 +360,9 @@ def main() -> None:
 
     try:
         app()
-    except ConfigError as exc:  # raised while wiring (a backend or ledger without its settings): one line, not a traceback
-        typer.echo(f"error: {exc}", err=True)
+    except ConfigError as exc:  # raised while wiring (a backend or ledger without its settings): a line per problem, no traceback
+        for line in str(exc).splitlines():
+            typer.echo(f"error: {line}", err=True)
         sys.exit(2)
 
 

@@ -6,7 +6,6 @@ published; this sink remembers the ids it has written, so the file holds each ev
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from worker.adapters.local.file_lock import locked
 from worker.ports import Publisher
 
 log = logging.getLogger("retrain.events")
@@ -50,23 +50,21 @@ class JsonlPublisher(Publisher):
         if not events:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{self.path}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            with open(self.path, "a+b") as fh:
-                self._catch_up(fh)
-                fresh, ids = [], set()
-                for event in events:
-                    if event["id"] not in self._seen and event["id"] not in ids:
-                        fresh.append(event)
-                        ids.add(event["id"])
-                if not fresh:
-                    return
-                data = b"".join(json.dumps(event, sort_keys=True, separators=(",", ":")).encode() + b"\n" for event in fresh)
-                fh.seek(0, os.SEEK_END)
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-                self._offset += len(data)
-                self._seen |= ids
+        with locked(f"{self.path}.lock"), open(self.path, "a+b") as fh:
+            self._catch_up(fh)
+            fresh, ids = [], set()
+            for event in events:
+                if event["id"] not in self._seen and event["id"] not in ids:
+                    fresh.append(event)
+                    ids.add(event["id"])
+            if not fresh:
+                return
+            data = b"".join(json.dumps(event, sort_keys=True, separators=(",", ":")).encode() + b"\n" for event in fresh)
+            fh.seek(0, os.SEEK_END)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+            self._offset += len(data)
+            self._seen |= ids
         for event in fresh:
             log.info("event %s %s %s", event["type"], event["subject"], event["id"])

@@ -10,13 +10,13 @@ user can load `<root>/<model>/champion/model.onnx` with onnxruntime.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from worker.adapters.local.file_lock import locked
 from worker.ports import ModelRegistry, RegisteredModel
 
 
@@ -40,8 +40,7 @@ class LocalModelRegistry(ModelRegistry):
 
     def register(self, model: str, run_id: str, files: dict[str, Path], card: dict[str, Any]) -> RegisteredModel:
         (self.root / model).mkdir(parents=True, exist_ok=True)
-        with open(self.root / model / ".lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one registration per model at a time, across processes
+        with locked(self.root / model / ".lock"):  # one registration per model at a time, across processes
             existing = self.find(model, run_id)
             if existing is not None:
                 return existing

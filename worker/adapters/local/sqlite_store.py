@@ -2,7 +2,7 @@
 
 Several processes may share the file. Every transaction starts with BEGIN IMMEDIATE, which takes
 the write lock up front, so two writers serialise instead of both reading a state and one losing
-its update. Writers first queue on an flock of `<db>.lock`: the kernel wakes the next waiter the
+its update. Writers first queue on a lock of `<db>.lock` (flock; `file_lock` has the Windows path): the kernel wakes the next waiter the
 moment the lock is free, where SQLite's own busy handler polls with sleeps of up to 100 ms (with
 4 processes that cut throughput 4x and starved a writer for 25 s). A writer that still cannot
 get SQLite's lock within `busy_timeout` (another program holding it) gets
@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import fcntl
 import json
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+from worker.adapters.local.file_lock import FileLock
 from worker.store import (
     IN_FLIGHT_STATES,
     ConcurrencyConflict,
@@ -448,7 +447,7 @@ class SqliteTx(Tx):
 class SqliteStore(Store):
     """`synchronous` NORMAL (default) survives a crash of the process; FULL also a power cut."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0, synchronous: str = "NORMAL"):
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0, synchronous: str = "NORMAL", portable_lock: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout_s = busy_timeout_s
@@ -457,16 +456,15 @@ class SqliteStore(Store):
         # Opening a new file switches it to WAL, which takes an exclusive lock that SQLite's busy
         # handler does not wait for: a second process opening the same new ledger at that moment
         # got "database is locked" (`serve` and `explain` started together). Openers take turns.
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        self._writers = FileLock(f"{self.path}.lock", portable=portable_lock)
+        opener = FileLock(f"{self.path}.lock", portable=portable_lock)
+        with opener:
             conn = self._connect_once()
             try:
                 self._check_schema(conn)
             finally:
                 conn.close()
-        finally:
-            os.close(fd)
+        opener.close()
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -502,17 +500,10 @@ class SqliteStore(Store):
             conn = self._local.conn = self._connect_once()
         return conn
 
-    @property
-    def _lock_fd(self) -> int:
-        fd = getattr(self._local, "lock_fd", None)
-        if fd is None:
-            fd = self._local.lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        return fd
-
     @contextmanager
     def transaction(self) -> Iterator[SqliteTx]:
-        conn, lock_fd = self._conn, self._lock_fd
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        conn = self._conn
+        self._writers.acquire()
         try:
             conn.execute("BEGIN IMMEDIATE")
             tx = SqliteTx(conn)
@@ -527,7 +518,7 @@ class SqliteStore(Store):
                 raise ConcurrencyConflict(f"the ledger is busy: {exc}") from exc
             raise
         finally:
-            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            self._writers.release()
 
     @contextmanager
     def read(self) -> Iterator[SqliteTx]:
@@ -580,10 +571,7 @@ class SqliteStore(Store):
         if conn is not None:
             conn.close()
             self._local.conn = None
-        fd = getattr(self._local, "lock_fd", None)
-        if fd is not None:
-            os.close(fd)
-            self._local.lock_fd = None
+        self._writers.close()
 
 
 def is_busy_error(exc: BaseException) -> bool:

@@ -7,7 +7,7 @@ restarted worker (or a second one) sees the same runs:
     spec.json         command line, data_dir, init_checkpoint, tags, created_at (UTC)
     train.log         stdout + stderr of the runner and the training
     outputs/          --output_dir: model.pt, then metrics.json (its presence means complete)
-    runner.json       the runner's pid, /proc start time and process group
+    runner.json       the runner's pid, its start time and process group
     exit_code         the training's exit status (negative: killed by that signal), written last
     cancel_requested  cancel() was called
 
@@ -15,7 +15,7 @@ The training command runs under `python -m worker.adapters.local.torchrun_runner
 new session so that it outlives the worker. `os.mkdir` of the run directory is the claim on a
 `backend_run_id`: it is atomic, so two submits of one id (threads or processes) start one run.
 Liveness is "the recorded pid is alive and started when runner.json says", which tells the
-runner apart from a later process that got its pid. Linux only (/proc).
+runner apart from a later process that got its pid. POSIX only (sessions and process groups).
 """
 
 from __future__ import annotations

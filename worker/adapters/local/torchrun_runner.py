@@ -14,7 +14,8 @@ the runner; torchrun shuts its ranks down on that signal, and a second one while
 can cut its cleanup short. A child still alive `KILL_GRACE_S` after the first signal is killed.
 
 This module also holds the on-disk layout and the few helpers both sides need; it imports only
-the standard library, so starting it is quick.
+the standard library and psutil, so starting it is quick. POSIX only (sessions, process groups):
+the local torchrun backend runs on Linux and macOS; on Windows use the Azure ML backend.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import uuid
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import psutil
 
 MANIFEST_FILE = "manifest.json"
 SPEC_FILE = "spec.json"
@@ -57,23 +60,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) from /proc/<pid>/stat, or None if no such process.
+    """(status, start time in milliseconds since the epoch) of a process, or None if there is none.
 
-    The start time (field 22) tells a process apart from a later one that reuses its pid.
+    The start time tells a process apart from a later one that reuses its pid. psutil reads it
+    from /proc on Linux and from the kernel elsewhere (macOS, Windows).
     """
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
+        process = psutil.Process(pid)
+        return process.status(), round(process.create_time() * 1000)
+    except (psutil.Error, ValueError, OSError):
         return None
-    # The command name (field 2) is in parentheses and may itself contain spaces or ")".
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])  # fields[0] is field 3 (state), fields[19] is field 22
 
 
 def is_same_process_alive(pid: int, start_time: int) -> bool:
     """True if `pid` is running and is the process that started at `start_time` (not a zombie, not a reused pid)."""
     stat = proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == start_time
+    return stat is not None and stat[0] not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) and stat[1] == start_time
 
 
 class Runner:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
+from worker import __version__
 from worker.ports import BackendStatus, RunSpec, TrainingBackend
 
 from .seam import AzureMLSeam, RunInfo, is_transient, map_status
@@ -62,12 +63,12 @@ class AzureMLBackend(TrainingBackend):
         jobs: JobBuilder,
         environment: Any = None,
         outputs_root: Path | None = None,
-        worker_version: str = "0.1.0",
+        worker_version: str | None = None,
     ):
         self.seam, self.settings, self.jobs = seam, settings, jobs
         self._environment = environment
         self.outputs_root = outputs_root or Path(".retrain/azureml-outputs")
-        self.worker_version = worker_version
+        self.worker_version = worker_version or __version__
 
     def _retrying(self) -> Retrying:
         return Retrying(
