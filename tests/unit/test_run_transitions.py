@@ -1,0 +1,118 @@
+"""A run's transitions in the ledger, exactly: the retry schedule, what a failure returns and
+records, the events' data (a contract with their consumers) and the decisions people read.
+Written against the survivors of `make mutate` in worker/runs.py (docs/mutation.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from shared.messages import RetrainRequested
+
+from .worker_harness import make_harness
+
+pytestmark = pytest.mark.unit
+
+
+def planned(h):
+    h.uploads(10)
+    h.clock.advance(11)
+    h.worker.tick()
+    [run] = h.runs()
+    return run
+
+
+def test_a_failed_attempt_is_retried_after_a_doubling_backoff_and_each_step_is_recorded(tmp_path):
+    h = make_harness(tmp_path, max_attempts=3, retry_backoff=5, backoff_after_failed_runs=5)
+    run = planned(h)
+    start = h.clock.now()
+    h.status(run.backend_run_id, "failed", message_id="fail-1", detail="CUDA out of memory")
+    [retry] = h.runs()
+    assert (retry.state, retry.attempt, retry.detail) == ("planned", 2, "CUDA out of memory")
+    assert retry.next_attempt_at == start + dt.timedelta(seconds=5)  # retry_backoff x 2^0
+    decision = h.decisions()[0]
+    assert (decision.outcome, decision.run_id, decision.message_id) == ("retry", run.run_id, "fail-1")
+    assert decision.reason == f"run {run.run_id} failed; attempt 2/3 at {retry.next_attempt_at:%H:%M:%S} UTC"
+    h.clock.advance(5)
+    h.worker.tick()
+    second = h.runs()[0]
+    h.status(second.backend_run_id, "failed", message_id="fail-2")
+    third = h.runs()[0]
+    assert third.next_attempt_at == h.clock.now() + dt.timedelta(seconds=10)  # retry_backoff x 2^1
+
+
+def test_a_run_that_fails_for_good_returns_its_images_and_says_so_in_its_event_and_decision(tmp_path):
+    h = make_harness(tmp_path, max_attempts=1, backoff_after_failed_runs=1, failure_backoff=60, failure_backoff_max=600)
+    run = planned(h)
+    detail = "x" * 2100
+    effects = h.status(run.backend_run_id, "failed", message_id="fail-1", detail=detail)
+    [finalized] = h.runs()
+    assert (finalized.state, finalized.outcome, finalized.detail) == ("finalized", "failed", "x" * 2000)
+    head = h.head()
+    assert (head.failed_runs, head.backoff_until, head.last_run_finished_at) == (1, h.clock.now() + dt.timedelta(seconds=60), h.clock.now())
+    [event] = [e.payload["data"] for e in h.events() if e.type == "retrain.run.failed"]
+    assert event == {
+        "run_id": run.run_id,
+        "model": "birds",
+        "status": "failed",
+        "attempts": 1,
+        "detail": "x" * 2000,
+        "images_returned_to_pending": run.new_image_count,
+        "consecutive_failed_runs": 1,
+        "backoff_until": head.backoff_until.isoformat(),
+    }
+    failed = next(d for d in h.decisions() if d.outcome == "failed")
+    assert (failed.run_id, failed.message_id) == (run.run_id, "fail-1")
+    assert failed.reason == (
+        f"run {run.run_id} failed after 1 attempt(s); {run.new_image_count} images back to pending; "
+        f"1 failed runs in a row: no new run before {head.backoff_until:%Y-%m-%d %H:%M:%S} UTC"
+    )
+    after = h.decisions()[0]  # the evaluation that follows names the same message
+    assert after.message_id == "fail-1"
+    assert effects.planned_runs == []
+
+
+def test_a_canceled_run_is_not_a_failure_of_the_model(tmp_path):
+    h = make_harness(tmp_path, backoff_after_failed_runs=1)
+    run = planned(h)
+    h.status(run.backend_run_id, "canceled", message_id="cancel-1")
+    head = h.head()
+    assert (head.failed_runs, head.backoff_until) == (0, None)
+    [event] = [e.payload["data"] for e in h.events() if e.type == "retrain.run.failed"]
+    assert (event["status"], event["consecutive_failed_runs"], event["backoff_until"]) == ("canceled", 0, None)
+    reason = next(d for d in h.decisions() if d.outcome == "failed").reason
+    assert reason == f"run {run.run_id} canceled after 1 attempt(s); {run.new_image_count} images back to pending"
+
+
+def test_a_success_ends_the_failure_count_and_starts_the_cooldown(tmp_path):
+    h = make_harness(tmp_path, max_attempts=1, backoff_after_failed_runs=5)
+    run = planned(h)
+    h.status(run.backend_run_id, "failed")
+    assert h.head().failed_runs == 1
+    h.uploads(6)
+    h.clock.advance(40)
+    h.worker.tick()
+    second = next(r for r in h.runs() if r.state != "finalized")
+    h.clock.advance(1)
+    finished_at = h.clock.now()
+    completer, h.worker.completer = h.worker.completer, None  # look at the ledger between success and completion
+    h.succeed(second)
+    head = h.head()
+    assert (head.failed_runs, head.backoff_until) == (0, None)
+    assert head.last_run_finished_at == finished_at
+    with h.store.transaction() as tx:
+        succeeded = tx.get_run(second.run_id)
+    assert (succeeded.state, succeeded.outcome, succeeded.finished_at) == ("succeeded", "succeeded", finished_at)
+    h.worker.completer = completer
+
+
+def test_a_rejected_forced_request_is_recorded_and_announced_with_its_reason(tmp_path):
+    h = make_harness(tmp_path, in_flight="drop")
+    run = planned(h)
+    h.worker.handle(RetrainRequested(message_id="force-2", model="birds", force=True, requested_by="cron"))
+    [event] = [e.payload["data"] for e in h.events() if e.type == "retrain.request.rejected"]
+    reason = f"run {run.run_id} in flight: the trigger is dropped (in_flight = drop)"
+    assert event == {"request_id": "force-2", "model": "birds", "reason": reason, "requested_by": "cron"}
+    with h.store.transaction() as tx:
+        assert [r.request_id for r in tx.open_requests("birds")] == []  # rejected, not left open
