@@ -139,7 +139,7 @@ def test_a_tick_hands_back_only_this_models_due_planned_runs_and_succeeded_runs(
     # due exactly now: resubmitted; due a second later: not yet; another model's runs: never.
     assert effects.planned_runs == ["birds-0001-aaaaaaaa"]
     assert effects.completed_runs == ["birds-0003-cccccccc"]
-    with pytest.raises(ValueError, match="a tick is handled per model; Worker.handle splits a tick for every model"):
+    with pytest.raises(ValueError, match=r"a tick is handled per model; Worker\.handle splits a tick for every model"):
         handle_tick(Context(config, NOW), tx, Tick(message_id="t"))
 
 
