@@ -6,6 +6,8 @@ POST /api/retrain          body: RetrainRequested (message_id optional); header 
   409                      the Idempotency-Key was used with another body
   413                      body over 256 KB
   405                      any method but POST
+POST /api/models/{model}/{promote|rollback|pause|resume}   body {version, reason, requested_by, cancel}; same
+  answers, plus 409 {"error": "rejected"} when the ledger refuses it (no such version, nothing to roll back to)
 GET /api/status/{model}    the status view (pending per class, runs in flight, champion, ...)
 """
 
@@ -36,26 +38,44 @@ def _error(status: int, reason: str, description: str, errors: list | None = Non
 @bp.function_name("retrain_http")
 @bp.route(route="retrain", methods=ALL_METHODS, auth_level=func.AuthLevel.FUNCTION)
 def retrain_http(req: func.HttpRequest) -> func.HttpResponse:
+    from shared.messages import RetrainRequested
+
+    return _accept(req, RetrainRequested, {"kind": "retrain.requested"})
+
+
+@bp.function_name("control_http")
+@bp.route(route="models/{model}/{action}", methods=ALL_METHODS, auth_level=func.AuthLevel.FUNCTION)
+def control_http(req: func.HttpRequest) -> func.HttpResponse:
+    """POST /api/models/{model}/{promote|rollback|pause|resume}, body {version, reason, requested_by, cancel}."""
+    from shared.messages import ModelControl
+
+    fixed = {"kind": "model.control", "model": req.route_params.get("model", ""), "action": req.route_params.get("action", "")}
+    return _accept(req, ModelControl, fixed, empty_body_ok=True)
+
+
+def _accept(req: func.HttpRequest, cls: type, fixed: dict, empty_body_ok: bool = False) -> func.HttpResponse:
+    """An idempotent POST of one message: validate, apply through the worker, answer 202 (or replay)."""
     from shared.errors import InvalidMessage
-    from shared.messages import RetrainRequested, load_document, parse_as
+    from shared.messages import load_document, parse_as
 
     if req.method.upper() != "POST":
         return func.HttpResponse(status_code=405, headers={"Allow": "POST"})
     key = req.headers.get("Idempotency-Key")
+    body = req.get_body() or b""
     try:
-        document = load_document(req.get_body() or b"")
+        document = load_document(body) if body or not empty_body_ok else {}
     except InvalidMessage as exc:
         return _error(413 if exc.reason == "too_large" else 400, exc.reason, exc.description)
     if key is not None and not (1 <= len(key) <= 200 and key.isprintable() and " " not in key):
         return _error(400, "schema", "Idempotency-Key must be 1-200 printable characters without spaces")
-    document.setdefault("kind", "retrain.requested")
+    document.update(fixed)
     document.setdefault("requested_by", "http")
     # The key may hold any printable character; the message id derived from it holds none of them.
     key_digest = hashlib.sha256(key.encode()).hexdigest()[:40] if key else None
     document.setdefault("message_id", f"http-{key_digest}" if key else f"http-{uuid.uuid4().hex}")
     worker = runtime.worker()
     try:
-        request = parse_as(RetrainRequested, document, known_models=worker.config.models)
+        request = parse_as(cls, document, known_models=worker.config.models)
     except InvalidMessage as exc:
         return _error(400, exc.reason, exc.description, exc.errors)
     from worker.bus import Remember
@@ -73,7 +93,9 @@ def retrain_http(req: func.HttpRequest) -> func.HttpResponse:
             return _error(409, "idempotency_conflict", "this Idempotency-Key was already used with a different body")
         return _json(202, previous["response"], {"Idempotent-Replayed": "true"})
     log.info("http request %s for %s: %s %s", request.message_id, request.model, effects.outcome, effects.detail)
-    return _json(202, response)
+    if effects.outcome == "rejected":  # a control the ledger refused (e.g. promoting a version that does not exist)
+        return _error(409, "rejected", effects.detail)
+    return _json(202, {**response, "outcome": effects.outcome} if cls.__name__ == "ModelControl" else response)
 
 
 @bp.function_name("status_http")

@@ -16,6 +16,7 @@ completes with a rejected event instead.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import azure.functions as func
 
@@ -35,15 +36,16 @@ def delivery_id(msg: func.ServiceBusMessage) -> str | None:
 def request_from(msg: func.ServiceBusMessage):
     """(message, None) for a valid request, or (None, InvalidMessage) for a permanently bad one."""
     from shared.errors import InvalidMessage
-    from shared.messages import RetrainRequested, load_document, parse_as
+    from shared.messages import ModelControl, RetrainRequested, load_document, parse_as
 
+    kinds: dict[str, Any] = {"retrain.requested": RetrainRequested, "model.control": ModelControl}
     try:
         document = load_document(msg.get_body() or b"")
         document.setdefault("message_id", delivery_id(msg))
         document.setdefault("kind", "retrain.requested")
-        if document["kind"] != "retrain.requested":
-            raise InvalidMessage("schema", f"kind must be 'retrain.requested', got {str(document['kind'])[:50]!r}")
-        return parse_as(RetrainRequested, document, known_models=runtime.worker().config.models), None
+        if document["kind"] not in kinds:
+            raise InvalidMessage("schema", f"kind must be 'retrain.requested' or 'model.control', got {str(document['kind'])[:50]!r}")
+        return parse_as(kinds[document["kind"]], document, known_models=runtime.worker().config.models), None
     except InvalidMessage as exc:
         return None, exc
 

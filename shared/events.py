@@ -18,7 +18,10 @@ RUN_FAILED = "retrain.run.failed"
 MODEL_REGISTERED = "retrain.model.registered"
 MODEL_REJECTED = "retrain.model.rejected"
 REQUEST_REJECTED = "retrain.request.rejected"
-EVENT_TYPES = (RUN_SUBMITTED, RUN_FAILED, MODEL_REGISTERED, MODEL_REJECTED, REQUEST_REJECTED)
+MODEL_PROMOTED = "retrain.model.promoted"  # an operator put a registered version in place (promote or rollback)
+MODEL_PAUSED = "retrain.model.paused"
+MODEL_RESUMED = "retrain.model.resumed"
+EVENT_TYPES = (RUN_SUBMITTED, RUN_FAILED, MODEL_REGISTERED, MODEL_REJECTED, REQUEST_REJECTED, MODEL_PROMOTED, MODEL_PAUSED, MODEL_RESUMED)
 DEFAULT_SOURCE = "/retrain/worker"
 
 

@@ -170,6 +170,28 @@ class RetrainRequested(_Strict):
         return self
 
 
+class ModelControl(_Strict):
+    """An operator steering a model: promote a registered version to champion, roll back to the
+    previous champion, pause (no new runs; optionally cancel the one in flight) or resume."""
+
+    kind: Literal["model.control"] = "model.control"
+    message_id: MessageId
+    model: ModelName
+    action: Literal["promote", "rollback", "pause", "resume"]
+    version: Annotated[StrictInt, Field(ge=1)] | None = None
+    cancel: StrictBool = False
+    requested_by: Annotated[str, Field(max_length=200)] = "unknown"
+    reason: Annotated[str, Field(max_length=2000)] = ""
+
+    @model_validator(mode="after")
+    def _fits_the_action(self) -> ModelControl:
+        if (self.action == "promote") != (self.version is not None):
+            raise ValueError("promote needs a version; the other actions take none")
+        if self.cancel and self.action != "pause":
+            raise ValueError("cancel goes with pause only")
+        return self
+
+
 # Status names as Azure ML and our backends report them, mapped onto the run states we track.
 _STATUS_MAP = {
     "notstarted": "queued",
@@ -218,7 +240,7 @@ class Tick(_Strict):
     occurred_at: AwareDatetime | None = None
 
 
-Message = Annotated[ImageUploaded | RetrainRequested | RunStatusChanged | Tick, Field(discriminator="kind")]
+Message = Annotated[ImageUploaded | RetrainRequested | ModelControl | RunStatusChanged | Tick, Field(discriminator="kind")]
 _MESSAGE = TypeAdapter(Message)
 
 

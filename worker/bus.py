@@ -110,6 +110,11 @@ class Worker:
         return self._after_commit(effects)
 
     def _after_commit(self, effects: Effects) -> Effects:
+        for model in effects.champion_moved:  # the registry's alias follows the ledger (as after a completion)
+            if self.completer is not None:
+                self.completer.sync_champion_alias(model)
+        for run_id in effects.cancel_runs:
+            log.info("%s", self.cancel(run_id))
         for run_id in effects.completed_runs:
             effects.planned_runs += self.complete(run_id)
         if effects.planned_runs:

@@ -257,6 +257,8 @@ class Completer:
                     model=run.model, version=version, run_id=run.run_id, created_at=now, location=location, metrics=summary, card=card
                 )
             )
+            if head.champion_version is not None:  # `retrain rollback` returns to it
+                head.previous_champions = [*head.previous_champions, head.champion_version][-20:]
             head.champion_version, head.champion_sha256 = version, card["artifacts"]["model.pt"]["sha256"]
             tx.save_model_head(head)
             current.state, current.outcome = "finalized", "registered"

@@ -13,13 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared import events as ev
 from shared.manifest_hash import stable_split
-from shared.messages import ImageUploaded, RetrainRequested, RunStatusChanged, Tick, check_blob_path, label_of
+from shared.messages import ImageUploaded, ModelControl, RetrainRequested, RunStatusChanged, Tick, check_blob_path, label_of
 from shared.redact import printable
 from shared.run_ids import parse_backend_run_id
 from worker.context import Backfill, Context
+from worker.outbox import queue_event
 from worker.runs import evaluate, mark_submitted, queue_submitted_event, run_failed, run_succeeded
-from worker.store import DecisionRow, ImageRow, RequestRow, Tx
+from worker.store import IN_FLIGHT_STATES, DecisionRow, ImageRow, ModelHead, RequestRow, Tx
 
 DECISIONS_KEPT = 2000
 
@@ -30,6 +32,8 @@ class Effects:
 
     planned_runs: list[str] = field(default_factory=list)
     completed_runs: list[str] = field(default_factory=list)  # succeeded runs awaiting completion
+    champion_moved: list[str] = field(default_factory=list)  # models whose registry alias must follow the ledger
+    cancel_runs: list[str] = field(default_factory=list)  # runs an operator asked to stop
     outcome: str = "ok"
     detail: str = ""
 
@@ -165,8 +169,75 @@ def handle_tick(ctx: Context, tx: Tx, msg: Tick) -> Effects:
     return effects
 
 
+def handle_model_control(ctx: Context, tx: Tx, msg: ModelControl) -> Effects:
+    """Promote, roll back, pause or resume: recorded with who asked and why, announced, and (for the
+    champion) the same head the completion's compare-and-swap reads, so a completion that started
+    against the old champion gates again against the new one."""
+    head = tx.model_head(msg.model)
+    who = f"{msg.requested_by}" + (f" ({msg.reason})" if msg.reason else "")
+    base = {"model": msg.model, "requested_by": msg.requested_by, "reason": msg.reason, "request_id": msg.message_id}
+    if msg.action in ("promote", "rollback"):
+        return _move_champion(ctx, tx, msg, head, who, base)
+    if msg.action == "pause":
+        if head.paused is not None:
+            return Effects(outcome="unchanged", detail=f"{msg.model} is already paused")
+        head.paused = {"by": msg.requested_by, "reason": msg.reason, "at": ctx.now.isoformat()}
+        tx.save_model_head(head)
+        in_flight = next(iter(tx.runs(msg.model, IN_FLIGHT_STATES, limit=1)), None)
+        cancel = [in_flight.run_id] if msg.cancel and in_flight is not None else []
+        queue_event(tx, ev.MODEL_PAUSED, f"models/{msg.model}", {**base, "canceled_runs": cancel}, ctx.now, discriminator=msg.message_id)
+        _record(ctx, tx, msg, "paused", f"paused by {who}" + (f"; canceling {cancel[0]}" if cancel else ""))
+        return Effects(outcome="paused", detail=f"{msg.model} paused", cancel_runs=cancel)
+    if head.paused is None:
+        return Effects(outcome="unchanged", detail=f"{msg.model} is not paused")
+    head.paused = None
+    tx.save_model_head(head)
+    queue_event(tx, ev.MODEL_RESUMED, f"models/{msg.model}", base, ctx.now, discriminator=msg.message_id)
+    _record(ctx, tx, msg, "resumed", f"resumed by {who}")
+    _, run = evaluate(ctx, tx, msg.model, msg.message_id)
+    return Effects(outcome="resumed", detail=f"{msg.model} resumed", planned_runs=[run.run_id] if run else [])
+
+
+def _move_champion(ctx: Context, tx: Tx, msg: ModelControl, head: ModelHead, who: str, base: dict) -> Effects:
+    versions = {v.version: v for v in tx.model_versions(msg.model)}
+    if msg.action == "promote":
+        target = msg.version
+        refused = None if target in versions else f"v{target} is not a registered version of {msg.model}"
+    else:
+        earlier = [v for v in head.previous_champions if v in versions and v != head.champion_version]
+        target = earlier[-1] if earlier else None
+        refused = None if target is not None else f"{msg.model} has no earlier champion to roll back to"
+    if refused is None and target is not None and not (versions[target].card.get("onnx") or {}).get("passed", True):
+        refused = f"v{target} failed its ONNX parity check"
+    if refused is not None or target is None:
+        _record(ctx, tx, msg, "reject", f"{msg.action} by {who} refused: {refused}")
+        return Effects(outcome="rejected", detail=refused or "")
+    if target == head.champion_version:
+        return Effects(outcome="unchanged", detail=f"v{target} is already the champion of {msg.model}")
+    previous = head.champion_version
+    if msg.action == "promote" and previous is not None:
+        head.previous_champions = [*head.previous_champions, previous][-20:]
+    else:  # a rollback consumes the history down to the version it restores
+        head.previous_champions = head.previous_champions[: len(head.previous_champions) - head.previous_champions[::-1].index(target) - 1]
+    card = versions[target].card
+    head.champion_version, head.champion_sha256 = target, (card.get("artifacts") or {}).get("model.pt", {}).get("sha256")
+    tx.save_model_head(head)
+    data = {**base, "action": msg.action, "version": target, "previous_version": previous}
+    queue_event(tx, ev.MODEL_PROMOTED, f"models/{msg.model}/versions/{target}", data, ctx.now, discriminator=msg.message_id)
+    verb = "promoted" if msg.action == "promote" else "rolled back"
+    _record(ctx, tx, msg, msg.action, f"v{target} is champion ({verb} from v{previous} by {who})")
+    return Effects(outcome=msg.action, detail=f"v{target} is the champion of {msg.model}", champion_moved=[msg.model])
+
+
+def _record(ctx: Context, tx: Tx, msg: ModelControl, outcome: str, reason: str) -> None:
+    tx.record_decision(
+        DecisionRow(model=msg.model, at=ctx.now, outcome=outcome, reason=printable(reason)[:2000], message_id=msg.message_id)
+    )
+
+
 HANDLERS: dict[type, Callable[[Context, Tx, Any], Effects]] = {
     ImageUploaded: handle_image_uploaded,
+    ModelControl: handle_model_control,
     RetrainRequested: handle_retrain_requested,
     RunStatusChanged: handle_run_status_changed,
     Tick: handle_tick,

@@ -71,6 +71,13 @@ def decide(snapshot: Snapshot, now: dt.datetime, cfg: ModelConfig) -> Decision:
     count_met = pending.count >= cfg.min_new_images
     max_wait_met = cfg.max_wait is not None and pending.count > 0 and oldest_age >= cfg.max_wait
 
+    if head.paused is not None:  # an operator's stop outranks every trigger; a run in flight goes on
+        who = f"paused by {head.paused.get('by') or 'unknown'} at {head.paused.get('at', '?')[:19].replace('T', ' ')} UTC"
+        why = f": {head.paused['reason']}" if head.paused.get("reason") else ""
+        if forced:
+            return Decision("drop", f"{who}{why}; forced requests are refused while paused (resume first)", forced=True)
+        return Decision("wait", f"{who}{why}; {pending.count} new images are counted, no run starts until resumed")
+
     if snapshot.in_flight is not None:
         run = snapshot.in_flight
         triggered = forced or count_met or max_wait_met or head.followup_wanted

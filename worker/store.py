@@ -183,6 +183,8 @@ class ModelHead:
     request_watermark: int = 0  # requests with seq <= it were consumed by a run (or rejected)
     failed_runs: int = 0  # consecutive runs that ended failed (reset by a success or an operator request)
     backoff_until: dt.datetime | None = None  # no new run before then, after repeated failures
+    paused: dict[str, str] | None = None  # {"by", "reason", "at"}: an operator stopped new runs
+    previous_champions: list[int] = field(default_factory=list)  # earlier champions, newest last (rollback pops)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ def status_view(store: Store, config: RetrainConfig, model: str | None = None, n
                 "in_flight": [_run(r) for r in tx.runs(name, IN_FLIGHT_STATES)],
                 "last_runs": [_run(r) for r in tx.runs(name, limit=5)],
                 "followup_wanted": tx.model_head(name).followup_wanted,
+                "paused": tx.model_head(name).paused,
                 "champion": tx.model_head(name).champion_version,
                 "last_decision": {"at": decisions[0].at.isoformat(), "outcome": decisions[0].outcome, "reason": decisions[0].reason}
                 if decisions
@@ -114,3 +115,23 @@ def version_view(store: Store, model: str, version: int | None = None) -> dict[s
     if found is None:
         return None
     return {"model": model, "version": found.version, "champion": found.version == champion, "location": found.location, **found.card}
+
+
+def runs_view(store: Store, config: RetrainConfig, model: str | None = None, limit: int = 20) -> dict[str, list[dict[str, Any]]]:
+    """Each model's latest runs, newest first: state, outcome, images, duration, and the metrics of a
+    registered run (its model version's summary)."""
+    models = [model] if model else sorted(config.models)
+    out: dict[str, list[dict[str, Any]]] = {}
+    with store.read() as tx:
+        for name in models:
+            metrics = {v.run_id: v.metrics for v in tx.model_versions(name)}
+            rows = []
+            for run in tx.runs(name, limit=limit):
+                row = _run(run)
+                began = run.started_at or run.submitted_at
+                row["duration_s"] = round((run.finished_at - began).total_seconds(), 1) if run.finished_at and began else None
+                row["version_metrics"] = metrics.get(run.run_id)
+                row["best_val_acc"] = (metrics.get(run.run_id) or {}).get("best_val_acc")
+                rows.append(row)
+            out[name] = rows
+    return out

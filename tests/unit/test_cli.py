@@ -90,3 +90,53 @@ def test_serve_creates_the_images_folders_it_watches(env, tmp_path, caplog):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "images" / "birds").is_dir()
     assert f"created {tmp_path / 'images' / 'birds'}" in caplog.text
+
+
+def test_pause_resume_and_their_refusals_from_the_command_line(env, tmp_path):
+    paused = invoke(env, "pause", "birds", "--reason", "incident 42", "--by", "ops")
+    assert (paused.exit_code, paused.output.strip()) == (0, "paused: birds paused")
+    status = json.loads(invoke(env, "status", "birds", "--json").output)
+    assert status["birds"]["paused"]["reason"] == "incident 42"
+    assert invoke(env, "resume", "birds").output.strip() == "resumed: birds resumed"
+    refused = invoke(env, "rollback", "birds")
+    assert (refused.exit_code, refused.output.strip()) == (1, "rejected: birds has no earlier champion to roll back to")
+    assert invoke(env, "promote", "birds").exit_code == 2  # MODEL:VERSION
+    assert invoke(env, "pause", "cats").exit_code == 2
+
+
+def test_logs_print_a_local_runs_log_and_follow_it_until_the_run_ends(env, tmp_path):
+    import datetime as dt
+    import threading
+    import time
+
+    from worker.adapters.local.sqlite_store import SqliteStore
+    from worker.store import RunRow
+
+    store = SqliteStore(tmp_path / "state" / "ledger.db")
+    with store.transaction() as tx:
+        tx.insert_run(RunRow(run_id="birds-0001-abcdef12", model="birds", seq=1, state="running", manifest_sha256="0" * 64, image_count=2,
+                             new_image_count=2, classes=["chicken"], created_at=dt.datetime.now(dt.UTC)))  # fmt: skip
+        tx.commit()
+    run_dir = tmp_path / "state" / "runs" / "birds-0001-abcdef12-a1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.log").write_text("epoch 1/3 train_loss=0.9\n")
+
+    def training() -> None:
+        for epoch in (2, 3):
+            time.sleep(0.3)
+            with open(run_dir / "train.log", "a") as log:
+                log.write(f"epoch {epoch}/3 train_loss=0.{9 - epoch}\n")
+        (run_dir / "exit_code").write_text("0\n")
+
+    thread = threading.Thread(target=training)
+    thread.start()
+    followed = invoke(env, "logs", "birds-0001-abcdef12", "-f")
+    thread.join()
+    assert followed.exit_code == 0
+    assert [line.split()[1] for line in followed.output.splitlines()] == ["1/3", "2/3", "3/3"]
+    assert invoke(env, "logs", "birds-0001-abcdef12-a1").output.count("epoch") == 3
+    missing = invoke(env, "logs", "birds-0009-abcdef12")
+    assert missing.exit_code == 1
+    assert "no run 'birds-0009-abcdef12' in the ledger" in missing.output
+    history = json.loads(invoke(env, "runs", "birds", "--json").output)
+    assert [r["run_id"] for r in history["birds"]] == ["birds-0001-abcdef12"]

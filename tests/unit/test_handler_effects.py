@@ -8,7 +8,7 @@ import datetime as dt
 
 import pytest
 
-from shared.messages import ImageRef, ImageUploaded, RetrainRequested, RunStatusChanged, Tick
+from shared.messages import ImageRef, ImageUploaded, ModelControl, RetrainRequested, RunStatusChanged, Tick
 from tests.fakes.adapters import FakeBlobStore
 from tests.fakes.memory_store import MemoryStore
 from worker import handlers
@@ -164,7 +164,7 @@ def test_a_tick_prunes_this_models_decisions_to_the_kept_number(tmp_path, monkey
 
 def test_handlers_refuse_nothing_silently_when_called_directly(tmp_path):
     """The handlers table covers every message kind the bus accepts."""
-    assert set(handlers.HANDLERS) == {ImageUploaded, RetrainRequested, RunStatusChanged, Tick}
+    assert set(handlers.HANDLERS) == {ImageUploaded, RetrainRequested, ModelControl, RunStatusChanged, Tick}
     assert handlers.HANDLERS[ImageUploaded] is handle_image_uploaded
     assert handlers.HANDLERS[RetrainRequested] is handle_retrain_requested
     assert handlers.HANDLERS[RunStatusChanged] is handle_run_status_changed

@@ -311,6 +311,144 @@ def cancel(run_id: Annotated[str, typer.Argument(help="the run to stop")], confi
         raise typer.Exit(2) from exc
 
 
+ReasonOption = Annotated[str, typer.Option(help="why (recorded in the ledger and the event)")]
+ByOption = Annotated[str, typer.Option("--by", help="who asks (default: $USER)")]
+
+
+def _control(config: Path | None, model: str, action: str, json_out: bool, **fields) -> None:
+    """Apply an operator's control message through the worker (recorded, announced, idempotent by id)."""
+    import os
+
+    from shared.errors import InvalidMessage
+    from shared.messages import ModelControl, parse_as
+    from worker.app.bootstrap import build_worker
+
+    cfg = _config(config)
+    _known(cfg, model)
+    fields["requested_by"] = fields.get("requested_by") or os.environ.get("USER") or "cli"
+    body = {"message_id": fields.pop("request_id", None) or f"ctl-{uuid.uuid4().hex}", "model": model, "action": action, **fields}
+    try:
+        message = parse_as(ModelControl, body, known_models=cfg.models)
+    except InvalidMessage as exc:
+        typer.echo(f"error: {exc.reason}: {exc.description}", err=True)
+        raise typer.Exit(2) from exc
+    effects = build_worker(cfg).handle(message)
+    if json_out:
+        typer.echo(json.dumps({"request_id": message.message_id, "outcome": effects.outcome, "detail": effects.detail}))
+    else:
+        typer.echo(f"{effects.outcome}: {effects.detail}")
+    if effects.outcome == "rejected":
+        raise typer.Exit(1)
+
+
+@app.command()
+def promote(
+    target: Annotated[str, typer.Argument(help="MODEL:VERSION, a registered version")],
+    reason: ReasonOption = "",
+    by: ByOption = "",
+    request_id: Annotated[str | None, typer.Option(help="idempotency key (default: a new id)")] = None,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Make a registered version the champion (the registry's champion marker follows)."""
+    model, _, version = target.partition(":")
+    if not version.isdigit():
+        typer.echo("error: give MODEL:VERSION, e.g. birds:3", err=True)
+        raise typer.Exit(2)
+    _control(config, model, "promote", json_out, version=int(version), reason=reason, requested_by=by, request_id=request_id)
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Argument(help="the model")],
+    reason: ReasonOption = "",
+    by: ByOption = "",
+    request_id: Annotated[str | None, typer.Option(help="idempotency key (default: a new id)")] = None,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Put the previous champion back."""
+    _control(config, model, "rollback", json_out, reason=reason, requested_by=by, request_id=request_id)
+
+
+@app.command()
+def pause(
+    model: Annotated[str, typer.Argument(help="the model")],
+    reason: ReasonOption = "",
+    by: ByOption = "",
+    cancel_run: Annotated[bool, typer.Option("--cancel", help="also cancel the run in flight")] = False,
+    request_id: Annotated[str | None, typer.Option(help="idempotency key (default: a new id)")] = None,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Stop new runs (images keep being counted; forced requests are refused until resumed)."""
+    _control(config, model, "pause", json_out, reason=reason, requested_by=by, cancel=cancel_run, request_id=request_id)
+
+
+@app.command()
+def resume(
+    model: Annotated[str, typer.Argument(help="the model")],
+    reason: ReasonOption = "",
+    by: ByOption = "",
+    request_id: Annotated[str | None, typer.Option(help="idempotency key (default: a new id)")] = None,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Let the policy start runs again."""
+    _control(config, model, "resume", json_out, reason=reason, requested_by=by, request_id=request_id)
+
+
+@app.command()
+def runs(
+    model: Annotated[str | None, typer.Argument(help="one model (default: all)")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="how many runs per model")] = 20,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Run history: state, outcome, images, duration, metrics."""
+    from worker.views import runs_view
+
+    cfg = _config(config)
+    _known(cfg, model)
+    view = runs_view(_store(cfg), cfg, model, limit)
+    if json_out:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    for name, rows in view.items():
+        table = Table(title=f"runs of {name}", title_justify="left")
+        for column in ("run", "state", "outcome", "images (new)", "duration", "best_val_acc", "reason"):
+            table.add_column(column)
+        for r in rows:
+            duration = f"{r['duration_s']:.0f}s" if r["duration_s"] is not None else ""
+            acc = f"{r['best_val_acc']:.3f}" if isinstance(r.get("best_val_acc"), int | float) else ""
+            table.add_row(
+                r["run_id"], r["state"], r["outcome"] or "", f"{r['images']} ({r['new_images']})", duration, acc, r["reason"] or ""
+            )
+        Console(highlight=False).print(table)
+
+
+@app.command()
+def logs(
+    run_id: Annotated[str, typer.Argument(help="a run id (its latest attempt) or a backend run id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the run ends")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """A run's training log (local runs: runs/<id>/train.log; Azure ML: `az ml job stream -n <id>`)."""
+    from worker.app.follow import LogNotFoundError, follow_log
+
+    cfg = _config(config)
+    try:
+        for chunk in follow_log(cfg, _store(cfg), run_id, follow=follow):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except LogNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
 def _known(cfg, model: str | None) -> None:
     if model is not None and model not in cfg.models:
         typer.echo(f"error: unknown model {model!r} (configured: {', '.join(sorted(cfg.models))})", err=True)

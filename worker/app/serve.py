@@ -13,15 +13,46 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shared.errors import InvalidMessage
 from shared.messages import parse_message
+from shared.redact import printable
 from worker.adapters.local.directory_blobs import DirectoryBlobStore
 from worker.adapters.local.folder_scan import FolderScanner
 from worker.adapters.local.inbox import LocalInbox
 from worker.bus import Worker
+from worker.store import IN_FLIGHT_STATES
 
 log = logging.getLogger("retrain.serve")
+
+
+class RunProgress:
+    """Logs the epoch lines local runs append to their train.log, so a person watching `serve` sees
+    each run move (the full log: `retrain logs <run> -f`)."""
+
+    def __init__(self, worker: Worker, runs_root: Path):
+        self.worker, self.runs_root = worker, runs_root
+        self.offsets: dict[str, int] = {}
+
+    def show(self) -> None:
+        with self.worker.store.read() as tx:
+            flying = [r.backend_run_id for r in tx.runs(states=IN_FLIGHT_STATES)]
+        for backend_run_id in flying:
+            path = self.runs_root / backend_run_id / "train.log"
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(self.offsets.get(backend_run_id, 0))
+                    data = fh.read()
+            except OSError:
+                continue
+            complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next cycle
+            self.offsets[backend_run_id] = self.offsets.get(backend_run_id, 0) + len(complete)
+            for line in complete.decode("utf-8", errors="replace").splitlines():
+                if " epoch " in f" {line} " or "best_val_acc=" in line:
+                    log.info("%s: %s", backend_run_id, printable(line.strip(), limit=300))
+        for gone in set(self.offsets) - set(flying):
+            del self.offsets[gone]
 
 
 @dataclass
@@ -43,6 +74,7 @@ class LocalService:
             for name in sorted(config.models)
         ]
         self.stop = threading.Event()
+        self.progress = RunProgress(worker, config.worker.state_dir / "runs")
 
     def cycle(self) -> CycleReport:
         report = CycleReport()
@@ -69,6 +101,8 @@ class LocalService:
             report.inbox += 1
         report.planned += self.worker.tick().planned_runs
         report.published = self.worker.relay()
+        if self.worker.config.worker.backend == "local":
+            self.progress.show()
         return report
 
     def run(self, max_seconds: float | None = None, cycles: int | None = None) -> None:

@@ -1,0 +1,144 @@
+"""Operators steer a model: promote, roll back, pause, resume (issue 15)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared import events as ev
+from shared.messages import ModelControl, RetrainRequested
+from worker.views import explain_view, runs_view, status_view
+
+from .worker_harness import make_harness
+
+pytestmark = pytest.mark.unit
+
+
+def control(h, action: str, message_id: str | None = None, **fields):
+    h.n += 1
+    return h.worker.handle(ModelControl(message_id=message_id or f"ctl-{h.n}", model="birds", action=action, **fields))
+
+
+def register_two(h):
+    """Two runs, both registered: v1, then v2 (champion)."""
+    for best in (0.8, 0.9):
+        h.uploads(6)
+        h.clock.advance(40)
+        h.worker.tick()
+        run = next(r for r in h.runs() if r.in_flight)
+        h.succeed(run, best=best, baseline=None if best == 0.8 else 0.8)
+    assert h.head().champion_version == 2
+
+
+def test_rollback_puts_the_previous_champion_back_once_and_the_next_gate_compares_against_it(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    register_two(h)
+    effects = control(h, "rollback", message_id="rb-1", requested_by="alice", reason="v2 misclassifies turkeys in prod")
+    assert (effects.outcome, effects.detail) == ("rollback", "v1 is the champion of birds")
+    assert h.head().champion_version == 1
+    assert h.registry.champion_alias("birds") == 1  # the registry's marker follows the ledger
+    replay = control(h, "rollback", message_id="rb-1", requested_by="alice")
+    assert replay.outcome == "duplicate"
+    assert h.head().champion_version == 1  # one effect: not rolled back further
+    [event] = [e.payload["data"] for e in h.events() if e.type == ev.MODEL_PROMOTED]
+    assert event == {"model": "birds", "requested_by": "alice", "reason": "v2 misclassifies turkeys in prod", "request_id": "rb-1",
+                     "action": "rollback", "version": 1, "previous_version": 2}  # fmt: skip
+    decision = h.decisions()[0]
+    assert (decision.outcome, decision.message_id) == ("rollback", "rb-1")
+    assert decision.reason == "v1 is champion (rolled back from v2 by alice (v2 misclassifies turkeys in prod))"
+    # The next run warm-starts from v1 and is gated against v1.
+    h.uploads(6)
+    h.clock.advance(40)
+    h.worker.tick()
+    third = next(r for r in h.runs() if r.in_flight)
+    assert h.backend.specs[third.backend_run_id].init_checkpoint.endswith("/birds/1/model.pt")
+    h.succeed(third, best=0.85, baseline=0.8)  # better than v1's 0.8 (not than v2's 0.9)
+    assert h.head().champion_version == 3
+    registered = [e.payload["data"] for e in h.events() if e.type == ev.MODEL_REGISTERED][-1]
+    assert registered["parent_version"] == 1
+
+
+def test_with_no_earlier_champion_a_rollback_is_refused_and_changes_nothing(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    refused = control(h, "rollback", requested_by="bob")
+    assert (refused.outcome, refused.detail) == ("rejected", "birds has no earlier champion to roll back to")
+    assert h.decisions()[0].reason == "rollback by bob refused: birds has no earlier champion to roll back to"
+    assert not [e for e in h.events() if e.type == ev.MODEL_PROMOTED]
+
+
+def test_promote_takes_registered_versions_only_and_rollback_then_returns_to_the_one_it_replaced(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    register_two(h)
+    assert control(h, "promote", version=7).detail == "v7 is not a registered version of birds"
+    assert control(h, "promote", version=2).outcome == "unchanged"
+    assert control(h, "promote", version=1, requested_by="carol").outcome == "promote"
+    assert (h.head().champion_version, h.registry.champion_alias("birds")) == (1, 1)
+    assert control(h, "rollback").outcome == "rollback"
+    assert h.head().champion_version == 2
+
+
+def test_a_paused_model_counts_images_submits_nothing_and_says_why(tmp_path):
+    h = make_harness(tmp_path)
+    assert control(h, "pause", requested_by="dave", reason="relabelling turkeys").outcome == "paused"
+    h.uploads(10)
+    h.clock.advance(60)
+    h.worker.tick()
+    assert h.runs() == []
+    assert h.backend.calls_to("submit") == []
+    why = explain_view(h.store, h.worker.config, "birds")["birds"][0]["reason"]
+    assert why.startswith("paused by dave at ")
+    assert why.endswith(": relabelling turkeys; 20 new images are counted, no run starts until resumed")
+    status = status_view(h.store, h.worker.config, "birds", now=h.clock.now())["birds"]
+    assert status["pending"]["total"] == 20
+    assert status["paused"]["by"] == "dave"
+    h.worker.handle(RetrainRequested(message_id="force-1", model="birds", force=True, requested_by="eve"))
+    [rejected] = [e.payload["data"] for e in h.events() if e.type == ev.REQUEST_REJECTED]
+    assert rejected["request_id"] == "force-1"
+    assert "forced requests are refused while paused" in rejected["reason"]
+    assert control(h, "pause").outcome == "unchanged"
+    resumed = control(h, "resume", requested_by="dave")
+    assert resumed.outcome == "resumed"
+    [run] = h.runs()
+    assert resumed.planned_runs == [run.run_id]
+    assert [e.type for e in h.events()].count(ev.MODEL_PAUSED) == 1
+    assert [e.type for e in h.events()].count(ev.MODEL_RESUMED) == 1
+
+
+def test_pause_with_cancel_stops_the_run_in_flight_and_without_it_lets_the_run_finish(tmp_path):
+    h = make_harness(tmp_path, quiet_period=0)
+    h.uploads(10)
+    [run] = h.runs()
+    assert run.in_flight
+    effects = control(h, "pause", cancel=True, requested_by="ops")
+    assert effects.cancel_runs == [run.run_id]
+    assert h.backend.calls_to("cancel") == [run.backend_run_id]
+    [event] = [e.payload["data"] for e in h.events() if e.type == ev.MODEL_PAUSED]
+    assert event["canceled_runs"] == [run.run_id]
+
+    other = make_harness(tmp_path / "other", quiet_period=0)
+    other.uploads(10)
+    [flying] = other.runs()
+    control(other, "pause")
+    assert other.backend.calls_to("cancel") == []
+    other.succeed(flying)
+    assert other.head().champion_version == 1  # a run in flight continues and completes
+
+
+def test_control_messages_are_validated():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="promote needs a version"):
+        ModelControl(message_id="m", model="birds", action="promote")
+    with pytest.raises(ValidationError, match="cancel goes with pause only"):
+        ModelControl(message_id="m", model="birds", action="resume", cancel=True)
+
+
+def test_runs_view_lists_history_with_durations_and_metrics(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    register_two(h)
+    rows = runs_view(h.store, h.worker.config, "birds")["birds"]
+    assert [r["outcome"] for r in rows] == ["registered", "registered"]
+    assert [r["best_val_acc"] for r in rows] == [0.9, 0.8]
+    assert all(r["duration_s"] is not None and r["duration_s"] >= 0 for r in rows)
+    json.dumps(rows)  # machine-readable as it is
