@@ -15,7 +15,7 @@ STAMP := $(VENV)/.requirements-$(REQS_HASH)
 HOROVOD_STAMP := $(VENV)/.horovod-0.28.1
 EDITABLE_STAMP := $(VENV)/.editable-$(TREE_HASH)
 
-.PHONY: venv horovod azurite demo test unit lint format bench mutate clean-venv
+.PHONY: venv horovod azurite chromium demo test unit lint format bench mutate clean-venv
 
 venv: $(STAMP) $(EDITABLE_STAMP)
 
@@ -44,11 +44,15 @@ node_modules/.bin/azurite: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# A real headless browser for the dashboard's test (Debian's chromium; installed once).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
 demo: venv
 	$(BIN)/retrain demo
 
 # Everything: the lint (style, types, layer contracts), then every test (unit, integration, e2e).
-test: venv horovod azurite lint
+test: venv horovod azurite chromium lint
 	$(BIN)/python -m pytest
 
 # The in-process tests only (seconds): tests/unit, no torchrun, Horovod or Azurite.

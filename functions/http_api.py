@@ -9,6 +9,7 @@ POST /api/retrain          body: RetrainRequested (message_id optional); header 
 POST /api/models/{model}/{promote|rollback|pause|resume}   body {version, reason, requested_by, cancel}; same
   answers, plus 409 {"error": "rejected"} when the ledger refuses it (no such version, nothing to roll back to)
 GET /api/status/{model}    the status view (pending per class, runs in flight, champion, ...)
+GET /api/dashboard         the read-only page (worker.app.dashboard)
 """
 
 from __future__ import annotations
@@ -108,3 +109,14 @@ def status_http(req: func.HttpRequest) -> func.HttpResponse:
     if model not in worker.config.models:
         return _error(404, "unknown_model", f"model {model[:64]!r} is not configured")
     return _json(200, status_view(worker.store, worker.config, model)[model])
+
+
+@bp.function_name("dashboard_http")
+@bp.route(route="dashboard", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def dashboard_http(req: func.HttpRequest) -> func.HttpResponse:
+    """The same read-only page `retrain dashboard` serves, behind the function key."""
+    from worker.app.dashboard import CSP, page
+
+    worker = runtime.worker()
+    headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+    return func.HttpResponse(page(worker.store, worker.config), status_code=200, mimetype="text/html", charset="utf-8", headers=headers)

@@ -449,6 +449,20 @@ def logs(
         raise typer.Exit(1) from exc
 
 
+@app.command()
+def dashboard(
+    host: Annotated[str, typer.Option(help="the address to listen on (keep it local: the page has no login)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the port (0: any free one)")] = 8765,
+    config: ConfigOption = None,
+) -> None:
+    """Serve a read-only page: champions, accuracy per version, training curves, pending, decisions, events."""
+    from worker.app.dashboard_server import serve_dashboard
+
+    cfg = _config(config)
+    store = _store(cfg)
+    serve_dashboard(store, cfg, host, port, announce=lambda url: typer.echo(f"dashboard on {url} (Ctrl-C stops it)"))
+
+
 def _known(cfg, model: str | None) -> None:
     if model is not None and model not in cfg.models:
         typer.echo(f"error: unknown model {model!r} (configured: {', '.join(sorted(cfg.models))})", err=True)
