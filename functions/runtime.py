@@ -37,7 +37,10 @@ def worker() -> Worker:
     with _lock:
         if _worker is None:
             install_log_redaction()
+            from worker import telemetry
             from worker.app.bootstrap import build_worker_from_settings
+
+            telemetry.configure()  # Application Insights through OpenTelemetry, when its connection string is set
 
             _worker = build_worker_from_settings(os.environ)
         return _worker

@@ -36,9 +36,14 @@ class CloudEvent(BaseModel):
     subject: str
     datacontenttype: Literal["application/json"] = "application/json"
     data: dict[str, Any]
+    # The CloudEvents distributed-tracing extension: the W3C trace context of what caused the event.
+    traceparent: str | None = Field(None, pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
     def to_json_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        document = self.model_dump(mode="json")
+        if document.get("traceparent") is None:
+            document.pop("traceparent", None)
+        return document
 
 
 def event_id(type_: str, subject: str, discriminator: str = "") -> str:
@@ -47,8 +52,16 @@ def event_id(type_: str, subject: str, discriminator: str = "") -> str:
 
 
 def new_event(
-    type_: str, subject: str, data: dict[str, Any], *, time: dt.datetime, discriminator: str = "", source: str = DEFAULT_SOURCE
+    type_: str,
+    subject: str,
+    data: dict[str, Any],
+    *,
+    time: dt.datetime,
+    discriminator: str = "",
+    source: str = DEFAULT_SOURCE,
+    traceparent: str | None = None,
 ) -> CloudEvent:
     if type_ not in EVENT_TYPES:
         raise ValueError(f"unknown event type {type_!r}")
-    return CloudEvent(id=event_id(type_, subject, discriminator), source=source, type=type_, time=time, subject=subject, data=data)
+    event_id_ = event_id(type_, subject, discriminator)
+    return CloudEvent(id=event_id_, source=source, type=type_, time=time, subject=subject, data=data, traceparent=traceparent)

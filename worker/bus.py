@@ -25,6 +25,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop
 from shared import events as ev
 from shared.messages import ImageUploaded, Message, RetrainRequested, RunStatusChanged, Tick, safe_message_id
 from shared.redact import printable, redact
+from worker import telemetry
 from worker.completion import Completer
 from worker.config import RetrainConfig
 from worker.context import Backfill, Context
@@ -79,6 +80,12 @@ class Worker:
     def handle(self, message: Message, remember: Remember | None = None) -> Effects:
         """Apply one message. `remember` (an HTTP Idempotency-Key) is stored in the same transaction
         as the message's effect, so a request that failed is not "replayed" on retry."""
+        with telemetry.span(f"retrain.receive {message.kind}", model=message.model or "", message_id=message.message_id) as span:
+            effects = self._handle(message, remember)
+            span.set_attribute("retrain.outcome", effects.outcome)
+            return effects
+
+    def _handle(self, message: Message, remember: Remember | None) -> Effects:
         if isinstance(message, Tick) and message.model is None:
             # One transaction per model: a commit never spans two models' partitions.
             combined = Effects()
@@ -349,8 +356,14 @@ class Worker:
             return 0
         published = 0
         while events := self.store.unpublished_events(batch):
-            self.publisher.publish([e.payload for e in events])
+            with telemetry.span("retrain.publish.batch", events=len(events)):
+                self.publisher.publish([e.payload for e in events])
             self.store.mark_published([e.event_id for e in events], self.clock.now())
+            for event in events:  # a mark in each event's own trace: where the story ends
+                with telemetry.span(
+                    "retrain.publish", parent=event.payload.get("traceparent"), event_type=event.type, event_id=event.event_id
+                ):
+                    pass
             published += len(events)
             if len(events) < batch:
                 break

@@ -31,6 +31,7 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from shared import events as ev
+from worker import telemetry
 from worker.config import RetrainConfig
 from worker.context import Context
 from worker.crashpoints import crashpoint
@@ -41,7 +42,7 @@ from worker.outbox import queue_event
 from worker.ports import BlobStore, Clock, ExportError, ExportResult, ModelRegistry, OnnxExporter, TrainingBackend
 from worker.runs import after_run
 from worker.snapshot import training_dir
-from worker.store import ConcurrencyConflict, DecisionRow, ModelVersionRow, RunRow, Store
+from worker.store import ConcurrencyConflict, DecisionRow, ModelHead, ModelVersionRow, RunRow, Store
 from worker.submission import training_args
 
 log = logging.getLogger("retrain.completion")
@@ -115,6 +116,10 @@ class Completer:
             if run is None or run.state != "succeeded":
                 return []
             head = tx.model_head(run.model)
+        with telemetry.span("retrain.complete", parent=run.traceparent, model=run.model, run_id=run.run_id):
+            return self._complete(run, head)
+
+    def _complete(self, run: RunRow, head: ModelHead) -> list[str]:
         champion = Champion(head.champion_version, head.champion_sha256 or "") if head.champion_version else None
         timings: dict[str, float] = {}
         try:
@@ -270,6 +275,11 @@ class Completer:
                 "location": location, "timings": {k: round(v, 3) for k, v in timings.items()},
             }  # fmt: skip
             queue_event(tx, ev.MODEL_REGISTERED, f"models/{run.model}/versions/{version}", data, now, discriminator=run.run_id)
+            telemetry.count("retrain.runs", model=run.model, outcome="registered")
+            if run.oldest_image_at is not None:
+                telemetry.record(
+                    "retrain.image_to_champion.seconds", (now - run.oldest_image_at).total_seconds(), unit="s", model=run.model
+                )
             tx.record_decision(
                 DecisionRow(
                     model=run.model,
@@ -299,6 +309,7 @@ class Completer:
                 "metrics": {k: metrics.get(k) for k in SUMMARY_KEYS}, "gate": gate.as_dict() if gate else None,
             }  # fmt: skip
             queue_event(tx, ev.MODEL_REJECTED, f"runs/{run.run_id}", data, now)
+            telemetry.count("retrain.runs", model=run.model, outcome="rejected")
             tx.record_decision(
                 DecisionRow(model=run.model, at=now, outcome="rejected", reason=f"{run.run_id} not registered: {reason}", run_id=run.run_id)
             )

@@ -8,6 +8,7 @@ from typing import Any
 
 from shared import events as ev
 from shared.redact import redact
+from worker import telemetry
 from worker.store import OutboxRow, Tx
 
 
@@ -23,5 +24,7 @@ def _redacted(value: Any) -> Any:
 
 
 def queue_event(tx: Tx, type_: str, subject: str, data: dict[str, Any], now: dt.datetime, discriminator: str = "") -> None:
-    event = ev.new_event(type_, subject, _redacted(data), time=now, discriminator=discriminator)
+    event = ev.new_event(
+        type_, subject, _redacted(data), time=now, discriminator=discriminator, traceparent=telemetry.current_traceparent()
+    )
     tx.enqueue_event(OutboxRow(event_id=event.id, type=event.type, subject=event.subject, payload=event.to_json_dict(), created_at=now))

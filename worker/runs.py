@@ -10,6 +10,7 @@ from typing import Any
 from shared import events as ev
 from shared.redact import printable
 from shared.run_ids import make_run_id
+from worker import telemetry
 from worker.context import Context
 from worker.manifests import build_manifest, freeze
 from worker.outbox import queue_event
@@ -40,7 +41,10 @@ def evaluate(ctx: Context, tx: Tx, model: str, message_id: str | None) -> tuple[
     requests = tx.open_requests(model)
     snapshot = snapshot_of(tx, model, requests)
     head, force = snapshot.head, snapshot.force_request
-    decision = decide(snapshot, ctx.now, cfg)
+    with telemetry.span("retrain.decide", model=model) as span:
+        decision = decide(snapshot, ctx.now, cfg)
+        span.set_attribute("retrain.outcome", decision.outcome)
+    telemetry.gauge("retrain.pending.images", snapshot.pending.count, model=model)
     run = None
     if decision.outcome == "coalesce" and not head.followup_wanted:
         head.followup_wanted = True
@@ -51,7 +55,7 @@ def evaluate(ctx: Context, tx: Tx, model: str, message_id: str | None) -> tuple[
     elif decision.outcome == "submit":
         # In queue mode each forced request makes its own run: consume up to the first one.
         consumed = requests[: requests.index(force) + 1] if cfg.in_flight == "queue" and force is not None else requests
-        run = plan_run(ctx, tx, model, decision.reason, consumed)
+        run = plan_run(ctx, tx, model, decision.reason, consumed, oldest_image_at=snapshot.pending.oldest_at)
     last = next(iter(tx.decisions(model, 1)), None)
     if run is not None or last is None or (last.outcome, last.reason) != (decision.outcome, decision.reason):
         # An unchanged verdict is not recorded again: `retrain explain` shows changes, not ticks.
@@ -75,7 +79,9 @@ def reject_request(ctx: Context, tx: Tx, request: RequestRow, reason: str) -> No
     queue_event(tx, ev.REQUEST_REJECTED, f"requests/{request.request_id}", data, ctx.now)
 
 
-def plan_run(ctx: Context, tx: Tx, model: str, reason: str, requests: list[RequestRow]) -> RunRow:
+def plan_run(
+    ctx: Context, tx: Tx, model: str, reason: str, requests: list[RequestRow], oldest_image_at: dt.datetime | None = None
+) -> RunRow:
     """Freeze the manifest and record the run as planned (step 1 of the submit protocol).
 
     The run covers every image that arrived so far (its watermark); images above the last
@@ -113,6 +119,8 @@ def plan_run(ctx: Context, tx: Tx, model: str, reason: str, requests: list[Reque
         reason=reason,
         request_ids=[r.request_id for r in requests][:REQUEST_IDS_KEPT],
         overrides=overrides,
+        traceparent=telemetry.current_traceparent(),
+        oldest_image_at=oldest_image_at,
     )
     tx.insert_run(run)
     if requests:
@@ -206,6 +214,7 @@ def run_failed(ctx: Context, tx: Tx, run: RunRow, status: str, detail: str, mess
         "backoff_until": head.backoff_until.isoformat() if head.backoff_until else None,
     }
     queue_event(tx, ev.RUN_FAILED, f"runs/{run.run_id}", data, ctx.now)
+    telemetry.count("retrain.runs", model=run.model, outcome=status)
     tx.record_decision(
         DecisionRow(
             model=run.model,

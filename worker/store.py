@@ -124,6 +124,8 @@ class RunRow:
     outcome: str | None = None  # what the run ended as (kept once finalized)
     detail: str = ""
     completion_failures: int = 0  # completions that raised; the run fails after worker.bus.COMPLETION_ATTEMPTS
+    traceparent: str | None = None  # the trace of the message that planned it: submission and completion continue it
+    oldest_image_at: dt.datetime | None = None  # when its oldest new image arrived (time to champion)
 
     @property
     def backend_run_id(self) -> str:

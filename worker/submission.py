@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from worker import telemetry
 from worker.config import RetrainConfig
 from worker.context import Context
 from worker.crashpoints import crashpoint
@@ -67,13 +68,19 @@ class Submitter:
             data_dir=str(self.config.images_dir(run.model)),
             training=training_args(self.config, run),
             init_checkpoint=self.init_checkpoint(run.model),
-            tags={"model": run.model, "run_id": run.run_id, "manifest_sha256": run.manifest_sha256, "attempt": str(run.attempt)},
-        )
-        try:
-            status = self.backend.submit(spec)
-        except PermanentBackendError as exc:
-            self._mark_submit_failed(run, str(exc))
-            return None
+            tags={"model": run.model, "run_id": run.run_id, "manifest_sha256": run.manifest_sha256, "attempt": str(run.attempt),
+                  **({"traceparent": run.traceparent} if run.traceparent else {})},
+        )  # fmt: skip
+        with telemetry.span("retrain.submit", parent=run.traceparent, model=run.model, run_id=run.run_id, attempt=run.attempt):
+            try:
+                status = self.backend.submit(spec)
+            except PermanentBackendError as exc:
+                telemetry.count("retrain.submit.errors", model=run.model, permanent=True)
+                self._mark_submit_failed(run, str(exc))
+                return None
+            except Exception:
+                telemetry.count("retrain.submit.errors", model=run.model, permanent=False)
+                raise
         crashpoint("after_backend_submit")
         self._mark_submitted(run, status)
         return status

@@ -70,6 +70,9 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     cfg = _config(config)
+    from worker import telemetry
+
+    telemetry.configure()
     service = LocalService(build_worker(cfg), settle_seconds=settle_seconds)
 
     def stop(signum, _frame):

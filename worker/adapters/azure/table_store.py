@@ -104,7 +104,7 @@ def _image(d: dict[str, Any], state: str) -> ImageRow:
     return ImageRow(**{**d, "state": state, "occurred_at": _dt(d["occurred_at"]), "first_seen_at": _dt(d["first_seen_at"])})
 
 
-_RUN_TIMES = ("created_at", "submitted_at", "started_at", "finished_at", "next_attempt_at")
+_RUN_TIMES = ("created_at", "submitted_at", "started_at", "finished_at", "next_attempt_at", "oldest_image_at")
 
 
 def _run_doc(r: RunRow) -> dict[str, Any]:

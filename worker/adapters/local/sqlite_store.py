@@ -153,7 +153,7 @@ def _image(r: sqlite3.Row, state: ImageState) -> ImageRow:
 
 
 _IN_FLIGHT_SQL = ",".join(f"'{state}'" for state in sorted(IN_FLIGHT_STATES))
-_RUN_TIMES = ("created_at", "submitted_at", "started_at", "finished_at", "next_attempt_at")
+_RUN_TIMES = ("created_at", "submitted_at", "started_at", "finished_at", "next_attempt_at", "oldest_image_at")
 
 
 def _run_doc(run: RunRow) -> str:

@@ -1,0 +1,76 @@
+"""One image, followed: its upload, the decision, the submission, the completion and the published
+events are one trace, and the events carry its traceparent (issue 15)."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from shared import events as ev
+from worker import telemetry
+
+from .worker_harness import make_harness
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def exported():
+    spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    telemetry.use_providers(tracer_provider, MeterProvider(metric_readers=[reader]))
+    yield spans, reader
+    telemetry.use_providers()
+
+
+def _metrics(reader) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                found.setdefault(metric.name, []).extend(metric.data.data_points)
+    return found
+
+
+def test_one_image_is_one_trace_from_upload_to_the_registered_event(tmp_path, exported):
+    spans, reader = exported
+    h = make_harness(tmp_path, quiet_period=0)
+    h.uploads(10)
+    [run] = h.runs()
+    assert run.traceparent is not None
+    trace_id = run.traceparent.split("-")[1]
+    assert h.backend.specs[run.backend_run_id].tags["traceparent"] == run.traceparent  # the run's tags carry it too
+    h.succeed(run)
+    h.worker.relay()
+    finished = spans.get_finished_spans()
+    in_trace = {s.name for s in finished if f"{s.context.trace_id:032x}" == trace_id}
+    assert {"retrain.receive image.uploaded", "retrain.decide", "retrain.submit", "retrain.complete", "retrain.publish"} <= in_trace
+    complete = next(s for s in finished if s.name == "retrain.complete")
+    status_receive = next(s for s in finished if s.name == "retrain.receive run.status_changed")
+    assert [link.context.span_id for link in complete.links] == [status_receive.context.span_id]  # what reported the end
+    registered = next(e for e in h.events() if e.type == ev.MODEL_REGISTERED)
+    assert registered.payload["traceparent"].split("-")[1] == trace_id
+    published = [s for s in finished if s.name == "retrain.publish" and s.attributes["event_type"] == ev.MODEL_REGISTERED]
+    assert [f"{s.context.trace_id:032x}" for s in published] == [trace_id]
+    points = _metrics(reader)
+    assert [(p.attributes["outcome"], p.value) for p in points["retrain.runs"]] == [("registered", 1)]
+    assert [p.count for p in points["retrain.image_to_champion.seconds"]] == [1]
+    assert any(p.attributes["model"] == "birds" for p in points["retrain.pending.images"])
+
+
+def test_submit_errors_are_counted(tmp_path, exported):
+    _, reader = exported
+    h = make_harness(tmp_path, quiet_period=0)
+    h.backend.fail_next_submit(ConnectionError("backend down"))
+    h.uploads(10)
+    assert [(p.attributes["permanent"], p.value) for p in _metrics(reader)["retrain.submit.errors"]] == [(False, 1)]
+
+
+def test_events_outside_any_span_carry_no_traceparent():
+    event = ev.new_event(ev.RUN_FAILED, "runs/x", {}, time=__import__("datetime").datetime(2026, 1, 1, tzinfo=__import__("datetime").UTC))
+    assert "traceparent" not in event.to_json_dict()
