@@ -162,6 +162,7 @@ class RetrainRequested(_Strict):
     overrides: TrainingOverrides | None = None
     requested_by: Annotated[str, Field(max_length=200)] = "unknown"
     reason: Annotated[str, Field(max_length=2000)] = ""
+    override_budget: StrictBool = False  # with force: run even past max_gpu_hours_per_day
 
     @model_validator(mode="after")
     def _asks_for_something(self) -> RetrainRequested:

@@ -101,6 +101,12 @@ class ModelConfig(_Section):
     max_wait: Seconds | None = Field(3600.0, description="run anyway once the oldest pending image is this old")
     cooldown: Seconds = Field(300.0, description="pause after a run finishes before the next one")
     in_flight: Literal["coalesce", "queue", "drop"] = "coalesce"
+    max_gpu_hours_per_day: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="a cost guard: no new run while the runs of the last 24 h used this many GPU-hours (forced requests need override_budget)",
+    )
     max_attempts: int = Field(3, ge=1, le=20, description="attempts per run (1 = no retry)")
     retry_backoff: Seconds = Field(60.0, description="wait before retry n is backoff * 2**(n-1)")
     backoff_after_failed_runs: int = Field(3, ge=1, le=100, description="consecutive failed runs before the model backs off")
@@ -192,6 +198,12 @@ class RetrainConfig(_Section):
 
     def model(self, name: str) -> ModelConfig:
         return self.models[name]
+
+    def gpus_per_run(self, name: str) -> int:
+        """What one run occupies: nodes x GPUs on Azure ML, processes (one device each) locally."""
+        if self.worker.backend == "azureml":
+            return self.azureml.node_count * self.azureml.gpus_per_node
+        return self.models[name].training.nproc
 
     def images_dir(self, name: str) -> Path:
         configured = self.models[name].images_dir

@@ -97,6 +97,7 @@ def handle_retrain_requested(ctx: Context, tx: Tx, msg: RetrainRequested) -> Eff
                 overrides=overrides,
                 requested_by=msg.requested_by,
                 reason=msg.reason,
+                override_budget=msg.override_budget,
             )
         )
     if msg.force:

@@ -23,6 +23,8 @@ class Snapshot:
     head: ModelHead
     in_flight: RunRow | None = None
     force_request: RequestRow | None = None  # the oldest open forced request, if any
+    gpu_hours_24h: float = 0.0  # what the model's runs used in the last 24 h (a run in flight: so far)
+    budget_frees_at: dt.datetime | None = None  # when that drops below max_gpu_hours_per_day, if no run starts
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,32 @@ def _span(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+DAY = dt.timedelta(hours=24)
+
+
+def gpu_usage(
+    intervals: list[tuple[dt.datetime, dt.datetime | None]], now: dt.datetime, gpus: int, budget: float | None
+) -> tuple[float, dt.datetime | None]:
+    """(GPU-hours used in the 24 h before `now`, when that falls below `budget` if no run starts).
+
+    `intervals` are runs' (start, end); end None for a run still going (it counts up to `now`, and
+    while it goes the budget has no known time to free up)."""
+
+    def used(at: dt.datetime) -> float:
+        window = at - DAY
+        seconds = sum(max(0.0, (min(end or at, at) - max(start, window)).total_seconds()) for start, end in intervals)
+        return seconds * gpus / 3600
+
+    hours = used(now)
+    if budget is None or hours < budget or any(end is None for _, end in intervals):
+        return hours, None
+    lo, hi = now, now + DAY  # used() only falls as the window slides past finished runs
+    for _ in range(40):
+        mid = lo + (hi - lo) / 2
+        lo, hi = (mid, hi) if used(mid) >= budget else (lo, mid)
+    return hours, hi
 
 
 def data_shortfall(snapshot: Snapshot, cfg: ModelConfig) -> str | None:
@@ -93,6 +121,18 @@ def decide(snapshot: Snapshot, now: dt.datetime, cfg: ModelConfig) -> Decision:
     if shortfall:
         count = "" if forced or count_met else f"waiting: {pending.count}/{cfg.min_new_images} new images; "
         return Decision("wait", count + shortfall + (" (a forced request is waiting too)" if forced else ""))
+
+    budget = cfg.max_gpu_hours_per_day
+    if budget is not None and snapshot.gpu_hours_24h >= budget and (pending.count > 0 or head.followup_wanted or forced):
+        override = forced and snapshot.force_request is not None and snapshot.force_request.override_budget
+        if not override:
+            frees = f"; it frees up at {_hms(snapshot.budget_frees_at)}" if snapshot.budget_frees_at else ""
+            waiting = " (a forced request is waiting too; override_budget runs it now)" if forced else ""
+            return Decision(
+                "wait",
+                f"GPU budget: {snapshot.gpu_hours_24h:.1f} of {budget:g} GPU-hours used in the last 24 h{frees}{waiting}",
+                wake_at=snapshot.budget_frees_at,
+            )
 
     if not forced and head.backoff_until is not None and now < head.backoff_until and (pending.count > 0 or head.followup_wanted):
         return Decision(

@@ -11,10 +11,11 @@ from shared import events as ev
 from shared.redact import printable
 from shared.run_ids import make_run_id
 from worker import telemetry
+from worker.config import RetrainConfig
 from worker.context import Context
 from worker.manifests import build_manifest, freeze
 from worker.outbox import queue_event
-from worker.policy import Decision, Snapshot, decide
+from worker.policy import DAY, Decision, Snapshot, decide, gpu_usage
 from worker.store import IN_FLIGHT_STATES, DecisionRow, ManifestEntry, RequestRow, RunRow, RunState, Tx
 
 REJECTIONS_PER_COMMIT = 20  # forced requests dropped per evaluation (more wait for the next one)
@@ -23,23 +24,44 @@ REJECTIONS_PER_COMMIT = 20  # forced requests dropped per evaluation (more wait 
 REQUEST_IDS_KEPT = 20  # on the run record; the request watermark covers them all
 
 
-def snapshot_of(tx: Tx, model: str, requests: list[RequestRow] | None = None) -> Snapshot:
-    """What the policy decides from: the model's pending images, data, head, run in flight, first forced request."""
+RUNS_IN_A_DAY = 200  # the recent runs read for the GPU budget (more than a day holds at any sane pace)
+
+
+def snapshot_of(tx: Tx, model: str, requests: list[RequestRow] | None = None, config: RetrainConfig | None = None,
+                now: dt.datetime | None = None) -> Snapshot:  # fmt: skip
+    """What the policy decides from: the model's pending images, data, head, run in flight, first
+    forced request, and (with a GPU budget configured) the GPU-hours its runs used in the last 24 h."""
     requests = tx.open_requests(model) if requests is None else requests
+    hours, frees_at = 0.0, None
+    budget = config.model(model).max_gpu_hours_per_day if config is not None else None
+    if config is not None and budget is not None and now is not None:
+        intervals = [(_gpu_start(r), r.finished_at) for r in tx.runs(model, limit=RUNS_IN_A_DAY) if r.submitted_at or r.started_at]
+        hours, frees_at = gpu_usage([i for i in intervals if i[1] is None or i[1] > now - DAY], now, config.gpus_per_run(model), budget)
     return Snapshot(
         pending=tx.pending_stats(model),
         data=tx.data_stats(model),
         head=tx.model_head(model),
         in_flight=next(iter(tx.runs(model, IN_FLIGHT_STATES, limit=1)), None),
-        force_request=next((r for r in requests if r.force), None),
+        # An explicit budget override among the open forced requests is the one the policy weighs.
+        force_request=next((r for r in requests if r.force and r.override_budget), None) or next((r for r in requests if r.force), None),
+        gpu_hours_24h=hours,
+        budget_frees_at=frees_at,
     )
+
+
+def _gpu_start(run: RunRow) -> dt.datetime:
+    """When a run began to hold its GPUs: when the backend said it was running, or (if that was never
+    seen: a run whose end came first) when it was submitted."""
+    if run.started_at is not None and (run.finished_at is None or run.started_at < run.finished_at):
+        return run.started_at
+    return run.submitted_at or run.started_at or run.created_at
 
 
 def evaluate(ctx: Context, tx: Tx, model: str, message_id: str | None) -> tuple[Decision, RunRow | None]:
     """Run the policy for `model`, carry out and record its decision."""
     cfg = ctx.config.model(model)
     requests = tx.open_requests(model)
-    snapshot = snapshot_of(tx, model, requests)
+    snapshot = snapshot_of(tx, model, requests, ctx.config, ctx.now)
     head, force = snapshot.head, snapshot.force_request
     with telemetry.span("retrain.decide", model=model) as span:
         decision = decide(snapshot, ctx.now, cfg)

@@ -149,6 +149,7 @@ class RequestRow:
     requested_by: str = ""
     reason: str = ""
     seq: int = 0  # per-model arrival order, given by the store; consumed when <= the head's request watermark
+    override_budget: bool = False  # a forced request that may run past max_gpu_hours_per_day
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,11 @@ class Tx(abc.ABC):
     @abc.abstractmethod
     def data_stats(self, model: str) -> DataStats: ...
 
+    def image_arrivals(self, model: str) -> list[ImageRow]:
+        """Every image version in arrival (seq) order, for `retrain simulate --export`. This default
+        knows only the latest versions; the SQLite and in-memory ledgers return superseded ones too."""
+        return sorted(self.manifest_candidates(model, 0, self.image_watermark(model)), key=lambda i: i.seq)
+
     @abc.abstractmethod
     def manifest_candidates(self, model: str, after_seq: int, upto_seq: int) -> list[ImageRow]:
         """Latest versions with after_seq < seq <= upto_seq, sorted by path."""
@@ -277,6 +283,11 @@ class Tx(abc.ABC):
     @abc.abstractmethod
     def open_requests(self, model: str) -> list[RequestRow]:
         """Requests above the head's request watermark and not rejected, oldest first."""
+
+    def all_requests(self, model: str) -> list[RequestRow]:
+        """Every request, oldest first, for `retrain simulate --export` (this default: the open ones;
+        the SQLite and in-memory ledgers return all)."""
+        return self.open_requests(model)
 
     @abc.abstractmethod
     def reject_request(self, row: RequestRow) -> None:

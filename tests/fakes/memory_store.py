@@ -111,6 +111,9 @@ class MemoryTx(Tx):
                 train[i.label] = train.get(i.label, 0) + 1
         return DataStats(train_per_class=train, val_count=sum(1 for i in usable if i.split == "val"))
 
+    def image_arrivals(self, model: str) -> list[ImageRow]:
+        return sorted(self._with_state(model), key=lambda i: i.seq)
+
     def manifest_candidates(self, model: str, after_seq: int, upto_seq: int) -> list[ImageRow]:
         found = [i for i in self._with_state(model) if i.latest and after_seq < i.seq <= upto_seq]
         return sorted(found, key=lambda i: i.path)
@@ -153,6 +156,9 @@ class MemoryTx(Tx):
         upto = (self.s.heads.get(model) or ModelHead(model=model)).request_watermark
         found = [r for r in self.s.requests.values() if r.model == model and r.state == "open" and r.seq > upto]
         return [copy.deepcopy(r) for r in sorted(found, key=lambda r: r.seq)]
+
+    def all_requests(self, model: str) -> list[RequestRow]:
+        return [copy.deepcopy(r) for r in sorted((r for r in self.s.requests.values() if r.model == model), key=lambda r: r.seq)]
 
     def reject_request(self, row: RequestRow) -> None:
         self._write()

@@ -466,6 +466,64 @@ def dashboard(
     serve_dashboard(store, cfg, host, port, announce=lambda url: typer.echo(f"dashboard on {url} (Ctrl-C stops it)"))
 
 
+@app.command()
+def simulate(
+    model: Annotated[str, typer.Argument(help="the model whose history is replayed")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE: a policy setting for the replay (repeatable)")] = None,
+    grid: Annotated[
+        list[str] | None, typer.Option(help="KEY=V1,V2,...: one configuration per value (repeatable: every combination)")
+    ] = None,
+    events: Annotated[Path | None, typer.Option(help="replay this JSON-lines history instead of the ledger's")] = None,
+    export: Annotated[
+        Path | None, typer.Option(help="write the ledger's history as JSON lines to this file ('-': stdout) and stop")
+    ] = None,
+    run_minutes: Annotated[float | None, typer.Option(help="every run takes this long (default: recorded runs, or a fit to them)")] = None,
+    tick: Annotated[float, typer.Option(help="seconds between the worker's ticks")] = 60.0,
+    show_runs: Annotated[int, typer.Option("--runs", help="list this many simulated runs per configuration")] = 20,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Replay the model's recorded history through the policy, as it is or with other settings."""
+    from worker.app.simulate_cli import SimulateError, run_simulation
+
+    cfg = _config(config)
+    _known(cfg, model)
+    try:
+        report = run_simulation(cfg, model, _store if events is None else None, set_ or [], grid or [], events, export, run_minutes, tick)
+    except SimulateError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if report is None:  # exported
+        return
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model}: {report['arrivals']} arrivals, {report['requests']} forced requests, {report['recorded_runs']} recorded runs",
+                  title_justify="left")  # fmt: skip
+    table.add_column("")
+    for result in report["results"]:
+        table.add_column(result["config"], justify="right")
+    rows = [("runs", "runs"), ("GPU-hours", "gpu_hours"), ("images per run", "images_per_run")]
+    for title, key in rows:
+        table.add_row(title, *(str(r[key]) for r in report["results"]))
+    for title, key in [("staleness median (h)", "median"), ("staleness p95 (h)", "p95"), ("staleness max (h)", "max")]:
+        table.add_row(title, *(str(r["staleness_hours"][key]) for r in report["results"]))
+    table.add_row("images never trained", *(str(r["images_never_trained"]) for r in report["results"]))
+    console = Console(highlight=False)
+    console.print(table)
+    console.print(f"run durations: {report['results'][0]['durations']}; GPUs per run: {report['gpus_per_run']}")
+    for result in report["results"]:
+        shown = result["simulated_runs"][:show_runs]
+        if shown:
+            console.print(f"[bold]{result['config']}[/bold]: first {len(shown)} of {result['runs']} runs")
+            for r in shown:
+                console.print(f"  {r['planned_at'][:16]}  {r['images']:>7} images ({r['new_images']} new)  {r['minutes']:>6} min  {r['reason']}",
+                              markup=False)  # fmt: skip
+
+
 def _known(cfg, model: str | None) -> None:
     if model is not None and model not in cfg.models:
         typer.echo(f"error: unknown model {model!r} (configured: {', '.join(sorted(cfg.models))})", err=True)

@@ -153,6 +153,8 @@ def _image(r: sqlite3.Row, state: ImageState) -> ImageRow:
 
 
 _IN_FLIGHT_SQL = ",".join(f"'{state}'" for state in sorted(IN_FLIGHT_STATES))
+# The request's budget override rides in its overrides column (schema v2 has no column for it).
+_OVERRIDE_BUDGET = "_override_budget"
 _RUN_TIMES = ("created_at", "submitted_at", "started_at", "finished_at", "next_attempt_at", "oldest_image_at")
 
 
@@ -281,6 +283,11 @@ class SqliteTx(Tx):
             val_count=sum(r["n"] for r in rows if r["split"] == "val"),
         )
 
+    def image_arrivals(self, model: str) -> list[ImageRow]:
+        trained, flying = self._watermarks(model)
+        rows = self.conn.execute("SELECT * FROM images WHERE model=? ORDER BY seq", (model,)).fetchall()
+        return [_image(r, image_state(bool(r["latest"]), r["seq"], trained, flying)) for r in rows]
+
     def manifest_candidates(self, model: str, after_seq: int, upto_seq: int) -> list[ImageRow]:
         trained, flying = self._watermarks(model)
         rows = self.conn.execute(
@@ -332,7 +339,8 @@ class SqliteTx(Tx):
         self.conn.execute(
             "INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?)",
             (
-                row.request_id, row.model, seq, int(row.force), _ts(row.created_at), json.dumps(row.overrides), row.state,
+                row.request_id, row.model, seq, int(row.force), _ts(row.created_at),
+                json.dumps({**row.overrides, **({_OVERRIDE_BUDGET: True} if row.override_budget else {})}), row.state,
                 row.requested_by, row.reason,
             ),
         )  # fmt: skip
@@ -346,11 +354,18 @@ class SqliteTx(Tx):
         ).fetchall()
         return [self._request(r) for r in rows]
 
+    def all_requests(self, model: str) -> list[RequestRow]:
+        rows = self.conn.execute("SELECT * FROM requests WHERE model=? ORDER BY seq", (model,)).fetchall()
+        return [self._request(r) for r in rows]
+
     @staticmethod
     def _request(r: sqlite3.Row) -> RequestRow:
+        overrides = json.loads(r["overrides"])
+        override_budget = bool(overrides.pop(_OVERRIDE_BUDGET, False))
         return RequestRow(
             request_id=r["request_id"], model=r["model"], force=bool(r["force"]), created_at=_at(r["created_at"]),
-            overrides=json.loads(r["overrides"]), state=r["state"], requested_by=r["requested_by"], reason=r["reason"], seq=r["seq"],
+            overrides=overrides, state=r["state"], requested_by=r["requested_by"], reason=r["reason"], seq=r["seq"],
+            override_budget=override_budget,
         )  # fmt: skip
 
     def reject_request(self, row: RequestRow) -> None:

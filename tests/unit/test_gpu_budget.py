@@ -1,0 +1,72 @@
+"""The cost guard: max_gpu_hours_per_day, live and in the simulator (issue 16)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from shared.messages import RetrainRequested
+from worker.config import ModelConfig
+from worker.policy import gpu_usage
+from worker.simulate import Arrival, DurationModel, History, simulate
+from worker.views import explain_view
+
+from .worker_harness import make_harness
+
+pytestmark = pytest.mark.unit
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def test_usage_counts_the_last_24_hours_and_says_when_it_frees_up():
+    hour = dt.timedelta(hours=1)
+    runs = [(T0, T0 + hour), (T0 + 2 * hour, T0 + 3 * hour)]
+    hours, frees = gpu_usage(runs, T0 + 4 * hour, 2, budget=3.0)
+    assert hours == pytest.approx(4.0)
+    assert frees == pytest.approx(T0 + 24 * hour + 0.5 * hour, abs=dt.timedelta(seconds=1))  # half of the first run has left the window
+    assert gpu_usage(runs, T0 + 4 * hour, 2, budget=5.0) == (pytest.approx(4.0), None)  # under budget
+    assert gpu_usage([(T0, None)], T0 + hour, 2, budget=1.0) == (pytest.approx(2.0), None)  # a run in flight: no known time
+
+
+def test_the_live_policy_waits_over_budget_names_it_and_only_an_explicit_override_runs(tmp_path):
+    h = make_harness(tmp_path, quiet_period=0, cooldown=0, max_gpu_hours_per_day=1.5)  # 2 processes per run
+    h.uploads(10)
+    [first] = h.runs()
+    h.clock.advance(3600)  # an hour of 2 GPUs: 2 GPU-hours
+    h.succeed(first)
+    h.uploads(10)
+    assert len(h.runs()) == 1
+    reason = explain_view(h.store, h.worker.config, "birds")["birds"][0]["reason"]
+    assert reason.startswith("GPU budget: 2.0 of 1.5 GPU-hours used in the last 24 h; it frees up at ")
+    h.worker.handle(RetrainRequested(message_id="f1", model="birds", force=True))
+    assert len(h.runs()) == 1
+    assert "override_budget runs it now" in h.decisions()[0].reason
+    h.worker.handle(RetrainRequested(message_id="f2", model="birds", force=True, override_budget=True))
+    assert len(h.runs()) == 2
+
+
+def test_the_budget_frees_up_a_day_later_and_the_run_starts_then(tmp_path):
+    h = make_harness(tmp_path, quiet_period=0, cooldown=0, max_gpu_hours_per_day=1.5)
+    h.uploads(10)
+    [first] = h.runs()
+    h.clock.advance(3600)
+    h.succeed(first)
+    h.uploads(10)
+    h.clock.advance(23 * 3600)
+    h.worker.tick()
+    assert len(h.runs()) == 1  # 23 h later the whole run (2 GPU-hours) is still in the 24 h window
+    h.clock.advance(3600)
+    h.worker.tick()
+    assert len(h.runs()) == 2
+
+
+def test_the_simulator_honours_the_budget():
+    arrivals = [Arrival(T0 + dt.timedelta(minutes=5 * i), f"{'a' if i % 2 else 'b'}/{i:05d}.jpg") for i in range(2000)]
+    base = ModelConfig(min_new_images=20, quiet_period=0, max_wait=None, cooldown=0, min_per_class=1)
+    free = simulate(History(arrivals=arrivals), base, durations=DurationModel("fixed", minutes=60), gpus_per_run=4)
+    capped = simulate(History(arrivals=arrivals), base.model_copy(update={"max_gpu_hours_per_day": 24.0}), durations=DurationModel("fixed", minutes=60),
+                      gpus_per_run=4)  # fmt: skip
+    days = 2000 * 5 / 60 / 24
+    assert free.gpu_hours > 24 * days
+    assert capped.gpu_hours <= 24 * (days + 2)
+    assert len(capped.runs) < len(free.runs)

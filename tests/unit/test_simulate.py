@@ -1,0 +1,189 @@
+"""`retrain simulate` replays history through the real policy (issue 16)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from shared.messages import ImageUploaded, RetrainRequested
+from worker.simulate import Arrival, DurationModel, History, RecordedRun, Request, history_lines, ledger_history, read_history, simulate
+
+from .worker_harness import make_harness
+
+pytestmark = pytest.mark.unit
+
+TICK = 5  # seconds between the worker's ticks, in the recorded history and in the replay
+
+
+def produce_history(tmp_path):
+    """The worker itself, ticking every TICK seconds through uploads in bursts, a forced request and
+    a failed run: quiet periods, max waits and cooldowns all decide something along the way."""
+    h = make_harness(tmp_path, quiet_period=20, max_wait=120, cooldown=60, max_attempts=1, min_new_images=8, min_per_class=2)
+    start = h.clock.now()
+    uploads: dict[int, list[str]] = {}
+    n = 0
+    for burst_at, count in [(0, 10), (40, 3), (300, 12), (330, 2), (700, 4), (1200, 9), (1500, 1)]:
+        for i in range(count):
+            uploads.setdefault(burst_at + 2 * i, []).append(f"{'chicken' if (n + i) % 2 else 'turkey'}/{n + i:04d}.jpg")
+        n += count
+    forced_at, durations, fail_index = 900, [150, 200, 90, 240, 120, 100], 2
+    finishing: dict[str, int] = {}
+    for second in range(0, 2400):
+        now = start + dt.timedelta(seconds=second)
+        h.clock.current = now
+        for path in uploads.get(second, []):
+            h.worker.handle(ImageUploaded.of("birds", path, "e1", 100))
+        if second == forced_at:
+            h.worker.handle(RetrainRequested(message_id="force-1", model="birds", force=True, requested_by="ops"))
+        for run in h.runs():
+            if run.in_flight and run.run_id not in finishing:
+                index = len(finishing)
+                finishing[run.run_id] = second + durations[index % len(durations)]
+            if run.in_flight and finishing.get(run.run_id) == second:
+                if list(finishing).index(run.run_id) == fail_index:
+                    h.status(run.backend_run_id, "failed", detail="out of memory")
+                else:
+                    h.succeed(run)
+        if second % TICK == 0:
+            h.worker.tick()
+    return h
+
+
+def test_replaying_the_live_configuration_reproduces_the_runs_the_worker_planned(tmp_path):
+    h = produce_history(tmp_path)
+    real = sorted(h.runs(), key=lambda r: r.seq)
+    assert len(real) >= 5
+    assert any(r.outcome == "failed" for r in real)
+    assert any(r.request_ids == ["force-1"] for r in real)
+    with h.store.read() as tx:
+        history = ledger_history(tx, "birds")
+    cfg = h.worker.config.model("birds")
+    result = simulate(history, cfg, tick_seconds=TICK, durations=DurationModel("recorded", history.runs), gpus_per_run=2, keep_paths=True)
+    assert len(result.runs) == len(real)
+    for simulated, run in zip(result.runs, real, strict=True):
+        assert abs((simulated.planned_at - run.created_at).total_seconds()) <= TICK, (simulated.reason, run.reason)
+        assert simulated.paths == sorted(i["path"] for i in h.manifest(run))
+        assert simulated.new_images == run.new_image_count
+    assert result.runs[[r.request_ids for r in result.runs].index(["force-1"])] is not None
+
+
+def test_a_higher_threshold_makes_fewer_bigger_runs_and_reports_staleness(tmp_path):
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    arrivals = [Arrival(start + dt.timedelta(minutes=10 * i), f"{'chicken' if i % 2 else 'turkey'}/{i:05d}.jpg") for i in range(600)]
+    history = History(arrivals=arrivals)
+    from worker.config import ModelConfig
+
+    base = ModelConfig(quiet_period=0, max_wait=None, cooldown=0, min_per_class=1)
+    results = [simulate(history, base.model_copy(update={"min_new_images": n}), durations=DurationModel("fixed", minutes=30), label=f"min_new_images={n}")
+               for n in (10, 50)]  # fmt: skip
+    small, big = (r.summary() for r in results)
+    assert small["runs"] > big["runs"] > 0
+    assert small["gpu_hours"] == pytest.approx(small["runs"] * 0.5)
+    assert small["staleness_hours"]["median"] < big["staleness_hours"]["median"]
+    assert 0 < small["staleness_hours"]["median"] <= small["staleness_hours"]["p95"] <= small["staleness_hours"]["max"]
+
+
+def test_the_history_file_round_trips_and_bad_lines_say_where(tmp_path):
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    history = History(
+        arrivals=[Arrival(start, "chicken/a.jpg", "e1")],
+        requests=[Request(start + dt.timedelta(hours=1), "r1", "ops", True)],
+        runs=[RecordedRun(start, start + dt.timedelta(minutes=20), 1, "failed")],
+    )
+    again = read_history(list(history_lines(history)))
+    assert again == history
+    with pytest.raises(ValueError, match="line 2: unknown type 'deletion'"):
+        read_history([json.dumps({"type": "arrival", "at": "2026-01-01T00:00:00Z", "path": "a/b.jpg"}), '{"type": "deletion"}'])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_skipping_arrivals_the_policy_can_only_wait_on_changes_nothing(seed):
+    import random
+
+    from worker.config import ModelConfig
+
+    rng = random.Random(seed)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    seconds = sorted(rng.uniform(0, 5 * 86400) ** 1.0 for _ in range(400))
+    arrivals = [Arrival(start + dt.timedelta(seconds=s), f"{rng.choice(['a', 'b', 'c'])}/{i:04d}.jpg") for i, s in enumerate(seconds)]
+    requests = [Request(start + dt.timedelta(seconds=rng.uniform(0, 5 * 86400)), f"r{i}") for i in range(3)]
+    history = History(arrivals=arrivals, requests=sorted(requests, key=lambda r: r.at))
+    cfg = ModelConfig(min_new_images=rng.choice([5, 20, 60]), quiet_period=rng.choice([0, 600, 3600]), max_wait=rng.choice([None, 1800, 7200]),
+                      cooldown=rng.choice([0, 900]), min_per_class=2, in_flight=rng.choice(["coalesce", "queue", "drop"]))  # fmt: skip
+    durations = DurationModel("fixed", minutes=rng.choice([10, 90]))
+    fast = simulate(history, cfg, tick_seconds=60, durations=durations)
+    exact = simulate(history, cfg, tick_seconds=60, durations=durations, every_arrival=True)
+    assert [(r.planned_at, r.images, r.reason) for r in fast.runs] == [(r.planned_at, r.images, r.reason) for r in exact.runs]
+
+
+def _history_file(tmp_path, n=300):
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    history = History(
+        arrivals=[Arrival(start + dt.timedelta(minutes=7 * i), f"{'chicken' if i % 2 else 'turkey'}/{i:05d}.jpg") for i in range(n)]
+    )
+    path = tmp_path / "history.jsonl"
+    path.write_text("\n".join(history_lines(history)) + "\n")
+    return path
+
+
+def test_the_command_compares_a_grid_side_by_side_and_gives_the_same_numbers_as_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from worker.app.cli import app
+
+    env = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"), "RETRAIN_CONFIG": ""}
+    path = _history_file(tmp_path)
+    args = ["simulate", "birds", "--events", str(path), "--grid", "min_new_images=10,50", "--set", "quiet_period=0", "--set", "max_wait=none",
+            "--run-minutes", "20"]  # fmt: skip
+    text = CliRunner().invoke(app, args, env=env)
+    assert text.exit_code == 0, text.output
+    assert "min_new_images=10" in text.output
+    assert "min_new_images=50" in text.output
+    assert "staleness median (h)" in text.output
+    assert "GPU-hours" in text.output
+    report = json.loads(CliRunner().invoke(app, [*args, "--json"], env=env).output)
+    ten, fifty = report["results"]
+    assert (ten["config"], fifty["config"]) == (
+        "quiet_period=0, max_wait=none, min_new_images=10",
+        "quiet_period=0, max_wait=none, min_new_images=50",
+    )
+    assert ten["runs"] > fifty["runs"] > 0
+    assert ten["gpu_hours"] == pytest.approx(ten["runs"] * 20 / 60 * 2, abs=0.01)  # 2 processes per local run
+    assert len(ten["simulated_runs"]) == ten["runs"]
+    assert str(ten["runs"]) in text.output
+
+
+def test_bad_settings_are_refused_with_what_is_wrong(tmp_path):
+    from typer.testing import CliRunner
+
+    from worker.app.cli import app
+
+    env = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"), "RETRAIN_CONFIG": ""}
+    path = _history_file(tmp_path, 10)
+    for args, words in [(["--set", "min_new_images=-1"], "min_new_images"), (["--set", "colour=blue"], "unknown setting 'colour'"),
+                        (["--grid", "min_new_images"], "expected KEY=VALUE")]:  # fmt: skip
+        result = CliRunner().invoke(app, ["simulate", "birds", "--events", str(path), *args], env=env)
+        assert result.exit_code == 2
+        assert words in result.output
+
+
+def test_export_writes_the_ledgers_history_in_the_documented_format(tmp_path):
+    h = produce_history(tmp_path)
+    from typer.testing import CliRunner
+
+    from worker.adapters.local.sqlite_store import SqliteStore
+    from worker.app.cli import app
+
+    with h.store.read() as tx:
+        history = ledger_history(tx, "birds")
+    path = tmp_path / "export.jsonl"
+    path.write_text("\n".join(history_lines(history)) + "\n")
+    assert read_history(path.read_text().splitlines()) == history
+    assert {json.loads(line)["type"] for line in path.read_text().splitlines()} == {"arrival", "request", "run"}
+    # The command reads the ledger the configuration names.
+    env = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state2"), "RETRAIN_CONFIG": ""}
+    SqliteStore(tmp_path / "state2" / "ledger.db").close()
+    out = CliRunner().invoke(app, ["simulate", "birds", "--export", "-"], env=env)
+    assert (out.exit_code, out.output) == (0, "")

@@ -1,0 +1,475 @@
+"""`retrain simulate`: replay a model's history through the real policy with a virtual clock.
+
+The history is image arrivals (when each version was first seen), forced requests, and the runs
+that were recorded (when planned, how long, how they ended). The simulator keeps the few numbers
+the policy reads (pending images per class and their oldest/newest arrival, the data per class and
+split, the head: follow-up, last finish, failures and back-off, the run in flight, open forced
+requests, the GPU-hours of the last 24 h), builds the same `Snapshot` the worker builds and calls
+the same `decide`. It evaluates when the worker would: at every arrival and request, at every
+tick, and when a run ends; between them it jumps straight to the next of those, or to the tick
+after the time the policy said waiting ends (`wake_at`), so a quiet year costs nothing.
+
+Run durations come from a `DurationModel`: the recorded runs in order (a replay of the live
+configuration), a per-image cost fitted to them (other configurations), or a fixed time. Recorded
+outcomes (failed, canceled) apply in the recorded mode only; in the others every run succeeds.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import json
+import math
+import statistics
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.manifest_hash import stable_split
+from shared.messages import label_of
+from worker.config import ModelConfig
+from worker.policy import DAY, Snapshot, decide, gpu_usage
+from worker.store import DataStats, ModelHead, PendingStats, RequestRow, RunRow
+
+FIXED_DEFAULT_MINUTES = 30.0
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: dt.datetime
+    path: str
+    etag: str = ""
+
+
+@dataclass(frozen=True)
+class Request:
+    at: dt.datetime
+    request_id: str
+    requested_by: str = ""
+    override_budget: bool = False
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    planned_at: dt.datetime
+    finished_at: dt.datetime | None
+    images: int
+    outcome: str  # succeeded | registered | rejected | failed | canceled | ...
+
+    @property
+    def seconds(self) -> float | None:
+        return (self.finished_at - self.planned_at).total_seconds() if self.finished_at else None
+
+
+@dataclass
+class History:
+    arrivals: list[Arrival] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    runs: list[RecordedRun] = field(default_factory=list)
+
+    @property
+    def start(self) -> dt.datetime | None:
+        times = [a.at for a in self.arrivals[:1]] + [r.at for r in self.requests[:1]]
+        return min(times) if times else None
+
+    @property
+    def end(self) -> dt.datetime | None:
+        times = (
+            [a.at for a in self.arrivals[-1:]] + [r.at for r in self.requests[-1:]] + [r.finished_at for r in self.runs if r.finished_at]
+        )
+        return max(times) if times else None
+
+
+class DurationModel:
+    """How long a simulated run takes (and, replaying, how it ends)."""
+
+    def __init__(self, kind: str, recorded: list[RecordedRun] | None = None, minutes: float | None = None):
+        self.kind, self.recorded = kind, recorded or []
+        self.fixed = (minutes or FIXED_DEFAULT_MINUTES) * 60
+        self.base, self.per_image = self._fit(self.recorded)
+
+    @staticmethod
+    def _fit(runs: list[RecordedRun]) -> tuple[float, float]:
+        points = [(r.images, r.seconds) for r in runs if r.seconds is not None and r.outcome not in ("failed", "canceled")]
+        if len(points) < 2 or len({x for x, _ in points}) < 2:
+            mean = statistics.fmean(s for _, s in points) if points else FIXED_DEFAULT_MINUTES * 60
+            return mean, 0.0
+        xs, ys = zip(*points, strict=True)
+        slope, intercept = statistics.linear_regression(xs, ys)
+        return max(intercept, 0.0), max(slope, 0.0)
+
+    def describe(self) -> str:
+        if self.kind == "recorded":
+            return f"the {len(self.recorded)} recorded runs in order, then {self.base:.0f} s + {self.per_image:.3f} s/image"
+        if self.kind == "fitted":
+            return f"fitted to {len(self.recorded)} recorded runs: {self.base:.0f} s + {self.per_image:.3f} s per image"
+        return f"fixed: {self.fixed / 60:g} minutes"
+
+    def run(self, index: int, images: int) -> tuple[float, str]:
+        """(seconds, outcome) of the index-th simulated run (0-based) with `images` images."""
+        if self.kind == "recorded" and index < len(self.recorded) and self.recorded[index].seconds is not None:
+            recorded = self.recorded[index]
+            outcome = recorded.outcome if recorded.outcome in ("failed", "canceled") else "succeeded"
+            return float(recorded.seconds or 0.0), outcome
+        if self.kind == "fixed":
+            return self.fixed, "succeeded"
+        return self.base + self.per_image * images, "succeeded"
+
+
+@dataclass
+class SimRun:
+    index: int
+    planned_at: dt.datetime
+    reason: str
+    watermark: int  # arrivals with seq <= it are in the run
+    base: int  # the trained watermark when planned: images above it are new to it
+    images: int
+    new_images: int
+    paths: list[str]
+    ends_at: dt.datetime
+    outcome: str
+    request_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"planned_at": self.planned_at.isoformat(), "reason": self.reason, "images": self.images, "new_images": self.new_images,
+                "minutes": round((self.ends_at - self.planned_at).total_seconds() / 60, 1), "outcome": self.outcome,
+                "request_ids": self.request_ids}  # fmt: skip
+
+
+@dataclass
+class Result:
+    label: str
+    runs: list[SimRun]
+    gpu_hours: float
+    staleness_s: list[float]
+    untrained: int
+    duration_model: str
+
+    def summary(self) -> dict[str, Any]:
+        s = sorted(self.staleness_s)
+
+        def pct(q: float) -> float | None:
+            return round(s[min(len(s) - 1, math.ceil(q * len(s)) - 1)] / 3600, 2) if s else None
+
+        return {
+            "config": self.label,
+            "runs": len(self.runs),
+            "gpu_hours": round(self.gpu_hours, 2),
+            "images_per_run": round(statistics.fmean(r.images for r in self.runs), 1) if self.runs else 0,
+            "staleness_hours": {"median": pct(0.5), "p95": pct(0.95), "max": round(s[-1] / 3600, 2) if s else None},
+            "images_never_trained": self.untrained,
+            "durations": self.duration_model,
+        }
+
+
+class _Images:
+    """Arrivals in seq order with what the policy reads about them, updated incrementally."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.times: list[dt.datetime] = []
+        self.labels: list[str] = []
+        self.paths: list[str] = []
+        self.latest: list[bool] = []
+        self.by_path: dict[str, int] = {}
+        self.train: dict[str, int] = {}
+        self.val = 0
+        self.floor = 0  # arrivals with seq <= floor are not pending (trained, or in the run in flight)
+        self.pending: dict[str, int] = {}
+        self.oldest = 0  # index of the oldest pending latest arrival (scan pointer)
+        self.latest_count = 0
+        self.superseded: list[int] = []  # seqs no longer latest, sorted
+
+    def latest_upto(self, seq: int) -> int:
+        """How many arrivals with seq <= `seq` are still their path's latest version."""
+        return seq - bisect.bisect_right(self.superseded, seq)
+
+    def add(self, arrival: Arrival) -> None:
+        seq = len(self.times) + 1
+        label = label_of(arrival.path)
+        previous = self.by_path.get(arrival.path)
+        if previous is not None:
+            self.latest[previous - 1] = False
+            bisect.insort(self.superseded, previous)
+            self.latest_count -= 1
+            self._count(previous, -1)
+        self.latest_count += 1
+        self.times.append(arrival.at)
+        self.labels.append(label)
+        self.paths.append(arrival.path)
+        self.latest.append(True)
+        self.by_path[arrival.path] = seq
+        self._count(seq, +1)
+
+    def _count(self, seq: int, sign: int) -> None:
+        label = self.labels[seq - 1]
+        if stable_split(self.paths[seq - 1], self.cfg.val_fraction) == "val":
+            self.val += sign
+        else:
+            self.train[label] = self.train.get(label, 0) + sign
+            if self.train[label] == 0:
+                del self.train[label]
+        if seq > self.floor:
+            self.pending[label] = self.pending.get(label, 0) + sign
+            if self.pending[label] == 0:
+                del self.pending[label]
+
+    def move_floor(self, floor: int) -> None:
+        if floor == self.floor:
+            return
+        lo, hi, sign = (self.floor, floor, -1) if floor > self.floor else (floor, self.floor, +1)
+        for seq in range(lo + 1, hi + 1):
+            if self.latest[seq - 1]:
+                label = self.labels[seq - 1]
+                self.pending[label] = self.pending.get(label, 0) + sign
+                if self.pending[label] == 0:
+                    del self.pending[label]
+        self.floor = floor
+        self.oldest = min(self.oldest, floor) if sign > 0 else max(self.oldest, floor)
+
+    def stats(self) -> PendingStats:
+        count = sum(self.pending.values())
+        if count == 0:
+            return PendingStats()
+        while self.oldest < len(self.times) and (self.oldest < self.floor or not self.latest[self.oldest]):
+            self.oldest += 1
+        newest = len(self.times) - 1
+        while newest >= self.floor and not self.latest[newest]:
+            newest -= 1
+        return PendingStats(count, dict(self.pending), self.times[self.oldest], self.times[newest])
+
+    def data(self) -> DataStats:
+        return DataStats(train_per_class=dict(self.train), val_count=self.val)
+
+    def in_range(self, base: int, upto: int, new_only: bool) -> list[str]:
+        lo = base if new_only else 0
+        return sorted(self.paths[i] for i in range(lo, upto) if self.latest[i])
+
+
+def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, durations: DurationModel, gpus_per_run: int = 1,
+             label: str = "live", until: dt.datetime | None = None, keep_paths: bool = False,
+             every_arrival: bool = False) -> Result:  # fmt: skip
+    """Replay `history` through `decide` under `cfg`. `every_arrival` evaluates every arrival even when
+    the policy can only wait (the tests check that skipping those changes nothing)."""
+    start = history.start
+    if start is None:
+        return Result(label, [], 0.0, [], 0, durations.describe())
+    end = until or history.end or start
+    tick = dt.timedelta(seconds=tick_seconds)
+    images = _Images(cfg)
+    head = ModelHead(model="simulated")
+    open_requests: list[Request] = []
+    runs: list[SimRun] = []
+    flying: SimRun | None = None
+    trained_at: list[tuple[int, dt.datetime]] = []  # (watermark, when) of each successful run
+    events = sorted([(a.at, 0, i) for i, a in enumerate(history.arrivals)] + [(r.at, 1, i) for i, r in enumerate(history.requests)])
+    position = 0
+    now = start
+
+    def snapshot(at: dt.datetime) -> Snapshot:
+        in_flight = None
+        if flying is not None:
+            in_flight = RunRow(run_id=f"sim-{flying.index + 1:04d}", model="simulated", seq=flying.index + 1, state="running",
+                               manifest_sha256="", image_count=flying.images, new_image_count=flying.new_images, classes=[],
+                               created_at=flying.planned_at, watermark=flying.watermark)  # fmt: skip
+        force = next((r for r in open_requests if r.override_budget), None) or next(iter(open_requests), None)
+        request = None
+        if force is not None:
+            request = RequestRow(
+                request_id=force.request_id,
+                model="simulated",
+                force=True,
+                created_at=force.at,
+                requested_by=force.requested_by,
+                override_budget=force.override_budget,
+            )
+        hours, frees = 0.0, None
+        if cfg.max_gpu_hours_per_day is not None:
+            intervals = [(r.planned_at, r.ends_at if r.ends_at <= at else None) for r in runs if r.ends_at > at - DAY]
+            hours, frees = gpu_usage(intervals, at, gpus_per_run, cfg.max_gpu_hours_per_day)
+        return Snapshot(images.stats(), images.data(), head, in_flight, request, hours, frees)
+
+    def evaluate(at: dt.datetime) -> dt.datetime | None:
+        nonlocal flying
+        decision = decide(snapshot(at), at, cfg)
+        if decision.outcome == "coalesce":
+            head.followup_wanted = True
+        elif decision.outcome == "drop" and open_requests:
+            open_requests.clear()
+        elif decision.outcome == "submit":
+            forced = next(iter(open_requests), None)
+            consumed = open_requests[:1] if cfg.in_flight == "queue" and forced else list(open_requests)
+            del open_requests[: len(consumed)]
+            watermark, base = len(images.times), head.trained_watermark
+            new = images.latest_count - images.latest_upto(base)
+            count = new if cfg.training_data == "new" else images.latest_count
+            paths = images.in_range(base, watermark, cfg.training_data == "new") if keep_paths else []
+            seconds, outcome = durations.run(len(runs), count)
+            flying = SimRun(len(runs), at, decision.reason, watermark, base, count, new, paths,
+                            at + dt.timedelta(seconds=seconds), outcome, [r.request_id for r in consumed])  # fmt: skip
+            runs.append(flying)
+            head.followup_wanted = False
+            images.move_floor(max(head.trained_watermark, watermark))
+        return decision.wake_at
+
+    def certainly_waits(at: dt.datetime) -> bool:
+        """True when `decide` can only say wait, idle or coalesce-again here: an arrival then changes
+        nothing the policy acts on, and evaluating it can be skipped (a big saving on busy histories)."""
+        if open_requests or cfg.max_gpu_hours_per_day is not None:
+            return False
+        if flying is not None:
+            return head.followup_wanted or cfg.in_flight == "drop"
+        if head.followup_wanted:
+            return False
+        pending_count = sum(images.pending.values())
+        if head.last_run_finished_at is not None and at < head.last_run_finished_at + dt.timedelta(seconds=cfg.cooldown) and pending_count:
+            return True
+        if pending_count >= cfg.min_new_images:
+            return False
+        oldest = images.stats().oldest_at
+        return cfg.max_wait is None or oldest is None or (at - oldest).total_seconds() < cfg.max_wait
+
+    def earliest_wake(at: dt.datetime, current: dt.datetime | None) -> dt.datetime | None:
+        """No later than any time a skipped evaluation could have named: evaluating early is harmless,
+        late is not (the max wait of the first new image, the cooldown's or the back-off's end)."""
+        times = [current] if current is not None and current > at else []
+        oldest = images.stats().oldest_at
+        if cfg.max_wait is not None and oldest is not None:
+            times.append(oldest + dt.timedelta(seconds=cfg.max_wait))
+        if head.last_run_finished_at is not None:
+            times.append(head.last_run_finished_at + dt.timedelta(seconds=cfg.cooldown))
+        if head.backoff_until is not None:
+            times.append(head.backoff_until)
+        future = [x for x in times if x > at]
+        return min(future) if future else None
+
+    def finish(run: SimRun) -> None:
+        nonlocal flying
+        flying = None
+        head.last_run_finished_at = run.ends_at
+        if run.outcome == "succeeded":
+            head.trained_watermark = max(head.trained_watermark, run.watermark)
+            head.failed_runs, head.backoff_until = 0, None
+            trained_at.append((run.watermark, run.ends_at))
+        elif run.outcome != "canceled":
+            head.failed_runs += 1
+            if head.failed_runs >= cfg.backoff_after_failed_runs:
+                delay = min(cfg.failure_backoff * 2 ** (head.failed_runs - cfg.backoff_after_failed_runs), cfg.failure_backoff_max)
+                head.backoff_until = run.ends_at + dt.timedelta(seconds=delay)
+        images.move_floor(head.trained_watermark)
+
+    def next_tick(after: dt.datetime) -> dt.datetime:
+        steps = math.floor((after - start) / tick) + 1
+        return start + steps * tick
+
+    wake: dt.datetime | None = None
+    while True:
+        candidates = [end + tick] if now < end + tick else []  # the last look, after the history ends
+        if position < len(events):
+            candidates.append(events[position][0])
+        if flying is not None:
+            candidates.append(flying.ends_at)
+        if wake is not None:
+            candidates.append(wake if (wake - start) % tick == dt.timedelta(0) else next_tick(wake))
+        if not candidates:
+            break
+        now = max(now, min(candidates))
+        if flying is not None and flying.ends_at <= now:
+            finish(flying)
+            wake = evaluate(now)  # after a run the worker evaluates at once
+            continue
+        if position < len(events) and events[position][0] <= now:
+            _, kind, index = events[position]
+            position += 1
+            if kind == 0:
+                images.add(history.arrivals[index])
+                if not every_arrival and certainly_waits(now):
+                    wake = earliest_wake(now, wake)
+                    continue
+            else:
+                open_requests.append(history.requests[index])
+            wake = evaluate(now)
+            continue
+        wake = evaluate(now)  # a tick
+        if wake is not None and wake <= now:
+            wake = now + tick
+        if now > end and flying is None:
+            break
+    gpu_hours = sum((r.ends_at - r.planned_at).total_seconds() for r in runs) * gpus_per_run / 3600
+    watermarks = [w for w, _ in trained_at]
+    staleness, untrained = [], 0
+    for seq, arrived in enumerate(images.times, start=1):
+        first = bisect.bisect_left(watermarks, seq)  # watermarks only grow, so the first run that covers seq
+        if first < len(trained_at):
+            staleness.append((trained_at[first][1] - arrived).total_seconds())
+        else:
+            untrained += 1
+    return Result(label, runs, gpu_hours, staleness, untrained, durations.describe())
+
+
+# -- histories ------------------------------------------------------------------------------------
+
+
+def _time(value: str) -> dt.datetime:
+    at = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+
+
+def read_history(lines: Iterable[str]) -> History:
+    """The JSON-lines format: one object per line, `type` arrival | request | run (see docs/simulate.md)."""
+    history = History()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            kind = item["type"]
+            if kind == "arrival":
+                history.arrivals.append(Arrival(_time(item["at"]), str(item["path"]), str(item.get("etag", ""))))
+            elif kind == "request":
+                history.requests.append(Request(_time(item["at"]), str(item.get("id", f"req-{number}")), str(item.get("requested_by", "")),
+                                                bool(item.get("override_budget", False))))  # fmt: skip
+            elif kind == "run":
+                finished = item.get("finished_at")
+                history.runs.append(RecordedRun(_time(item["planned_at"]), _time(finished) if finished else None, int(item.get("images", 0)),
+                                                str(item.get("outcome", "succeeded"))))  # fmt: skip
+            else:
+                raise ValueError(f"unknown type {kind!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"line {number}: {exc}") from None
+    history.arrivals.sort(key=lambda a: a.at)
+    history.requests.sort(key=lambda r: r.at)
+    history.runs.sort(key=lambda r: r.planned_at)
+    return history
+
+
+def history_lines(history: History) -> Iterator[str]:
+    for a in history.arrivals:
+        yield json.dumps({"type": "arrival", "at": a.at.isoformat(), "path": a.path, "etag": a.etag})
+    for r in history.requests:
+        yield json.dumps({"type": "request", "at": r.at.isoformat(), "id": r.request_id, "requested_by": r.requested_by,
+                          "override_budget": r.override_budget})  # fmt: skip
+    for run in history.runs:
+        yield json.dumps({"type": "run", "planned_at": run.planned_at.isoformat(), "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+                          "images": run.images, "outcome": run.outcome})  # fmt: skip
+
+
+def ledger_history(tx: Any, model: str) -> History:
+    """The model's recorded history from the ledger: every image version's arrival, the forced
+    requests, and the runs (planned at, finished at, images, how they ended)."""
+    history = History()
+    history.arrivals = [Arrival(i.first_seen_at, i.path, i.etag) for i in tx.image_arrivals(model) if i.first_seen_at]
+    runs = sorted(tx.runs(model), key=lambda r: r.seq)
+    history.requests = [Request(r.created_at, r.request_id, r.requested_by, r.override_budget) for r in tx.all_requests(model) if r.force]
+    history.runs = [RecordedRun(r.created_at, r.finished_at, r.image_count, _outcome(r.outcome or r.state)) for r in runs]
+    return history
+
+
+def _outcome(value: str) -> str:
+    return value if value in ("failed", "canceled") else "succeeded"
+
+
+def load_history(path: Path) -> History:
+    with open(path, encoding="utf-8") as fh:
+        return read_history(fh)
