@@ -75,6 +75,52 @@ def find_unreadable(root: Path, records: Sequence[ImageRecord], rank: int = 0, w
     return {r.path: reason for r, reason in zip(mine, reasons, strict=True) if reason is not None}
 
 
+def cache_side(image_size: int) -> int:
+    """The short side images are kept at: what the evaluation crop resizes to (ImageNet's 256/224)."""
+    return round(image_size * 256 / 224)
+
+
+class DecodedCache:
+    """Each image decoded once per run, its short side resized to `side`, kept as uint8 CHW: in
+    memory up to `max_bytes` (per process), beyond that in .npy files under `spill_dir` on local
+    disk, read back memory-mapped. Later epochs crop and flip the kept tensor instead of decoding the
+    JPEG again; a run over 1,000,000 images holds at most `max_bytes` of them in RAM."""
+
+    def __init__(self, side: int, max_bytes: int, spill_dir: Path | None):
+        self.side, self.max_bytes, self.spill_dir = side, max_bytes, spill_dir
+        self.memory: dict[int, torch.Tensor] = {}
+        self.bytes = 0
+        self.spilled = 0
+
+    def _file(self, index: int) -> Path | None:
+        return self.spill_dir / f"{index}.npy" if self.spill_dir is not None else None
+
+    def get(self, index: int, path: Path) -> torch.Tensor:
+        found = self.memory.get(index)
+        if found is not None:
+            return found
+        spill = self._file(index)
+        if spill is not None and spill.exists():
+            import numpy as np
+
+            return torch.from_numpy(np.array(np.load(spill, mmap_mode="r")))
+        image = open_rgb(path)
+        tensor = TF.pil_to_tensor(TF.resize(image, self.side, antialias=True)).contiguous()  # one layout, one resize kernel
+        size = tensor.numel()
+        if self.bytes + size <= self.max_bytes:
+            self.memory[index] = tensor
+            self.bytes += size
+        elif spill is not None:
+            import numpy as np
+
+            spill.parent.mkdir(parents=True, exist_ok=True)
+            tmp = spill.with_name(f".{spill.name}.{os.getpid()}.tmp.npy")
+            np.save(tmp, tensor.numpy())
+            os.replace(tmp, spill)  # another worker may write the same file: either copy is whole
+            self.spilled += 1
+        return tensor
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return zlib.crc32(f"{seed}:{epoch}:{index}".encode()) & 0x7FFFFFFF
 
@@ -108,12 +154,14 @@ class SeededTrainTransform:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        top, left, h, w = self.crop_box(image.width, image.height, rng)
-        image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+    def __call__(self, image: Image.Image | torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """A PIL image, or a uint8 CHW tensor (the decoded cache's): the same draws either way."""
+        width, height = (image.width, image.height) if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+        top, left, h, w = self.crop_box(width, height, rng)
+        out = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
         if rng.random() < 0.5:
-            image = TF.hflip(image)
-        return TF.pil_to_tensor(image)
+            out = TF.hflip(out)
+        return TF.pil_to_tensor(out) if isinstance(out, Image.Image) else out.contiguous()
 
 
 def train_transform(image_size: int) -> SeededTrainTransform:
@@ -142,7 +190,9 @@ class ImageListDataset(Dataset):
         transform,
         image_size: int,
         seed: int = 0,
+        cache: DecodedCache | None = None,
     ):
+        self.cache = cache
         self.root = Path(root)
         self.records = list(records)
         self.class_to_idx = class_to_idx
@@ -157,9 +207,14 @@ class ImageListDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         record = self.records[index]
         try:
-            image = open_rgb(self.root / record.path)
+            if self.cache is not None:
+                image: Any = self.cache.get(index, self.root / record.path)
+            else:
+                image = open_rgb(self.root / record.path)
             if isinstance(self.transform, SeededTrainTransform):
                 tensor = self.transform(image, random.Random(sample_seed(self.seed, epoch, index)))
+            elif self.cache is not None:  # already at the evaluation size: the centre crop is all that is left
+                tensor = TF.center_crop(image, [self.image_size, self.image_size]).contiguous()
             else:
                 tensor = self.transform(image)  # evaluation: deterministic
             return tensor, self.class_to_idx[record.label]
@@ -228,15 +283,27 @@ def build_data(
     world_size: int,
     seed: int,
     pin_memory: bool,
+    cache_bytes: int = 0,
+    cache_dir: Path | None = None,
 ) -> DataBundle:
+    """`cache_bytes` > 0 turns on the decoded cache (per process, per split), spilling to `cache_dir`."""
     train = [r for r in manifest.split("train") if r.path not in skipped]
     val = [r for r in manifest.split("val") if r.path not in skipped]
     _check_usable(manifest, train, val, skipped)
     class_to_idx = {name: i for i, name in enumerate(manifest.classes)}
-    train_set = ImageListDataset(root, train, class_to_idx, train_transform(image_size), image_size, seed=seed)
+    caches: list[DecodedCache | None] = [None, None]
+    if cache_bytes > 0:
+        side = cache_side(image_size)
+        caches = [
+            DecodedCache(side, cache_bytes * 3 // 4, cache_dir / "train" if cache_dir else None),
+            DecodedCache(side, cache_bytes // 4, cache_dir / f"val-{rank}" if cache_dir else None),
+        ]
+    train_set = ImageListDataset(root, train, class_to_idx, train_transform(image_size), image_size, seed=seed, cache=caches[0])
     # Validation is sharded without padding (DistributedSampler would repeat samples and skew
     # accuracy); the per-rank (correct, count) sums are reduced afterwards.
-    val_set = ImageListDataset(root, val[rank::world_size], class_to_idx, eval_transform(image_size), image_size, seed=seed)
+    val_set = ImageListDataset(
+        root, val[rank::world_size], class_to_idx, eval_transform(image_size), image_size, seed=seed, cache=caches[1]
+    )
     sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     common: dict[str, Any] = {
         "num_workers": workers,

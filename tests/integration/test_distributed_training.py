@@ -61,6 +61,8 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(split_birds, tmp_p
         "frozen",
         "--seed",
         "3",
+        "--amp",
+        "off",  # fp32: bit-reproducible across world sizes (bf16 autocast is not)
     ]
     # 24 training images: 3 steps of a global batch of 8, as 1x8 or as 2x4.
     _ok(run_train([*common, "--output_dir", str(tmp_path / "one"), "--batch_size", "8", "--learning_rate", "0.1"], nproc=1))
@@ -171,7 +173,7 @@ def test_horovod_over_gloo_with_two_ranks_trains_and_agrees_with_one_process(spl
     """Horovod's averaged gradients over 2 ranks x 4 images equal one process on the same 8."""
     horovodrun = _horovodrun()
     common = ["--data_dir", str(split_birds), "--num_epochs", "1", "--image_size", "32", "--workers", "0", "--weights", "none",
-              "--bn", "frozen", "--seed", "3"]  # fmt: skip
+              "--bn", "frozen", "--seed", "3", "--amp", "off"]  # fmt: skip
     _ok(run_train([*common, "--output_dir", str(tmp_path / "one"), "--batch_size", "8", "--learning_rate", "0.1"], nproc=1))
     out = tmp_path / "out"
     cmd = [str(horovodrun), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(TRAINING / "train.py"), "--distributed", "horovod",
