@@ -116,3 +116,46 @@ def test_a_rejected_forced_request_is_recorded_and_announced_with_its_reason(tmp
     assert event == {"request_id": "force-2", "model": "birds", "reason": reason, "requested_by": "cron"}
     with h.store.transaction() as tx:
         assert [r.request_id for r in tx.open_requests("birds")] == []  # rejected, not left open
+
+
+def test_a_request_s_overrides_reach_the_run_s_training_arguments_and_the_rest_come_from_the_config(tmp_path):
+    from shared.messages import TrainingOverrides
+    from worker.ports import TrainingArgs
+
+    h = make_harness(tmp_path)
+    h.uploads(10)
+    overrides = TrainingOverrides(epochs=3, batch_size=48, image_size=96, learning_rate=0.02)
+    h.worker.handle(RetrainRequested(message_id="f", model="birds", force=True, overrides=overrides))
+    [run] = h.runs()
+    t = h.worker.config.model("birds").training
+    assert h.backend.specs[run.backend_run_id].training == TrainingArgs(
+        epochs=3,
+        batch_size=48,
+        image_size=96,
+        learning_rate=0.02,
+        nproc=t.nproc,
+        distributed=t.distributed,
+        arch=t.arch,
+        extra=tuple(t.extra),
+    )
+    plain = make_harness(tmp_path / "plain")
+    plain.uploads(10)
+    plain.worker.handle(RetrainRequested(message_id="g", model="birds", force=True))
+    [other] = plain.runs()
+    assert plain.backend.specs[other.backend_run_id].training == TrainingArgs(
+        epochs=t.epochs, batch_size=t.batch_size, image_size=t.image_size, learning_rate=t.learning_rate, nproc=t.nproc,
+        distributed=t.distributed, arch=t.arch, extra=tuple(t.extra),
+    )  # fmt: skip
+
+
+def test_a_submission_the_backend_refuses_for_good_fails_the_run_and_returns_its_images(tmp_path):
+    from worker.ports import PermanentBackendError
+
+    h = make_harness(tmp_path, quiet_period=0)
+    h.backend.fail_next_submit(PermanentBackendError("403: the identity may not create jobs"))
+    h.uploads(10)
+    [run] = h.runs()
+    assert (run.state, run.outcome) == ("finalized", "submit_failed")
+    assert run.detail == "403: the identity may not create jobs"
+    [event] = [e.payload["data"] for e in h.events() if e.type == "retrain.run.failed"]
+    assert (event["status"], event["images_returned_to_pending"]) == ("submit_failed", run.new_image_count)
