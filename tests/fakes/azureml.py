@@ -76,3 +76,56 @@ class FakeAzureMLSeam(AzureMLSeam):
     # test controls
     def set_status(self, run_id: str, status: str, detail: str = "") -> None:
         self.runs[run_id] = RunInfo(run_id, status, detail)
+
+
+class AzureMLHarnessBackend:
+    """The real `AzureMLBackend` with the v2 job builder over a `FakeAzureMLSeam`, with the test
+    controls of `FakeTrainingBackend` (specs, finish, fail_next_submit, calls_to, runs), so the
+    worker and completion suites run unchanged against the Azure ML adapter:
+    RETRAIN_TEST_BACKEND=azureml-v2 (see tests/unit/test_behaviour_on_azureml.py)."""
+
+    STATUS = {"queued": "Queued", "running": "Running", "succeeded": "Completed", "failed": "Failed", "canceled": "Canceled"}
+
+    def __init__(self, outputs_root: Path) -> None:
+        from worker.adapters.azure.azureml.backend import AzureMLBackend, AzureMLSettings
+        from worker.adapters.azure.azureml.v2 import V2Jobs
+
+        self.seam = FakeAzureMLSeam()
+        self.inner = AzureMLBackend(
+            self.seam, AzureMLSettings(retry_wait_seconds=0.001, submit_budget_seconds=5), jobs=V2Jobs(),
+            environment="azureml:curated@latest", outputs_root=outputs_root,
+        )  # fmt: skip
+        self.specs: dict[str, Any] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    @property
+    def runs(self) -> dict[str, RunInfo]:
+        return self.seam.runs
+
+    def submit(self, spec: Any) -> Any:
+        self.calls.append(("submit", spec.backend_run_id))
+        status = self.inner.submit(spec)
+        self.specs.setdefault(spec.backend_run_id, spec)
+        return status
+
+    def status(self, backend_run_id: str) -> Any:
+        self.calls.append(("status", backend_run_id))
+        return self.inner.status(backend_run_id)
+
+    def cancel(self, backend_run_id: str) -> Any:
+        self.calls.append(("cancel", backend_run_id))
+        return self.inner.cancel(backend_run_id)
+
+    def finish(self, backend_run_id: str, state: str, outputs_dir: str | None = None, detail: str = "") -> None:
+        if backend_run_id not in self.seam.runs:
+            raise KeyError(f"no run {backend_run_id!r} was submitted")
+        if outputs_dir is not None:
+            self.seam.outputs[backend_run_id] = {p.name: p.read_bytes() for p in Path(outputs_dir).iterdir() if p.is_file()}
+        self.seam.set_status(backend_run_id, self.STATUS[state], detail)
+
+    def fail_next_submit(self, exc: BaseException, times: int = 1) -> None:
+        """The next `times` submits fail: each outlasts the adapter's own retries (8 attempts)."""
+        self.seam.submit_failures.extend([exc] * (times * 8))
+
+    def calls_to(self, method: str) -> list[str]:
+        return [run_id for name, run_id in self.calls if name == method]

@@ -200,7 +200,8 @@ def test_a_lost_completion_event_is_recovered_by_polling(h):
     h.backend.finish(run.backend_run_id, "succeeded")  # no event arrives; the outputs are missing
     h.worker.tick()
     assert (h.runs()[0].state, h.runs()[0].outcome) == ("finalized", "rejected")
-    assert "no outputs" in h.runs()[0].detail
+    detail = h.runs()[0].detail  # the fake says it has no outputs; Azure ML gives a folder without the files
+    assert "no outputs" in detail or "outputs lack model.pt, metrics.json" in detail
 
 
 def test_a_run_the_backend_forgot_is_treated_as_failed(h):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from shared.messages import ImageUploaded, RetrainRequested, RunStatusChanged
@@ -145,6 +146,10 @@ def make_harness(tmp_path: Path, store: Store | None = None, evaluate_interval: 
     config = small_config(tmp_path, evaluate_interval, **knobs)
     store = store or MemoryStore()
     backend, clock, publisher = FakeTrainingBackend(), FakeClock(), RecordingPublisher()
+    if os.environ.get("RETRAIN_TEST_BACKEND") == "azureml-v2":  # the same suites against the Azure ML adapter
+        from tests.fakes.azureml import AzureMLHarnessBackend
+
+        backend = AzureMLHarnessBackend(tmp_path / "azureml-outputs")
     blobs, exporter, registry = FakeBlobStore(), FakeOnnxExporter(), LocalModelRegistry(tmp_path / "registry")
     worker = build_worker(
         config, store=store, backend=backend, clock=clock, publisher=publisher, blobs={"birds": blobs}, registry=registry, exporter=exporter
