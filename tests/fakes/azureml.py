@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from worker.adapters.azure.azureml.seam import AzureMLSeam, RunInfo
 
@@ -84,7 +84,13 @@ class AzureMLHarnessBackend:
     worker and completion suites run unchanged against the Azure ML adapter:
     RETRAIN_TEST_BACKEND=azureml-v2 (see tests/unit/test_behaviour_on_azureml.py)."""
 
-    STATUS = {"queued": "Queued", "running": "Running", "succeeded": "Completed", "failed": "Failed", "canceled": "Canceled"}
+    STATUS: ClassVar[dict[str, str]] = {
+        "queued": "Queued",
+        "running": "Running",
+        "succeeded": "Completed",
+        "failed": "Failed",
+        "canceled": "Canceled",
+    }
 
     def __init__(self, outputs_root: Path) -> None:
         from worker.adapters.azure.azureml.backend import AzureMLBackend, AzureMLSettings
