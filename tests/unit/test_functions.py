@@ -171,6 +171,7 @@ def test_every_api_that_commits_a_whole_blob_counts(h, api):
     ],
 )
 def test_events_that_are_not_a_committed_image_in_the_images_container_are_ignored(h, caplog, event, why):
+    event = dict(event)  # the parametrized dict is shared between runs of the test: never change it
     name = event.pop("name", "images/birds/chicken/1.jpg")
     with caplog.at_level(logging.INFO, logger="retrain.functions.blob"):
         call("image_uploaded", blob(name, **event))
