@@ -142,3 +142,67 @@ def test_runs_view_lists_history_with_durations_and_metrics(tmp_path):
     assert [r["best_val_acc"] for r in rows] == [0.9, 0.8]
     assert all(r["duration_s"] is not None and r["duration_s"] >= 0 for r in rows)
     json.dumps(rows)  # machine-readable as it is
+
+
+def test_each_control_is_its_own_event_and_decision_and_the_unchanged_ones_say_so(tmp_path):
+    h = make_harness(tmp_path)
+    assert (control(h, "resume").outcome, control(h, "resume").detail) == ("unchanged", "birds is not paused")
+    control(h, "pause", message_id="p1", requested_by="ops", reason="incident")
+    assert control(h, "pause").detail == "birds is already paused"
+    assert h.head().paused == {"by": "ops", "reason": "incident", "at": h.clock.now().isoformat()}
+    control(h, "resume", message_id="r1", requested_by="ops")
+    control(h, "pause", message_id="p2", requested_by="ops")
+    paused = [e for e in h.events() if e.type == ev.MODEL_PAUSED]
+    assert len(paused) == 2  # the same fact twice would share an id; two pauses are two facts
+    assert paused[0].payload["data"] == {
+        "model": "birds",
+        "requested_by": "ops",
+        "reason": "incident",
+        "request_id": "p1",
+        "canceled_runs": [],
+    }
+    decisions = [(d.outcome, d.reason, d.message_id) for d in h.decisions()[:3]]
+    assert decisions[0] == ("paused", "paused by ops", "p2")
+    assert ("resumed", "resumed by ops", "r1") in decisions  # then the evaluation that follows, under the same id
+
+
+def test_promote_records_the_version_s_weights_digest_and_refuses_a_version_that_failed_onnx_parity(tmp_path):
+    from worker.store import ModelVersionRow
+
+    h = make_harness(tmp_path, cooldown=0)
+    register_two(h)
+    with h.store.read() as tx:
+        v1 = next(v for v in tx.model_versions("birds") if v.version == 1)
+    control(h, "promote", version=1)
+    assert h.head().champion_sha256 == v1.card["artifacts"]["model.pt"]["sha256"]
+    with h.store.transaction() as tx:
+        tx.add_model_version(ModelVersionRow(model="birds", version=3, run_id="birds-0099-deadbeef", created_at=h.clock.now(), location="x",
+                                             metrics={}, card={"onnx": {"passed": False}, "artifacts": {}}))  # fmt: skip
+        tx.commit()
+    refused = control(h, "promote", version=3)
+    assert (refused.outcome, refused.detail) == ("rejected", "v3 failed its ONNX parity check")
+    assert h.decisions()[0].outcome == "reject"
+
+
+def test_rollbacks_walk_back_one_champion_at_a_time(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    register_two(h)  # v1 then v2 (champion); history [1]
+    h.uploads(6)
+    h.clock.advance(40)
+    h.worker.tick()
+    h.succeed(next(r for r in h.runs() if r.in_flight), best=0.95, baseline=0.9)
+    assert (h.head().champion_version, h.head().previous_champions) == (3, [1, 2])
+    control(h, "rollback")
+    assert (h.head().champion_version, h.head().previous_champions) == (2, [1])
+    control(h, "rollback")
+    assert (h.head().champion_version, h.head().previous_champions) == (1, [])
+    control(h, "promote", version=3)
+    assert h.head().previous_champions == [1]
+
+
+def test_pause_with_cancel_and_nothing_in_flight_cancels_nothing_even_with_finished_runs_and_other_models(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    register_two(h)
+    effects = control(h, "pause", cancel=True)
+    assert effects.cancel_runs == []
+    assert h.backend.calls_to("cancel") == []
