@@ -159,3 +159,36 @@ def test_a_submission_the_backend_refuses_for_good_fails_the_run_and_returns_its
     assert run.detail == "403: the identity may not create jobs"
     [event] = [e.payload["data"] for e in h.events() if e.type == "retrain.run.failed"]
     assert (event["status"], event["images_returned_to_pending"]) == ("submit_failed", run.new_image_count)
+
+
+def test_running_is_recorded_once_and_durations_and_the_gpu_budget_count_from_it(tmp_path):
+    from worker.views import runs_view
+
+    h = make_harness(tmp_path, quiet_period=0)
+    h.uploads(10)
+    [run] = h.runs()
+    submitted = h.clock.now()
+    h.clock.advance(600)  # ten minutes in the queue
+    h.status(run.backend_run_id, "running")
+    started = h.clock.now()
+    h.clock.advance(60)
+    h.status(run.backend_run_id, "running", message_id="again")
+    [running] = h.runs()
+    assert (running.state, running.submitted_at, running.started_at) == ("running", submitted, started)
+    h.clock.advance(1740)
+    h.succeed(running)
+    [row] = runs_view(h.store, h.worker.config, "birds")["birds"]
+    assert row["duration_s"] == 1800.0  # from running to the end, not from submission
+
+
+def test_a_run_never_seen_running_counts_from_its_submission_for_the_budget(tmp_path):
+    from worker.runs import snapshot_of
+
+    h = make_harness(tmp_path, quiet_period=0, max_gpu_hours_per_day=100)
+    h.uploads(10)
+    [run] = h.runs()
+    h.clock.advance(1800)
+    h.succeed(run)  # no running status ever arrived
+    with h.store.read() as tx:
+        snapshot = snapshot_of(tx, "birds", None, h.worker.config, h.clock.now())
+    assert snapshot.gpu_hours_24h == 0.5 * h.worker.config.gpus_per_run("birds")

@@ -74,3 +74,12 @@ def test_submit_errors_are_counted(tmp_path, exported):
 def test_events_outside_any_span_carry_no_traceparent():
     event = ev.new_event(ev.RUN_FAILED, "runs/x", {}, time=__import__("datetime").datetime(2026, 1, 1, tzinfo=__import__("datetime").UTC))
     assert "traceparent" not in event.to_json_dict()
+
+
+def test_failed_runs_are_counted_by_their_outcome(tmp_path, exported):
+    _, reader = exported
+    h = make_harness(tmp_path, quiet_period=0, max_attempts=1)
+    h.uploads(10)
+    [run] = h.runs()
+    h.status(run.backend_run_id, "failed")
+    assert [(p.attributes["model"], p.attributes["outcome"], p.value) for p in _metrics(reader)["retrain.runs"]] == [("birds", "failed", 1)]
