@@ -192,3 +192,30 @@ def test_a_run_never_seen_running_counts_from_its_submission_for_the_budget(tmp_
     with h.store.read() as tx:
         snapshot = snapshot_of(tx, "birds", None, h.worker.config, h.clock.now())
     assert snapshot.gpu_hours_24h == 0.5 * h.worker.config.gpus_per_run("birds")
+
+
+def test_a_backend_that_starts_a_run_at_once_has_it_marked_running(tmp_path):
+    h = make_harness(tmp_path, quiet_period=0)
+    h.backend.start_state = "running"
+    h.uploads(10)
+    [run] = h.runs()
+    assert (run.state, run.started_at) == ("running", h.clock.now())
+
+
+def test_the_submitter_marks_only_the_attempt_it_submitted_and_only_while_it_is_planned(tmp_path):
+    import dataclasses
+
+    from worker.ports import BackendStatus
+
+    h = make_harness(tmp_path, quiet_period=0)
+    h.backend.fail_next_submit(ConnectionError("down"), times=5)
+    h.uploads(10)
+    [planned] = h.runs()
+    assert planned.state == "planned"
+    submitter = h.worker.submitter
+    older = dataclasses.replace(planned, attempt=planned.attempt + 1)  # not the attempt in the ledger
+    submitter._mark_submitted(older, BackendStatus(older.backend_run_id, "queued"))
+    assert h.runs()[0].state == "planned"
+    h.status(planned.backend_run_id, "running")  # a status event overtook the submitter
+    submitter._mark_submitted(planned, BackendStatus(planned.backend_run_id, "queued"))
+    assert h.runs()[0].state == "running"  # not put back to submitted
