@@ -219,3 +219,16 @@ def test_the_submitter_marks_only_the_attempt_it_submitted_and_only_while_it_is_
     h.status(planned.backend_run_id, "running")  # a status event overtook the submitter
     submitter._mark_submitted(planned, BackendStatus(planned.backend_run_id, "queued"))
     assert h.runs()[0].state == "running"  # not put back to submitted
+
+
+def test_with_no_cooldown_a_refused_submission_is_followed_by_a_new_run_at_once(tmp_path):
+    from worker.ports import PermanentBackendError
+
+    h = make_harness(tmp_path, quiet_period=0, cooldown=0, backoff_after_failed_runs=5)
+    h.backend.fail_next_submit(PermanentBackendError("400: bad compute name"))
+    h.uploads(10)
+    runs = sorted(h.runs(), key=lambda r: r.seq)
+    assert [(r.outcome, r.state) for r in runs] == [("submit_failed", "finalized"), (None, "planned")]
+    assert runs[1].new_image_count == runs[0].new_image_count  # the refused run's images, planned again
+    h.worker.tick()  # submitted by the next tick
+    assert sorted(h.runs(), key=lambda r: r.seq)[1].state == "submitted"
