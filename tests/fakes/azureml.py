@@ -108,10 +108,15 @@ class AzureMLHarnessBackend:
     def runs(self) -> dict[str, RunInfo]:
         return self.seam.runs
 
+    start_state = "queued"  # "running": the job reports Running as soon as it exists
+
     def submit(self, spec: Any) -> Any:
         self.calls.append(("submit", spec.backend_run_id))
         status = self.inner.submit(spec)
         self.specs.setdefault(spec.backend_run_id, spec)
+        if self.start_state == "running":
+            self.seam.set_status(spec.backend_run_id, "Running")
+            status = self.inner.status(spec.backend_run_id)
         return status
 
     def status(self, backend_run_id: str) -> Any:
@@ -130,8 +135,11 @@ class AzureMLHarnessBackend:
         self.seam.set_status(backend_run_id, self.STATUS[state], detail)
 
     def fail_next_submit(self, exc: BaseException, times: int = 1) -> None:
-        """The next `times` submits fail: each outlasts the adapter's own retries (8 attempts)."""
-        self.seam.submit_failures.extend([exc] * (times * 8))
+        """The next `times` submits fail: a transient error outlasts the adapter's own retries (8
+        attempts); a permanent one is not retried, so it fails one submit per error."""
+        from worker.ports import PermanentBackendError
+
+        self.seam.submit_failures.extend([exc] * (times if isinstance(exc, PermanentBackendError) else times * 8))
 
     def calls_to(self, method: str) -> list[str]:
         return [run_id for name, run_id in self.calls if name == method]
