@@ -70,6 +70,13 @@ def span(name: str, parent: str | None = None, **attributes: Any) -> Iterator[An
         yield current_span
 
 
+def mark(name: str, parent: str | None, **attributes: Any) -> None:
+    """A point in another trace (no work of its own): e.g. an event's publication, in the trace of
+    what caused the event, after the batch that carried it was sent."""
+    with span(name, parent=parent, **attributes):
+        return
+
+
 def current_traceparent() -> str | None:
     """The W3C traceparent of the current span, or None outside one."""
     span_context = trace.get_current_span().get_span_context()

@@ -45,7 +45,7 @@ def serve_dashboard(store: Store, config: RetrainConfig, host: str, port: int, a
     announce(f"http://{host}:{server.server_address[1]}/")
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # Ctrl-C is how the page is stopped: not an error
+        return
     finally:
         server.server_close()
