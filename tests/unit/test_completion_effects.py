@@ -1,0 +1,164 @@
+"""Completion's effects read exactly: the events' data, the run's detail, the decisions, the card,
+what is planned after the run, and the re-checks on the rejection path (written against the
+survivors of `make mutate` on worker/completion.py, docs/mutation.md)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from shared import events as ev
+from worker import completion as completion_module
+from worker.ports import ExportError
+
+from .test_completion import first_run, h, new_store, second_run  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.unit
+
+SUMMARY = dict.fromkeys(completion_module.SUMMARY_KEYS)
+
+
+def _events(h, kind):
+    return [e.payload["data"] for e in h.events() if e.type == kind]
+
+
+def test_a_rejection_records_exactly_its_event_detail_and_decision(h):
+    h.succeed(first_run(h), best=0.8)
+    run = second_run(h)
+    h.succeed(run, best=0.7, baseline=0.8, num_train=9)
+    final = h.runs()[0]
+    reason = final.detail
+    assert reason.startswith("best_val_acc 0.7000 does not beat champion v1")
+    [data] = _events(h, ev.MODEL_REJECTED)
+    gate = data.pop("gate")
+    assert data == {
+        "model": "birds",
+        "run_id": run.run_id,
+        "reason": reason,
+        "champion_version": 1,
+        "metrics": {**SUMMARY, "best_val_acc": 0.7, "baseline_val_acc": 0.8, "num_train": 9},
+    }
+    assert (gate["passed"], gate["reason"]) == (False, reason)
+    [event] = [e for e in h.events() if e.type == ev.MODEL_REJECTED]
+    assert event.payload["subject"] == f"runs/{run.run_id}"
+    decision = next(d for d in h.decisions() if d.outcome == "rejected")
+    assert (decision.reason, decision.run_id) == (f"{run.run_id} not registered: {reason}", run.run_id)
+
+
+def test_a_reason_longer_than_2000_characters_is_cut_to_2000_in_the_detail_but_whole_in_the_event(h, monkeypatch):
+    run = first_run(h)
+
+    def export(*args, **kwargs):
+        raise ExportError("x" * 3000)
+
+    monkeypatch.setattr(h.exporter, "export", export)
+    h.succeed(run, best=0.9)
+    final = h.runs()[0]
+    whole = "ONNX export failed: " + "x" * 3000
+    assert (final.outcome, final.detail) == ("rejected", whole[:2000])
+    assert _events(h, ev.MODEL_REJECTED)[0]["reason"] == whole
+
+
+def test_a_rejection_that_lost_the_race_to_another_completion_changes_nothing(h, monkeypatch):
+    """The state re-check on the rejection path: another completion finalized the run while this
+    one was exporting; this one must not finalize it again or publish a second verdict."""
+    run = first_run(h)
+    real_export = h.exporter.export
+
+    def export_while_another_completion_registers(*args, **kwargs):
+        with h.store.transaction() as tx:
+            current = tx.get_run(run.run_id)
+            current.state, current.outcome, current.detail = "finalized", "registered", "registered by the other completion"
+            tx.update_run(current)
+            tx.commit()
+        h.exporter.max_abs_diff = 5e-3  # this completion's verdict would be a rejection
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(h.exporter, "export", export_while_another_completion_registers)
+    h.succeed(run, best=0.9)
+    final = h.runs()[0]
+    assert (final.outcome, final.detail) == ("registered", "registered by the other completion")
+    assert _events(h, ev.MODEL_REJECTED) == []
+    assert not [d for d in h.decisions() if d.outcome == "rejected"]
+
+
+def test_images_that_arrived_during_a_rejected_run_are_planned_at_once_with_no_cooldown(h):
+    run = first_run(h)
+    h.uploads(4)
+    h.clock.advance(11)
+    h.exporter.max_abs_diff = 5e-3
+    h.succeed(run, best=0.9)
+    states = [(r.run_id == run.run_id, r.outcome if r.run_id == run.run_id else r.state) for r in h.runs()]
+    assert (True, "rejected") in states
+    follow_up = [r for r in h.runs() if r.run_id != run.run_id]
+    assert len(follow_up) == 1 and follow_up[0].state in ("planned", "submitted", "running")
+    assert len(h.manifest(follow_up[0])) == 20
+
+
+def test_the_registered_card_and_event_read_exactly(h):
+    run = first_run(h)
+    h.succeed(run, best=0.82, num_val=4)
+    [version] = h.versions()
+    card = h.registry.card("birds", 1)
+    outputs = h.root / "outputs" / run.backend_run_id
+    artifacts = {
+        name: {"sha256": hashlib.sha256((outputs / name).read_bytes()).hexdigest(), "bytes": (outputs / name).stat().st_size}
+        for name in ("model.pt", "model.onnx")
+    }
+    assert set(card) == {
+        "run_id", "backend_run_id", "manifest", "parent_version", "metrics", "gate", "onnx", "artifacts", "config", "code_version",
+        "registered_at", "model", "version",
+    }  # fmt: skip
+    assert (card["model"], card["version"]) == ("birds", 1)  # added by the registry
+    assert (card["run_id"], card["backend_run_id"], card["parent_version"]) == (run.run_id, run.backend_run_id, None)
+    assert card["manifest"] == {"sha256": run.manifest_sha256, "images": 12, "new_images": 12, "classes": ["chicken", "turkey"]}
+    assert card["metrics"] == {**SUMMARY, "best_val_acc": 0.82, "num_val": 4}
+    assert card["onnx"] == {
+        "opset": 17, "max_abs_diff": 3e-7, "tolerance": 1e-4, "argmax_agreement": None, "onnxruntime_version": None, "samples": 32,
+    }  # fmt: skip
+    assert card["artifacts"] == artifacts
+    assert card["code_version"] == {"training_snapshot": completion_module.snapshot_version(), "torch": None}
+    assert card["registered_at"] == h.clock.now().isoformat()
+    assert version.metrics == card["metrics"]
+    assert version.location == str(h.root / "registry" / "birds" / "1")
+    assert h.runs()[0].detail == f"registered as v1: {card['gate']['reason']}"
+    [data] = _events(h, ev.MODEL_REGISTERED)
+    timings = data.pop("timings")
+    assert set(timings) == {"export_s", "register_s"}
+    assert data == {
+        "model": "birds", "version": 1, "run_id": run.run_id, "champion": True, "parent_version": None, "metrics": card["metrics"],
+        "gate": card["gate"], "manifest": card["manifest"], "onnx": card["onnx"], "artifacts": artifacts, "location": version.location,
+    }  # fmt: skip
+    decision = next(d for d in h.decisions() if d.outcome == "registered")
+    assert (decision.reason, decision.run_id) == (f"v1 is champion: {card['gate']['reason']}", run.run_id)
+
+
+def test_the_champion_history_keeps_the_last_20_champions_for_rollback(h):
+    h.succeed(first_run(h), best=0.7)
+    for i in range(1, 22):
+        h.succeed(second_run(h), best=0.7 + 0.01 * i, baseline=0.7 + 0.01 * (i - 1))
+    head = h.head()
+    assert head.champion_version == 22
+    assert head.previous_champions == list(range(2, 22))
+
+
+def test_the_training_snapshot_version_is_the_digest_of_the_scripts_names_and_bytes(tmp_path, monkeypatch):
+    (tmp_path / "train.py").write_text("print('train')\n")
+    (tmp_path / "a.py").write_text("A = 1\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    monkeypatch.setattr(completion_module, "training_dir", lambda: tmp_path)
+    expected = hashlib.sha256(b"a.py" + b"A = 1\n" + b"train.py" + b"print('train')\n").hexdigest()[:16]
+    assert completion_module.snapshot_version() == expected
+    (tmp_path / "notes.txt").write_text("changed")
+    assert completion_module.snapshot_version() == expected
+    (tmp_path / "a.py").write_text("A = 2\n")
+    assert completion_module.snapshot_version() != expected
+
+
+def test_the_alias_repair_leaves_the_registry_alone_when_the_ledger_has_no_champion(h, monkeypatch):
+    moved = []
+    monkeypatch.setattr(h.registry, "set_champion", lambda model, version: moved.append((model, version)))
+    monkeypatch.setattr(h.registry, "champion_alias", lambda model: 4)  # e.g. set by hand
+    h.worker.completer.sync_champion_alias("birds")
+    assert moved == []
