@@ -9,17 +9,28 @@ import hashlib
 import pytest
 
 from shared import events as ev
+from tests.fakes.memory_store import MemoryStore
 from worker import completion as completion_module
+from worker.adapters.local.sqlite_store import SqliteStore
 from worker.ports import ExportError
 
-from .test_completion import first_run, h, new_store, second_run  # noqa: F401 - fixtures
+from .test_completion import first_run, second_run
+from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def h(request, tmp_path):
+    store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "ledger.db")
+    yield make_harness(tmp_path, store=store, cooldown=0)
+    store.close()
+
 
 SUMMARY = dict.fromkeys(completion_module.SUMMARY_KEYS)
 
 
-def _events(h, kind):
+def _events(h, kind: str) -> list[dict]:
     return [e.payload["data"] for e in h.events() if e.type == kind]
 
 
@@ -92,7 +103,8 @@ def test_images_that_arrived_during_a_rejected_run_are_planned_at_once_with_no_c
     states = [(r.run_id == run.run_id, r.outcome if r.run_id == run.run_id else r.state) for r in h.runs()]
     assert (True, "rejected") in states
     follow_up = [r for r in h.runs() if r.run_id != run.run_id]
-    assert len(follow_up) == 1 and follow_up[0].state in ("planned", "submitted", "running")
+    assert len(follow_up) == 1
+    assert follow_up[0].state in ("planned", "submitted", "running")
     assert len(h.manifest(follow_up[0])) == 20
 
 
