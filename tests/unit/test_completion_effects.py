@@ -138,6 +138,7 @@ def test_the_registered_card_and_event_read_exactly(h):
     [data] = _events(h, ev.MODEL_REGISTERED)
     timings = data.pop("timings")
     assert set(timings) == {"export_s", "register_s"}
+    assert all(isinstance(v, float) and v >= 0 and v == round(v, 3) for v in timings.values())  # seconds, to the millisecond
     assert data == {
         "model": "birds", "version": 1, "run_id": run.run_id, "champion": True, "parent_version": None, "metrics": card["metrics"],
         "gate": card["gate"], "manifest": card["manifest"], "onnx": card["onnx"], "artifacts": artifacts, "location": version.location,
