@@ -175,3 +175,81 @@ def test_the_alias_repair_leaves_the_registry_alone_when_the_ledger_has_no_champ
     monkeypatch.setattr(h.registry, "champion_alias", lambda model: 4)  # e.g. set by hand
     h.worker.completer.sync_champion_alias("birds")
     assert moved == []
+
+
+def _capture_exports(h, monkeypatch) -> list[dict]:
+    seen: list[dict] = []
+    real = h.exporter.export
+
+    def export(model_pt, out_dir, **kwargs):
+        manifest = kwargs["manifest"]
+        seen.append({**kwargs, "manifest_path": manifest, "manifest_bytes": manifest.read_bytes() if manifest.is_file() else None})
+        return real(model_pt, out_dir, **kwargs)
+
+    monkeypatch.setattr(h.exporter, "export", export)
+    return seen
+
+
+def test_parity_is_checked_on_the_runs_own_manifest_written_beside_the_outputs(h, monkeypatch):
+    """A manifest store with no local files (Blob Storage): the manifest is written next to the outputs."""
+    from worker.manifests import encode, load
+
+    seen = _capture_exports(h, monkeypatch)
+    monkeypatch.setattr(h.worker.completer.manifests, "local_path", lambda path: None)
+    run = first_run(h)
+    h.succeed(run, best=0.9)
+    [call] = seen
+    outputs = h.root / "outputs" / run.backend_run_id
+    assert call["manifest_path"] == outputs / "manifest.json"
+    assert call["manifest_bytes"] == encode(load(h.worker.manifests, run.manifest_sha256))
+    assert call["data_dir"] == str(h.worker.config.images_dir("birds"))
+
+
+def test_parity_reads_the_manifest_stores_own_file_when_it_has_one(h, monkeypatch):
+    from worker.manifests import manifest_path
+
+    seen = _capture_exports(h, monkeypatch)
+    run = first_run(h)
+    h.succeed(run, best=0.9)
+    local = h.worker.manifests.local_path(manifest_path(run.manifest_sha256))
+    assert seen[0]["manifest_path"] == local
+    assert seen[0]["manifest_bytes"] == local.read_bytes()
+    assert not (h.root / "outputs" / run.backend_run_id / "manifest.json").exists()
+
+
+def test_a_runs_own_export_whose_onnx_file_changed_since_is_redone(h):
+    import json
+
+    run = first_run(h)
+    outputs = h.root / "outputs" / run.backend_run_id
+    outputs.mkdir(parents=True)
+    weights = b"the weights the run trained"
+    (outputs / "model.onnx").write_bytes(b"altered after the report was written")
+    report = {"passed": True, "model_sha256": hashlib.sha256(weights).hexdigest(), "onnx_sha256": hashlib.sha256(b"original").hexdigest()}
+    (outputs / "onnx_report.json").write_text(json.dumps(report))
+    h.succeed(run, best=0.9, model_bytes=weights)
+    assert len(h.exporter.calls) == 1, "the model matched but the ONNX file did not: exported again"
+
+
+@pytest.mark.parametrize(
+    ("gate", "metrics", "outcome"),
+    [
+        ({"gate__min_value": 0.95}, {"best": 0.9}, "rejected"),
+        ({"gate__metric": "final_val_acc"}, {"best": 0.9, "final_val_acc": 0.5}, "rejected"),
+        ({"gate__metric": "final_val_acc"}, {"best": 0.5, "final_val_acc": 0.9}, "registered"),
+    ],
+    ids=["configured-minimum", "configured-metric-low", "configured-metric-high"],
+)
+def test_the_gate_uses_the_models_configured_metric_and_minimum(tmp_path, gate, metrics, outcome):
+    h = make_harness(tmp_path, cooldown=0, **gate)
+    h.succeed(first_run(h), **metrics)
+    assert h.runs()[0].outcome == outcome
+
+
+def test_the_gate_uses_the_models_configured_margin(tmp_path):
+    h = make_harness(tmp_path, cooldown=0, gate__min_improvement=0.05)
+    h.succeed(first_run(h), best=0.8)
+    h.succeed(second_run(h), best=0.84, baseline=0.8)
+    assert h.runs()[0].outcome == "rejected"
+    h.succeed(second_run(h), best=0.86, baseline=0.8)
+    assert h.runs()[0].outcome == "registered"
