@@ -110,7 +110,7 @@ def test_images_that_arrived_during_a_rejected_run_are_planned_at_once_with_no_c
 
 def test_the_registered_card_and_event_read_exactly(h):
     run = first_run(h)
-    h.succeed(run, best=0.82, num_val=4)
+    h.succeed(run, best=0.82, num_val=4, torch_version="2.14.1+cpu")
     [version] = h.versions()
     card = h.registry.card("birds", 1)
     outputs = h.root / "outputs" / run.backend_run_id
@@ -130,11 +130,14 @@ def test_the_registered_card_and_event_read_exactly(h):
         "opset": 17, "max_abs_diff": 3e-7, "tolerance": 1e-4, "argmax_agreement": None, "onnxruntime_version": None, "samples": 32,
     }  # fmt: skip
     assert card["artifacts"] == artifacts
-    assert card["code_version"] == {"training_snapshot": completion_module.snapshot_version(), "torch": None}
+    assert card["code_version"] == {"training_snapshot": completion_module.snapshot_version(), "torch": "2.14.1+cpu"}
+    assert card["config"]["gate"] == h.worker.config.model("birds").gate.model_dump()
     assert card["registered_at"] == h.clock.now().isoformat()
     assert version.metrics == card["metrics"]
     assert version.location == str(h.root / "registry" / "birds" / "1")
     assert h.runs()[0].detail == f"registered as v1: {card['gate']['reason']}"
+    [event] = [e for e in h.events() if e.type == ev.MODEL_REGISTERED]
+    assert event.event_id == ev.event_id(ev.MODEL_REGISTERED, "models/birds/versions/1", run.run_id)  # the version's and the run's
     [data] = _events(h, ev.MODEL_REGISTERED)
     timings = data.pop("timings")
     assert set(timings) == {"export_s", "register_s"}

@@ -83,3 +83,23 @@ def test_failed_runs_are_counted_by_their_outcome(tmp_path, exported):
     [run] = h.runs()
     h.status(run.backend_run_id, "failed")
     assert [(p.attributes["model"], p.attributes["outcome"], p.value) for p in _metrics(reader)["retrain.runs"]] == [("birds", "failed", 1)]
+
+
+def test_rejected_runs_are_counted_by_model_and_outcome(tmp_path, exported):
+    _, reader = exported
+    h = make_harness(tmp_path, quiet_period=0)
+    h.uploads(10)
+    h.succeed(h.runs()[0], best=0.1)  # below the gate's minimum
+    assert [(p.attributes["model"], p.attributes["outcome"], p.value) for p in _metrics(reader)["retrain.runs"]] == [
+        ("birds", "rejected", 1)
+    ]
+
+
+def test_registered_runs_are_counted_by_model(tmp_path, exported):
+    _, reader = exported
+    h = make_harness(tmp_path, quiet_period=0)
+    h.uploads(10)
+    h.succeed(h.runs()[0], best=0.9)
+    assert [(p.attributes["model"], p.attributes["outcome"], p.value) for p in _metrics(reader)["retrain.runs"]] == [
+        ("birds", "registered", 1)
+    ]
