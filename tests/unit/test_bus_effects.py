@@ -1,0 +1,235 @@
+"""The bus's effects read exactly: completion failures counted to their budget, the poll's
+verdicts (timeouts to the second, runs the backend forgot), rejected messages, the relay's
+batches, inbox pruning and the cancel command's answers (issue 11, for `make mutate` on
+worker/bus.py; docs/mutation.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from shared import events as ev
+from tests.fakes.memory_store import MemoryStore
+from worker.adapters.local.sqlite_store import SqliteStore
+from worker.bus import COMPLETION_ATTEMPTS
+
+from .worker_harness import make_harness
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request, tmp_path):
+    opened = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "ledger.db")
+    yield opened
+    opened.close()
+
+
+def _submitted(h):
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    [run] = h.runs()
+    return run
+
+
+def test_a_failing_completion_is_retried_to_its_budget_then_fails_the_run_with_the_redacted_reason(store, tmp_path, monkeypatch):
+    h = make_harness(tmp_path, store=store, max_attempts=1, cooldown=86400)
+    run = _submitted(h)
+
+    def unreadable(run_id):
+        raise PermissionError("outputs unreadable with AccountKey=c2VjcmV0c2VjcmV0")
+
+    monkeypatch.setattr(h.worker.completer, "complete", unreadable)
+    h.succeed(run)  # the first attempt
+    for attempt in range(2, COMPLETION_ATTEMPTS):
+        h.clock.advance(60)
+        h.worker.tick()
+        [current] = h.runs()
+        assert (current.state, current.completion_failures) == ("succeeded", attempt)
+    [current] = h.runs()
+    reason = current.detail
+    assert reason.startswith("completion failed: PermissionError: outputs unreadable with AccountKey=")
+    assert "c2VjcmV0c2VjcmV0" not in reason
+    h.clock.advance(60)
+    h.worker.tick()  # attempt COMPLETION_ATTEMPTS
+    [final] = h.runs()
+    assert (final.state, final.outcome) == ("finalized", "completion_failed")
+    assert final.detail == f"{reason} ({COMPLETION_ATTEMPTS} attempts)"
+
+
+def test_a_completion_failure_reason_is_cut_to_2000_characters_in_the_detail(store, tmp_path, monkeypatch):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+    monkeypatch.setattr(h.worker.completer, "complete", lambda run_id: (_ for _ in ()).throw(OSError("y" * 3000)))
+    h.succeed(run)
+    assert h.runs()[0].detail == ("completion failed: OSError: " + "y" * 3000)[:2000]
+
+
+def test_a_run_is_timed_out_one_second_after_run_timeout_not_at_it(store, tmp_path):
+    h = make_harness(tmp_path, store=store, run_timeout=3600, max_attempts=1)
+    run = _submitted(h)
+    h.backend.finish(run.backend_run_id, "running")
+    h.clock.advance(3600)
+    h.worker.poll()
+    assert h.runs()[0].state == "running"
+    assert h.backend.calls_to("cancel") == []
+    h.clock.advance(1)
+    h.worker.poll()
+    [final] = h.runs()
+    assert (final.state, final.outcome) == ("finalized", "failed")
+    assert final.detail == "timed out: still running 3600s after submission (run_timeout); canceled"
+    assert h.backend.calls_to("cancel") == [run.backend_run_id]
+
+
+def test_a_runs_timeout_counts_from_its_submission_not_from_when_it_was_planned(store, tmp_path):
+    h = make_harness(tmp_path, store=store, run_timeout=100, max_attempts=1)
+    h.backend.fail_next_submit(ConnectionError("backend down"))
+    run = _submitted(h)  # planned; the submission failed
+    assert run.state == "planned"
+    h.clock.advance(50)
+    h.worker.tick()  # submitted now, 50 s after it was planned
+    h.backend.finish(run.backend_run_id, "running")
+    h.clock.advance(60)  # 110 s after planning, 60 s after submission
+    h.worker.poll()
+    assert h.runs()[0].state == "running"
+
+
+def test_a_planned_runs_timeout_counts_from_its_creation_when_it_has_no_submission_time(store, tmp_path):
+    h = make_harness(tmp_path, store=store, run_timeout=100, max_attempts=1)
+    run = _submitted(h)
+    with h.store.transaction() as tx:
+        current = tx.get_run(run.run_id)
+        current.submitted_at = None
+        tx.update_run(current)
+        tx.commit()
+    h.clock.advance(101)
+    h.worker.poll()
+    assert h.runs()[0].outcome == "failed"
+
+
+def test_a_run_the_backend_has_no_record_of_fails_with_that_reason(store, tmp_path):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+    del h.backend.runs[run.backend_run_id]
+    h.worker.poll()
+    [final] = h.runs()
+    assert (final.outcome, final.detail) == ("failed", "the backend has no record of this run")
+
+
+def test_the_poll_reports_only_changes_and_carries_the_backends_detail(store, tmp_path):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+    assert h.worker.poll() == [], "queued while submitted: nothing to report"
+    h.backend.finish(run.backend_run_id, "running")
+    assert [e.outcome for e in h.worker.poll()] != []
+    assert h.worker.poll() == [], "running while running: nothing to report"
+    h.backend.finish(run.backend_run_id, "failed", detail="x" * 5000)
+    h.worker.poll()
+    assert h.runs()[0].detail.startswith("x" * 100)
+
+
+def test_a_rejected_message_records_its_event_and_decision_exactly(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    description = "body was not JSON: " + "z" * 3000
+    assert h.worker.reject("msg-1", "birds", "invalid", description, "servicebus") is True
+    assert h.worker.reject("msg-1", "birds", "invalid", description, "servicebus") is False, "a redelivery is rejected once"
+    [event] = [e for e in h.events() if e.type == ev.REQUEST_REJECTED]
+    assert event.payload["subject"] == "requests/msg-1"
+    assert event.payload["data"] == {
+        "request_id": "msg-1",
+        "model": "birds",
+        "reason": "invalid",
+        "description": description[:2000],
+        "source": "servicebus",
+    }
+    [decision] = [d for d in h.decisions() if d.outcome == "reject"]
+    assert decision.reason == f"servicebus message msg-1 rejected: invalid: {description[:300]}"
+    assert decision.message_id == "msg-1"
+
+
+def test_a_rejected_message_for_an_unknown_model_names_it_only_as_given(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    assert h.worker.reject("msg-2", "Cats/" + "c" * 200, "invalid", "no such model", "http")
+    [event] = [e for e in h.events() if e.type == ev.REQUEST_REJECTED]
+    assert event.payload["data"]["model"] is None
+    assert event.payload["data"]["given_model"] == ("Cats/" + "c" * 200)[:100]
+    assert [d for d in h.decisions() if d.outcome == "reject"] == []
+
+
+def test_the_relay_publishes_in_batches_oldest_first_and_counts_them(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    for i in range(7):
+        h.worker.reject(f"m-{i}", "birds", "invalid", f"bad {i}", "test")
+    sizes: list[int] = []
+    real = h.publisher.publish
+
+    def publish(events):
+        sizes.append(len(events))
+        real(events)
+
+    h.publisher.publish = publish
+    assert h.worker.relay(batch=3) == 7
+    assert sizes == [3, 3, 1]
+    assert [e["data"]["request_id"] for e in h.publisher.published] == [f"m-{i}" for i in range(7)]
+    assert h.worker.relay(batch=3) == 0
+
+
+def test_the_relay_stops_after_a_full_batch_only_when_nothing_is_left(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    for i in range(6):
+        h.worker.reject(f"m-{i}", "birds", "invalid", f"bad {i}", "test")
+    assert h.worker.relay(batch=3) == 6
+    assert h.store.unpublished_events(10) == []
+
+
+def test_the_inbox_forgets_ids_after_retention_including_those_under_no_model(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    retention = h.worker.config.worker.inbox_retention
+    h.worker.reject("old-known", "birds", "invalid", "x", "test")
+    h.worker.reject("old-unknown", "nope", "invalid", "x", "test")
+    h.clock.advance(retention + 1)
+    h.worker.reject("new-known", "birds", "invalid", "x", "test")
+    assert h.worker.prune_inbox() == 2
+    assert h.worker.reject("old-known", "birds", "invalid", "x", "test") is True, "forgotten, so accepted again"
+    assert h.worker.reject("old-unknown", "nope", "invalid", "x", "test") is True
+    assert h.worker.reject("new-known", "birds", "invalid", "x", "test") is False, "still remembered"
+
+
+def test_the_cancel_command_answers_what_happened(store, tmp_path):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+    assert h.worker.cancel(run.run_id) == f"{run.run_id}: cancel requested (backend says canceled)"
+    assert h.runs()[0].outcome == "canceled", "the poll after the cancel recorded it"
+    assert h.worker.cancel(run.run_id) == f"{run.run_id} is not in flight (finalized)"
+    with pytest.raises(KeyError, match="no run 'birds-9999"):
+        h.worker.cancel("birds-9999-00000000-a1")
+
+
+def test_a_tick_repairs_the_registry_alias_of_every_model(store, tmp_path):
+    h = make_harness(tmp_path, store=store, cooldown=0)
+    run = _submitted(h)
+    h.succeed(run, best=0.9)
+    (h.root / "registry" / "birds" / "champion").unlink()  # e.g. a crash between the commit and the alias move
+    h.worker.tick()
+    assert h.registry.champion_alias("birds") == 1
+
+
+def test_a_tick_message_carries_the_time_and_is_unique(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    seen = []
+    real = h.worker.handle
+
+    def handle(message, remember=None):
+        seen.append(message)
+        return real(message, remember)
+
+    h.worker.handle = handle
+    h.worker.tick()
+    h.worker.tick()
+    ticks = [m for m in seen if m.kind == "tick" and m.model is None]
+    assert len({t.message_id for t in ticks}) == 2
+    assert ticks[0].message_id.startswith(f"tick-{h.clock.now():%Y%m%dT%H%M%S}")
+    assert ticks[0].occurred_at == h.clock.now()
+    assert isinstance(ticks[0].occurred_at, dt.datetime)
