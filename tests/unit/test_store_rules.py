@@ -1,0 +1,112 @@
+"""The rules every ledger shares (worker/store.py): when a delivery is stale, what state an image
+version is in, and how a backfill is registered in bounded, retried chunks (issue 11)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from contextlib import contextmanager
+
+import pytest
+
+from tests.fakes.memory_store import MemoryStore
+from worker.adapters.local.sqlite_store import SqliteStore
+from worker.store import IMAGES_PER_COMMIT, ConcurrencyConflict, ImageRow, image_state, is_stale
+
+pytestmark = pytest.mark.unit
+
+T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def _at(seconds: float | None) -> dt.datetime | None:
+    return None if seconds is None else T0 + dt.timedelta(seconds=seconds)
+
+
+def _row(occurred: float | None, first_seen: float | None, path: str = "chicken/a.jpg", etag: str = "e") -> ImageRow:
+    return ImageRow("birds", path, etag, "chicken", "train", occurred_at=_at(occurred), first_seen_at=_at(first_seen))
+
+
+@pytest.mark.parametrize(
+    ("mine", "newest", "stale"),
+    [
+        ((5, 100), (10, 0), True),  # written before the newest version: its source time decides, not arrival
+        ((10, 100), (10, 0), False),  # the same instant is not older
+        ((11, 0), (10, 100), False),
+        ((None, 5), (None, 10), True),  # no source times: arrival order
+        ((None, 10), (None, 10), False),
+        ((None, 5), (10, 0), True),  # mine has no source time: my arrival against its source time
+        ((5, 0), (None, 10), True),  # it has no source time: my source time against its arrival
+        ((None, None), (10, 10), False),  # nothing to compare: never stale
+        ((5, 5), (None, None), False),
+    ],
+)
+def test_a_delivery_is_stale_only_when_written_strictly_before_the_newest_known_version(mine, newest, stale):
+    assert is_stale(_row(*mine), _at(newest[0]), _at(newest[1])) is stale
+
+
+@pytest.mark.parametrize(
+    ("latest", "seq", "trained", "flying", "state"),
+    [
+        (False, 1, 0, None, "superseded"),
+        (False, 1, 5, 9, "superseded"),
+        (True, 5, 5, None, "trained"),  # the watermark itself is trained
+        (True, 6, 5, None, "pending"),
+        (True, 6, 5, 6, "in_run"),  # the in-flight watermark itself is in the run
+        (True, 7, 5, 6, "pending"),
+        (True, 3, 5, 6, "trained"),
+    ],
+)
+def test_an_image_versions_state_follows_from_the_watermarks(latest, seq, trained, flying, state):
+    assert image_state(latest, seq, trained, flying) == state
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request, tmp_path):
+    opened = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "ledger.db")
+    yield opened
+    opened.close()
+
+
+def _count_commits(store, monkeypatch, conflict_on: set[int] = frozenset()) -> list[int]:
+    """Wraps the store's transactions: records each commit's index; raises ConcurrencyConflict on the
+    commits whose index is in `conflict_on` (a lost optimistic race), as a shared ledger can."""
+    commits: list[int] = []
+    attempts = [0]
+    real = store.transaction
+
+    @contextmanager
+    def transaction():
+        with real() as tx:
+            original = tx.commit
+
+            def commit():
+                attempts[0] += 1
+                if attempts[0] in conflict_on:
+                    raise ConcurrencyConflict("another writer won")
+                original()
+                commits.append(attempts[0])
+
+            tx.commit = commit
+            yield tx
+
+    monkeypatch.setattr(store, "transaction", transaction)
+    return commits
+
+
+def test_a_backfill_is_registered_in_chunks_of_images_per_commit_and_counts_only_new_images(store, monkeypatch):
+    rows = [_row(None, 0, path=f"chicken/{i}.jpg") for i in range(2 * IMAGES_PER_COMMIT + 4)]
+    store.stage_images([*rows[:3], _row(10, 0, path="chicken/rewritten.jpg", etag="v2")])  # known already
+    rows.append(_row(5, 0, path="chicken/rewritten.jpg", etag="v1"))  # an older write, delivered late: stale
+    commits = _count_commits(store, monkeypatch)
+    assert store.stage_images(rows) == len(rows) - 3 - 1, "neither duplicates nor stale versions are new"
+    assert len(commits) == 3  # 20 + 20 + 5
+    with store.transaction() as tx:
+        assert tx.image_watermark("birds") == 4 + len(rows) - 3  # stale versions are recorded too (not as latest)
+
+
+def test_a_chunk_that_loses_a_race_is_retried_whole_and_nothing_is_counted_twice(store, monkeypatch):
+    rows = [_row(None, 0, path=f"chicken/{i}.jpg") for i in range(IMAGES_PER_COMMIT + 1)]
+    commits = _count_commits(store, monkeypatch, conflict_on={1})
+    assert store.stage_images(rows) == len(rows)
+    assert commits == [2, 3]
+    with store.transaction() as tx:
+        assert tx.image_watermark("birds") == len(rows)
