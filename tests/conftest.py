@@ -21,6 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks_on_a_free_port(launch, attempts: int = 3) -> tuple[list[int], list[str]]:
+    """Start the processes `launch(port)` returns on a probed free port and wait for them; if
+    another process took the port between the probe and the bind, start them again on a new one.
+    Returns (exit codes, outputs). The processes must pipe stdout (stderr merged) as text."""
+    for _ in range(attempts):
+        procs = launch(free_port())
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        if not any("address already in use" in out.lower() for out in outputs):
+            break
+    return [p.returncode for p in procs], outputs
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "default"})

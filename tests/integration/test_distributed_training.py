@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TRAINING, child_env, free_port, read_metrics, run_train
+from tests.conftest import TRAINING, child_env, read_metrics, run_ranks_on_a_free_port, run_train
 
 from synthetic_birds import write_corrupt
 
@@ -124,37 +124,19 @@ def test_warm_start_records_the_checkpoints_accuracy_on_this_validation_set(spli
 
 
 def test_the_older_dist_url_rank_world_size_arguments_start_ddp(split_birds, tmp_path):
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(TRAINING / "train.py"),
-                "--dist-backend",
-                "gloo",
-                "--dist-url",
-                f"tcp://127.0.0.1:{port}",
-                "--rank",
-                str(rank),
-                "--world-size",
-                "2",
-                "--data_dir",
-                str(split_birds),
-                "--output_dir",
-                str(tmp_path / "out"),
-                "--num_epochs",
-                "1",
-                *TINY,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=child_env(),
-        )
-        for rank in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    def launch(port: int) -> list[subprocess.Popen]:
+        procs = []
+        for rank in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, str(TRAINING / "train.py"), "--dist-backend", "gloo", "--dist-url", f"tcp://127.0.0.1:{port}",
+                 "--rank", str(rank), "--world-size", "2", "--data_dir", str(split_birds), "--output_dir", str(tmp_path / "out"),
+                 "--num_epochs", "1", *TINY],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
+            ))  # fmt: skip
+        return procs
+
+    codes, outputs = run_ranks_on_a_free_port(launch)
+    assert codes == [0, 0], outputs
     m = read_metrics(tmp_path / "out")
     assert (m["distributed"], m["world_size"]) == ("ddp", 2)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TRAINING, child_env, free_port, read_metrics
+from tests.conftest import TRAINING, child_env, read_metrics, run_ranks_on_a_free_port
 
 pytestmark = pytest.mark.integration
 
@@ -76,19 +76,24 @@ def test_train_py_accepts_the_environment_azure_ml_v2_gives_each_pytorch_process
     """Azure ML (SDK v2, PyTorchDistribution) starts the command once per process with RANK,
     WORLD_SIZE, LOCAL_RANK, NODE_RANK, MASTER_ADDR and MASTER_PORT set (no LOCAL_WORLD_SIZE, no
     torchrun): the same here, two processes on one node."""
-    port = str(free_port())
-    procs = []
-    for rank in (0, 1):
-        env = child_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        for name in ("LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MLFLOW_TRACKING_URI"):
-            env.pop(name, None)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(TRAINING / "train.py"), "--data_dir", str(tiny_birds), "--output_dir", str(tmp_path / "out"),
-             "--num_epochs", "1", "--distributed", "ddp", *TINY],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
-        ))  # fmt: skip
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+
+    def launch(port: int) -> list[subprocess.Popen]:
+        procs = []
+        for rank in (0, 1):
+            env = child_env(
+                RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+            )
+            for name in ("LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MLFLOW_TRACKING_URI"):
+                env.pop(name, None)
+            procs.append(subprocess.Popen(
+                [sys.executable, str(TRAINING / "train.py"), "--data_dir", str(tiny_birds), "--output_dir", str(tmp_path / "out"),
+                 "--num_epochs", "1", "--distributed", "ddp", *TINY],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+            ))  # fmt: skip
+        return procs
+
+    codes, outputs = run_ranks_on_a_free_port(launch)
+    assert codes == [0, 0], outputs
     metrics = read_metrics(tmp_path / "out")
     assert (metrics["distributed"], metrics["world_size"]) == ("ddp", 2)
     assert os.path.exists(tmp_path / "out" / "model.pt")
