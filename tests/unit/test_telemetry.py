@@ -37,6 +37,15 @@ def _metrics(reader) -> dict[str, list]:
     return found
 
 
+def _units(reader) -> dict[str, str]:
+    return {
+        metric.name: metric.unit
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+
+
 def test_one_image_is_one_trace_from_upload_to_the_registered_event(tmp_path, exported):
     spans, reader = exported
     h = make_harness(tmp_path, quiet_period=0)
@@ -59,7 +68,8 @@ def test_one_image_is_one_trace_from_upload_to_the_registered_event(tmp_path, ex
     assert [f"{s.context.trace_id:032x}" for s in published] == [trace_id]
     points = _metrics(reader)
     assert [(p.attributes["outcome"], p.value) for p in points["retrain.runs"]] == [("registered", 1)]
-    assert [p.count for p in points["retrain.image_to_champion.seconds"]] == [1]
+    assert [(p.count, p.attributes["model"]) for p in points["retrain.image_to_champion.seconds"]] == [(1, "birds")]
+    assert _units(reader)["retrain.image_to_champion.seconds"] == "s"
     assert any(p.attributes["model"] == "birds" for p in points["retrain.pending.images"])
 
 
