@@ -5,6 +5,7 @@ survivors of `make mutate` on worker/completion.py, docs/mutation.md)."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -256,3 +257,53 @@ def test_the_gate_uses_the_models_configured_margin(tmp_path):
     assert h.runs()[0].outcome == "rejected"
     h.succeed(second_run(h), best=0.86, baseline=0.8)
     assert h.runs()[0].outcome == "registered"
+
+
+def _outputs_then_report(h, run, change) -> str:
+    """Finish the run with real-looking outputs, let `change(outputs)` spoil them, then report it;
+    returns the rejection's detail."""
+    h.succeed(run, best=0.9, report=False)
+    change(h.root / "outputs" / run.backend_run_id)
+    h.status(run.backend_run_id, "succeeded")
+    final = h.runs()[0]
+    assert final.outcome == "rejected"
+    return final.detail
+
+
+def test_unreadable_or_unverifiable_outputs_are_rejected_with_reasons_that_say_which(h):
+
+    run = first_run(h)
+    detail = _outputs_then_report(h, run, lambda out: (out / "metrics.json").write_text("{not json"))
+    assert detail.startswith("metrics.json is unreadable: Expecting property name enclosed in double quotes")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "expected"),
+    [
+        (lambda out, m: "[1, 2]", "metrics.json is not an object"),
+        (
+            lambda out, m: json.dumps({k: v for k, v in m.items() if k != "model_sha256"}),
+            "metrics.json records no model_sha256, so model.pt cannot be verified",
+        ),
+        (
+            lambda out, m: json.dumps({**m, "model_sha256": "ab" * 32}),
+            "model.pt has sha256 {actual}..., but training recorded abababababab...",
+        ),
+        (
+            lambda out, m: json.dumps({**m, "manifest_sha256": "cd" * 32}),
+            "the run trained on manifest cdcdcdcdcdcd..., not its own {manifest}...",
+        ),
+    ],
+    ids=["not-an-object", "no-digest", "other-digest", "other-manifest"],
+)
+def test_each_kind_of_bad_metrics_is_rejected_with_its_own_reason(h, spoil, expected):
+    run = first_run(h)
+
+    def change(out):
+        metrics = json.loads((out / "metrics.json").read_text())
+        (out / "metrics.json").write_text(spoil(out, metrics))
+
+    detail = _outputs_then_report(h, run, change)
+    actual = hashlib.sha256((h.root / "outputs" / run.backend_run_id / "model.pt").read_bytes()).hexdigest()[:12]
+    assert detail == expected.format(actual=actual, manifest=run.manifest_sha256[:12])
+    assert _events(h, ev.MODEL_REJECTED)[0]["reason"] == detail
