@@ -222,8 +222,6 @@ def test_parity_reads_the_manifest_stores_own_file_when_it_has_one(h, monkeypatc
 
 
 def test_a_runs_own_export_whose_onnx_file_changed_since_is_redone(h):
-    import json
-
     run = first_run(h)
     outputs = h.root / "outputs" / run.backend_run_id
     outputs.mkdir(parents=True)
