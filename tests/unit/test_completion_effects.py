@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -14,6 +16,7 @@ from tests.fakes.memory_store import MemoryStore
 from worker import completion as completion_module
 from worker.adapters.local.sqlite_store import SqliteStore
 from worker.ports import ExportError
+from worker.store import ConcurrencyConflict
 
 from .test_completion import first_run, second_run
 from .worker_harness import make_harness
@@ -305,3 +308,61 @@ def test_each_kind_of_bad_metrics_is_rejected_with_its_own_reason(h, spoil, expe
     actual = hashlib.sha256((h.root / "outputs" / run.backend_run_id / "model.pt").read_bytes()).hexdigest()[:12]
     assert detail == expected.format(actual=actual, manifest=run.manifest_sha256[:12])
     assert _events(h, ev.MODEL_REJECTED)[0]["reason"] == detail
+
+
+class _ConflictingStore:
+    """The completer's view of a shared ledger on which other writers win the first `conflicts`
+    commits (an optimistic race lost, as on Table Storage): each such commit raises ConcurrencyConflict."""
+
+    def __init__(self, inner, conflicts: int):
+        self.inner, self.conflicts, self.commits = inner, conflicts, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @contextmanager
+    def transaction(self):
+        with self.inner.transaction() as tx:
+            real = tx.commit
+
+            def commit():
+                self.commits += 1
+                if self.commits <= self.conflicts:
+                    raise ConcurrencyConflict("another writer committed first")
+                real()
+
+            tx.commit = commit
+            yield tx
+
+
+def _no_sleep(monkeypatch) -> list[float]:
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)  # tenacity sleeps through time.sleep
+    return waits
+
+
+def test_a_completion_commit_that_loses_a_race_is_redone_on_fresh_state(h, monkeypatch):
+    waits = _no_sleep(monkeypatch)
+    run = first_run(h)
+    h.worker.completer.store = _ConflictingStore(h.store, conflicts=3)
+    h.succeed(run, best=0.9)
+    assert (h.runs()[0].outcome, [v.version for v in h.versions()]) == ("registered", [1])
+    assert len(_events(h, ev.MODEL_REGISTERED)) == 1
+    assert len(waits) == 3
+    assert all(0 <= w <= 0.5 for w in waits), "jittered, and never more than half a second"
+
+
+def test_a_completion_that_loses_every_race_gives_up_after_20_attempts_with_the_conflict(h, monkeypatch):
+    waits = _no_sleep(monkeypatch)
+    run = first_run(h)
+    conflicting = _ConflictingStore(h.store, conflicts=10**6)
+    h.worker.completer.store = conflicting
+    h.succeed(run, best=0.9)  # the bus records the success; the completion then never commits
+    assert conflicting.commits == 20
+    assert len(waits) == 19
+    assert all(0 <= w <= 0.5 for w in waits), "jittered, never more than half a second"
+    assert waits[0] <= 0.02, "a lost race is retried at once: the first wait is at most 20 ms"
+    assert sum(waits) > 0, "but it does back off"
+    [current] = h.runs()
+    assert (current.state, current.completion_failures) == ("succeeded", 1), "left for the next tick to complete"
+    assert current.detail.startswith("completion failed: ConcurrencyConflict: another writer committed first")
