@@ -366,3 +366,63 @@ def test_a_completion_that_loses_every_race_gives_up_after_20_attempts_with_the_
     [current] = h.runs()
     assert (current.state, current.completion_failures) == ("succeeded", 1), "left for the next tick to complete"
     assert current.detail.startswith("completion failed: ConcurrencyConflict: another writer committed first")
+
+
+def test_a_first_model_is_registered_with_the_first_model_reason(h):
+    h.succeed(first_run(h), best=0.82)
+    assert h.runs()[0].detail == "registered as v1: first model: best_val_acc 0.8200 meets the minimum 0.6000"
+
+
+def test_failed_parity_is_rejected_against_the_champion_with_the_measured_figures(h):
+    h.succeed(first_run(h), best=0.8)
+    run = second_run(h)
+    h.exporter.max_abs_diff = 5e-3
+    h.succeed(run, best=0.9, baseline=0.8)
+    reason = "ONNX parity failed: max |PyTorch - onnxruntime| 5.00e-03 > tolerance 0.0001"
+    assert h.runs()[0].detail == reason
+    [data] = _events(h, ev.MODEL_REJECTED)
+    assert (data["reason"], data["champion_version"]) == (reason, 1)
+    assert data["gate"]["passed"] is True, "the gate passed; parity did not"
+
+
+def test_a_parity_report_without_a_figure_says_nan(h, monkeypatch):
+    from worker.ports import ExportResult
+
+    def export(model_pt, out_dir, **kwargs):
+        (out_dir / "model.onnx").write_bytes(b"onnx")
+        return ExportResult(out_dir / "model.onnx", out_dir / "onnx_report.json", {"passed": False, "tolerance": 0.001})
+
+    monkeypatch.setattr(h.exporter, "export", export)
+    h.succeed(first_run(h), best=0.9)
+    assert h.runs()[0].detail == "ONNX parity failed: max |PyTorch - onnxruntime| nan > tolerance 0.001"
+
+
+@pytest.mark.parametrize("failure", ["export", "outputs"])
+def test_every_rejection_names_the_champion_it_was_measured_against(h, monkeypatch, failure):
+    h.succeed(first_run(h), best=0.8)
+    run = second_run(h)
+    if failure == "export":
+        monkeypatch.setattr(h.exporter, "export", lambda *a, **k: (_ for _ in ()).throw(ExportError("opset 99 is unknown")))
+        h.succeed(run, best=0.9, baseline=0.8)
+        assert h.runs()[0].detail == "ONNX export failed: opset 99 is unknown"
+    else:
+        h.succeed(run, best=0.9, baseline=0.8, manifest_sha256="e" * 64)
+    assert _events(h, ev.MODEL_REJECTED)[0]["champion_version"] == 1
+
+
+def test_the_export_time_is_measured_not_a_clock_reading(h):
+    run = first_run(h)
+    started = time.perf_counter()
+    h.succeed(run, best=0.9)
+    elapsed = time.perf_counter() - started
+    [data] = _events(h, ev.MODEL_REGISTERED)
+    assert 0 <= data["timings"]["export_s"] <= elapsed + 0.001
+
+
+def test_completing_a_run_that_has_not_succeeded_or_does_not_exist_does_nothing(h):
+    run = first_run(h)
+    assert h.worker.completer.complete(run.run_id) == []
+    assert h.worker.completer.complete("birds-9999-00000000") == []
+    assert h.runs()[0].state == run.state
+    assert h.versions() == []
+    assert h.exporter.calls == []

@@ -60,6 +60,7 @@ def test_one_image_is_one_trace_from_upload_to_the_registered_event(tmp_path, ex
     in_trace = {s.name for s in finished if f"{s.context.trace_id:032x}" == trace_id}
     assert {"retrain.receive image.uploaded", "retrain.decide", "retrain.submit", "retrain.complete", "retrain.publish"} <= in_trace
     complete = next(s for s in finished if s.name == "retrain.complete")
+    assert (complete.attributes["model"], complete.attributes["run_id"]) == ("birds", run.run_id)
     status_receive = next(s for s in finished if s.name == "retrain.receive run.status_changed")
     assert [link.context.span_id for link in complete.links] == [status_receive.context.span_id]  # what reported the end
     registered = next(e for e in h.events() if e.type == ev.MODEL_REGISTERED)
