@@ -405,6 +405,7 @@ def test_every_rejection_names_the_champion_it_was_measured_against(h, monkeypat
         monkeypatch.setattr(h.exporter, "export", lambda *a, **k: (_ for _ in ()).throw(ExportError("opset 99 is unknown")))
         h.succeed(run, best=0.9, baseline=0.8)
         assert h.runs()[0].detail == "ONNX export failed: opset 99 is unknown"
+        assert _events(h, ev.MODEL_REJECTED)[0]["gate"]["passed"] is True, "the gate passed; the export did not"
     else:
         h.succeed(run, best=0.9, baseline=0.8, manifest_sha256="e" * 64)
     assert _events(h, ev.MODEL_REJECTED)[0]["champion_version"] == 1
@@ -417,6 +418,7 @@ def test_the_export_time_is_measured_not_a_clock_reading(h):
     elapsed = time.perf_counter() - started
     [data] = _events(h, ev.MODEL_REGISTERED)
     assert 0 <= data["timings"]["export_s"] <= elapsed + 0.001
+    assert 0 <= data["timings"]["register_s"] <= elapsed + 0.001
 
 
 def test_completing_a_run_that_has_not_succeeded_or_does_not_exist_does_nothing(h):
@@ -426,3 +428,13 @@ def test_completing_a_run_that_has_not_succeeded_or_does_not_exist_does_nothing(
     assert h.runs()[0].state == run.state
     assert h.versions() == []
     assert h.exporter.calls == []
+
+
+def test_outputs_missing_their_files_are_rejected_naming_each(h):
+    run = first_run(h)
+
+    def remove(out):
+        (out / "model.pt").unlink()
+        (out / "metrics.json").unlink()
+
+    assert _outputs_then_report(h, run, remove) == "the run's outputs lack model.pt, metrics.json"
