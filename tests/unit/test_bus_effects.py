@@ -6,10 +6,12 @@ worker/bus.py; docs/mutation.md)."""
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import contextmanager
 
 import pytest
 
 from shared import events as ev
+from shared.messages import RetrainRequested
 from tests.fakes.memory_store import MemoryStore
 from worker.adapters.local.sqlite_store import SqliteStore
 from worker.bus import COMPLETION_ATTEMPTS
@@ -233,3 +235,97 @@ def test_a_tick_message_carries_the_time_and_is_unique(store, tmp_path):
     assert ticks[0].message_id.startswith(f"tick-{h.clock.now():%Y%m%dT%H%M%S}")
     assert ticks[0].occurred_at == h.clock.now()
     assert isinstance(ticks[0].occurred_at, dt.datetime)
+
+
+def _record_claims(h, monkeypatch) -> list[tuple[str, str, str | None]]:
+    """The inbox claims made through the store's transactions: (message id, kind, model)."""
+    claims: list[tuple[str, str, str | None]] = []
+    real = h.store.transaction
+
+    @contextmanager
+    def transaction():
+        with real() as tx:
+            claim = tx.claim_message
+
+            def recording(message_id, kind, model, at):
+                claims.append((message_id, kind, model))
+                return claim(message_id, kind, model, at)
+
+            tx.claim_message = recording
+            yield tx
+
+    monkeypatch.setattr(h.store, "transaction", transaction)
+    return claims
+
+
+def test_inbox_claims_are_made_in_the_models_partition(store, tmp_path, monkeypatch):
+    """A partitioned ledger (Table Storage) keeps a model's inbox in the model's partition: a claim
+    under another model would miss a redelivery."""
+    h = make_harness(tmp_path, store=store)
+    for i in range(3):
+        h.blobs.blobs[f"chicken/{i}.jpg"] = b"x"
+    claims = _record_claims(h, monkeypatch)
+    h.worker.reject("bad-1", "birds", "invalid", "x", "test")
+    h.worker.handle(RetrainRequested(message_id="req-1", model="birds", prefix="chicken/"))
+    assert ("bad-1", "rejected", "birds") in claims
+    assert {c for c in claims if c[0] == "req-1"} == {("req-1", "retrain.requested", "birds")}
+
+
+def test_images_registered_by_a_backfill_are_recorded_as_backfill(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    h.blobs.blobs["chicken/1.jpg"] = b"x"
+    h.worker.handle(RetrainRequested(message_id="req-1", model="birds", prefix="chicken/"))
+    with h.store.transaction() as tx:
+        [image] = tx.image_arrivals("birds")
+    assert (image.path, image.source) == ("chicken/1.jpg", "backfill")
+
+
+def test_a_completion_failure_after_another_instance_finalized_the_run_changes_nothing(store, tmp_path, monkeypatch):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+
+    def finalized_elsewhere_then_fails(run_id):
+        with h.store.transaction() as tx:
+            current = tx.get_run(run_id)
+            current.state, current.outcome, current.detail = "finalized", "registered", "by the other instance"
+            tx.update_run(current)
+            tx.commit()
+        raise OSError("this instance could not read the outputs")
+
+    monkeypatch.setattr(h.worker.completer, "complete", finalized_elsewhere_then_fails)
+    h.succeed(run)
+    [final] = h.runs()
+    assert (final.outcome, final.detail, final.completion_failures) == ("registered", "by the other instance", 0)
+
+
+def test_canceling_a_planned_run_finalizes_it_as_canceled_before_submission(store, tmp_path):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    h.backend.fail_next_submit(ConnectionError("backend down"))
+    run = _submitted(h)
+    assert run.state == "planned"
+    h.worker.cancel(run.run_id)
+    [final] = h.runs()
+    assert (final.outcome, final.detail) == ("canceled", "canceled before submission")
+
+
+def test_canceling_a_submitted_run_the_backend_forgot_records_what_the_poll_finds(store, tmp_path):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+    del h.backend.runs[run.backend_run_id]
+    assert h.worker.cancel(run.run_id) == f"{run.run_id}: cancel requested (backend says unknown)"
+    [final] = h.runs()
+    assert (final.outcome, final.detail) == ("failed", "the backend has no record of this run")
+
+
+def test_the_relay_sends_batches_of_100_by_default_and_nothing_without_a_publisher(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    for i in range(101):
+        h.worker.reject(f"m-{i}", "birds", "invalid", "x", "test")
+    sizes: list[int] = []
+    real = h.publisher.publish
+    h.publisher.publish = lambda events: (sizes.append(len(events)), real(events))
+    publisher, h.worker.publisher = h.worker.publisher, None
+    assert h.worker.relay() == 0
+    h.worker.publisher = publisher
+    assert h.worker.relay() == 101
+    assert sizes == [100, 1]
