@@ -114,3 +114,16 @@ def test_registered_runs_are_counted_by_model(tmp_path, exported):
     assert [(p.attributes["model"], p.attributes["outcome"], p.value) for p in _metrics(reader)["retrain.runs"]] == [
         ("birds", "registered", 1)
     ]
+
+
+def test_a_relay_is_one_batch_span_and_each_event_a_mark_with_its_id(tmp_path, exported):
+    spans, _ = exported
+    h = make_harness(tmp_path, quiet_period=0)
+    for i in range(3):
+        h.worker.reject(f"m-{i}", "birds", "invalid", "x", "test")
+    h.worker.relay()
+    finished = spans.get_finished_spans()
+    assert [s.attributes["events"] for s in finished if s.name == "retrain.publish.batch"] == [3]
+    marks = [s for s in finished if s.name == "retrain.publish"]
+    assert sorted(s.attributes["event_id"] for s in marks) == sorted(e.event_id for e in h.events())
+    assert {s.attributes["event_type"] for s in marks} == {ev.REQUEST_REJECTED}
