@@ -438,3 +438,29 @@ def test_outputs_missing_their_files_are_rejected_naming_each(h):
         (out / "metrics.json").unlink()
 
     assert _outputs_then_report(h, run, remove) == "the run's outputs lack model.pt, metrics.json"
+
+
+def test_only_a_lost_race_is_retried_any_other_commit_error_fails_the_attempt_at_once(h, monkeypatch):
+    _no_sleep(monkeypatch)
+    run = first_run(h)
+    failing = _ConflictingStore(h.store, conflicts=0)
+    real_transaction = failing.transaction
+
+    @contextmanager
+    def transaction():
+        with real_transaction() as tx:
+
+            def commit():
+                failing.commits += 1
+                raise OSError("disk full")
+
+            tx.commit = commit
+            yield tx
+
+    failing.transaction = transaction
+    h.worker.completer.store = failing
+    h.succeed(run, best=0.9)
+    assert failing.commits == 1, "not retried: only ConcurrencyConflict is"
+    [current] = h.runs()
+    assert (current.state, current.completion_failures) == ("succeeded", 1)
+    assert current.detail == "completion failed: OSError: disk full"
