@@ -329,3 +329,39 @@ def test_the_relay_sends_batches_of_100_by_default_and_nothing_without_a_publish
     h.worker.publisher = publisher
     assert h.worker.relay() == 101
     assert sizes == [100, 1]
+
+
+def test_the_poll_goes_on_past_a_run_that_has_not_changed(store, tmp_path):
+    import dataclasses
+
+    from worker.ports import BackendStatus
+
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    older = _submitted(h)
+    newer = dataclasses.replace(older, run_id=older.run_id.replace("-0001-", "-0002-"), seq=older.seq + 1)
+    with h.store.transaction() as tx:
+        tx.insert_run(newer)
+        tx.commit()
+    h.backend.runs[newer.backend_run_id] = BackendStatus(newer.backend_run_id, "queued")  # unchanged: nothing to report
+    h.backend.finish(older.backend_run_id, "failed", detail="boom")
+    with h.store.transaction() as tx:
+        assert [r.run_id for r in tx.runs(states=frozenset({"submitted", "running"}))] == [newer.run_id, older.run_id]
+    assert len(h.worker.poll()) == 1
+    assert {r.run_id: r.state for r in h.runs()}[older.run_id] == "finalized"
+
+
+def test_a_tick_for_one_model_handles_that_model_only(store, tmp_path, monkeypatch):
+    h = make_harness(tmp_path, store=store)
+    h.worker.config.models["cats"] = h.worker.config.models["birds"]
+    repaired: list[str] = []
+    monkeypatch.setattr(h.worker.completer, "sync_champion_alias", repaired.append)
+    ticks = []
+    real = h.worker.handle
+
+    def handle(message, remember=None):
+        ticks.append(message.model)
+        return real(message, remember)
+
+    h.worker.handle = handle
+    h.worker.tick("birds")
+    assert (ticks, repaired) == (["birds"], ["birds"])
