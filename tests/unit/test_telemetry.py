@@ -127,3 +127,20 @@ def test_a_relay_is_one_batch_span_and_each_event_a_mark_with_its_id(tmp_path, e
     marks = [s for s in finished if s.name == "retrain.publish"]
     assert sorted(s.attributes["event_id"] for s in marks) == sorted(e.event_id for e in h.events())
     assert {s.attributes["event_type"] for s in marks} == {ev.REQUEST_REJECTED}
+
+
+def test_each_received_message_is_a_span_with_its_model_id_and_outcome(tmp_path, exported):
+    spans, _ = exported
+    h = make_harness(tmp_path, quiet_period=0)
+    h.worker.reject("bad-1", "birds", "invalid", "x", "test")
+    h.upload("chicken", name="chicken/1.jpg")
+    h.worker.tick()
+    finished = spans.get_finished_spans()
+    upload = next(s for s in finished if s.name == "retrain.receive image.uploaded")
+    assert upload.attributes["model"] == "birds"
+    assert upload.attributes["message_id"].startswith("img-")
+    assert upload.attributes["retrain.outcome"] == "ok"
+    every_model = [s for s in finished if s.name == "retrain.receive tick" and s.attributes["model"] == ""]
+    assert len(every_model) == 1, "a tick for every model names none"
+    one_model = [s for s in finished if s.name == "retrain.receive tick" and s.attributes["model"] == "birds"]
+    assert one_model[0].attributes["message_id"] == every_model[0].attributes["message_id"] + ".birds"
