@@ -365,3 +365,15 @@ def test_a_tick_for_one_model_handles_that_model_only(store, tmp_path, monkeypat
     h.worker.handle = handle
     h.worker.tick("birds")
     assert (ticks, repaired) == (["birds"], ["birds"])
+
+
+def test_a_tick_for_every_model_reports_the_runs_each_model_planned(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    h.worker.config.models["cats"] = h.worker.config.models["birds"]
+    h.worker.blobs["cats"] = h.blobs
+    for model in ("birds", "cats"):
+        for i in range(16):
+            h.upload("chicken" if i % 2 else "turkey", name=f"{model}{i}", model=model)
+    h.clock.advance(11)
+    effects = h.worker.tick()
+    assert sorted(r.split("-")[0] for r in effects.planned_runs) == ["birds", "cats"]
