@@ -377,3 +377,12 @@ def test_a_tick_for_every_model_reports_the_runs_each_model_planned(tmp_path):
     h.clock.advance(11)
     effects = h.worker.tick()
     assert sorted(r.split("-")[0] for r in effects.planned_runs) == ["birds", "cats"]
+
+
+def test_a_redelivered_backfill_request_is_answered_as_a_duplicate(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    h.blobs.blobs["chicken/1.jpg"] = b"x"
+    request = RetrainRequested(message_id="req-1", model="birds", prefix="chicken/")
+    assert h.worker.handle(request).outcome != "duplicate"
+    again = h.worker.handle(request)
+    assert (again.outcome, again.detail) == ("duplicate", "req-1 was already processed")
