@@ -81,3 +81,20 @@ def test_metrics_record_the_precision_that_ran(tiny_birds, tmp_path):
     ]
     assert run(parse_args([*common, "--output_dir", str(tmp_path / "a"), "--amp", "off"]), Topology(kind="none"))["precision"] == "fp32"
     assert run(parse_args([*common, "--output_dir", str(tmp_path / "b"), "--amp", "bf16"]), Topology(kind="none"))["precision"] == "bf16"
+
+
+def test_a_cached_images_crop_is_the_same_bytes_wherever_the_tensor_lies_in_memory():
+    """The 1-process / N-process equivalence needs the cached crop to be a function of its input
+    only (torch's uint8 antialiased kernel is vectorised: alignment must not change its result)."""
+    import random
+
+    transform = train_transform(32)
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        image = torch.randint(0, 256, (3, 40 + trial, 70 - trial // 2), dtype=torch.uint8, generator=generator)
+        first = transform(image, random.Random(trial))
+        for offset in (1, 3, 7):
+            padded = torch.empty(image.numel() + offset, dtype=torch.uint8)  # the same bytes at another alignment
+            moved = padded[offset:].view(image.shape)
+            moved.copy_(image)
+            assert torch.equal(transform(moved, random.Random(trial)), first)
