@@ -12,20 +12,11 @@ import pytest
 
 from shared import events as ev
 from shared.messages import RetrainRequested
-from tests.fakes.memory_store import MemoryStore
-from worker.adapters.local.sqlite_store import SqliteStore
 from worker.bus import COMPLETION_ATTEMPTS
 
 from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request, tmp_path):
-    opened = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "ledger.db")
-    yield opened
-    opened.close()
 
 
 def _submitted(h):

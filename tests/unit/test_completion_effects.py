@@ -7,16 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 
 import pytest
 
 from shared import events as ev
-from tests.fakes.memory_store import MemoryStore
+from tests.fakes.commit_faults import CommitFaults, conflicts
 from worker import completion as completion_module
-from worker.adapters.local.sqlite_store import SqliteStore
 from worker.ports import ExportError
-from worker.store import ConcurrencyConflict
 
 from .test_completion import first_run, second_run
 from .worker_harness import make_harness
@@ -24,11 +21,9 @@ from .worker_harness import make_harness
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def h(request, tmp_path):
-    store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "ledger.db")
-    yield make_harness(tmp_path, store=store, cooldown=0)
-    store.close()
+@pytest.fixture
+def h(store, tmp_path):
+    return make_harness(tmp_path, store=store, cooldown=0)
 
 
 SUMMARY = dict.fromkeys(completion_module.SUMMARY_KEYS)
@@ -310,31 +305,6 @@ def test_each_kind_of_bad_metrics_is_rejected_with_its_own_reason(h, spoil, expe
     assert _events(h, ev.MODEL_REJECTED)[0]["reason"] == detail
 
 
-class _ConflictingStore:
-    """The completer's view of a shared ledger on which other writers win the first `conflicts`
-    commits (an optimistic race lost, as on Table Storage): each such commit raises ConcurrencyConflict."""
-
-    def __init__(self, inner, conflicts: int):
-        self.inner, self.conflicts, self.commits = inner, conflicts, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    @contextmanager
-    def transaction(self):
-        with self.inner.transaction() as tx:
-            real = tx.commit
-
-            def commit():
-                self.commits += 1
-                if self.commits <= self.conflicts:
-                    raise ConcurrencyConflict("another writer committed first")
-                real()
-
-            tx.commit = commit
-            yield tx
-
-
 def _no_sleep(monkeypatch) -> list[float]:
     waits: list[float] = []
     monkeypatch.setattr(time, "sleep", waits.append)  # tenacity sleeps through time.sleep
@@ -344,7 +314,7 @@ def _no_sleep(monkeypatch) -> list[float]:
 def test_a_completion_commit_that_loses_a_race_is_redone_on_fresh_state(h, monkeypatch):
     waits = _no_sleep(monkeypatch)
     run = first_run(h)
-    h.worker.completer.store = _ConflictingStore(h.store, conflicts=3)
+    h.worker.completer.store = CommitFaults(h.store, conflicts(3))
     h.succeed(run, best=0.9)
     assert (h.runs()[0].outcome, [v.version for v in h.versions()]) == ("registered", [1])
     assert len(_events(h, ev.MODEL_REGISTERED)) == 1
@@ -355,10 +325,10 @@ def test_a_completion_commit_that_loses_a_race_is_redone_on_fresh_state(h, monke
 def test_a_completion_that_loses_every_race_gives_up_after_20_attempts_with_the_conflict(h, monkeypatch):
     waits = _no_sleep(monkeypatch)
     run = first_run(h)
-    conflicting = _ConflictingStore(h.store, conflicts=10**6)
+    conflicting = CommitFaults(h.store, conflicts(10**6))
     h.worker.completer.store = conflicting
     h.succeed(run, best=0.9)  # the bus records the success; the completion then never commits
-    assert conflicting.commits == 20
+    assert conflicting.attempts == 20
     assert len(waits) == 19
     assert all(0 <= w <= 0.5 for w in waits), "jittered, never more than half a second"
     assert waits[0] <= 0.02, "a lost race is retried at once: the first wait is at most 20 ms"
@@ -443,24 +413,10 @@ def test_outputs_missing_their_files_are_rejected_naming_each(h):
 def test_only_a_lost_race_is_retried_any_other_commit_error_fails_the_attempt_at_once(h, monkeypatch):
     _no_sleep(monkeypatch)
     run = first_run(h)
-    failing = _ConflictingStore(h.store, conflicts=0)
-    real_transaction = failing.transaction
-
-    @contextmanager
-    def transaction():
-        with real_transaction() as tx:
-
-            def commit():
-                failing.commits += 1
-                raise OSError("disk full")
-
-            tx.commit = commit
-            yield tx
-
-    failing.transaction = transaction
+    failing = CommitFaults(h.store, lambda n: OSError("disk full"))
     h.worker.completer.store = failing
     h.succeed(run, best=0.9)
-    assert failing.commits == 1, "not retried: only ConcurrencyConflict is"
+    assert failing.attempts == 1, "not retried: only ConcurrencyConflict is"
     [current] = h.runs()
     assert (current.state, current.completion_failures) == ("succeeded", 1)
     assert current.detail == "completion failed: OSError: disk full"

@@ -4,13 +4,11 @@ version is in, and how a backfill is registered in bounded, retried chunks (issu
 from __future__ import annotations
 
 import datetime as dt
-from contextlib import contextmanager
 
 import pytest
 
-from tests.fakes.memory_store import MemoryStore
-from worker.adapters.local.sqlite_store import SqliteStore
-from worker.store import IMAGES_PER_COMMIT, ConcurrencyConflict, ImageRow, image_state, is_stale
+from tests.fakes.commit_faults import CommitFaults, conflicts
+from worker.store import IMAGES_PER_COMMIT, ImageRow, image_state, is_stale
 
 pytestmark = pytest.mark.unit
 
@@ -59,44 +57,11 @@ def test_an_image_versions_state_follows_from_the_watermarks(latest, seq, traine
     assert image_state(latest, seq, trained, flying) == state
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request, tmp_path):
-    opened = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "ledger.db")
-    yield opened
-    opened.close()
-
-
-def _count_commits(store, monkeypatch, conflict_on: set[int] = frozenset()) -> list[int]:
-    """Wraps the store's transactions: records each commit's index; raises ConcurrencyConflict on the
-    commits whose index is in `conflict_on` (a lost optimistic race), as a shared ledger can."""
-    commits: list[int] = []
-    attempts = [0]
-    real = store.transaction
-
-    @contextmanager
-    def transaction():
-        with real() as tx:
-            original = tx.commit
-
-            def commit():
-                attempts[0] += 1
-                if attempts[0] in conflict_on:
-                    raise ConcurrencyConflict("another writer won")
-                original()
-                commits.append(attempts[0])
-
-            tx.commit = commit
-            yield tx
-
-    monkeypatch.setattr(store, "transaction", transaction)
-    return commits
-
-
 def test_a_backfill_is_registered_in_chunks_of_images_per_commit_and_counts_only_new_images(store, monkeypatch):
     rows = [_row(None, 0, path=f"chicken/{i}.jpg") for i in range(2 * IMAGES_PER_COMMIT + 4)]
     store.stage_images([*rows[:3], _row(10, 0, path="chicken/rewritten.jpg", etag="v2")])  # known already
     rows.append(_row(5, 0, path="chicken/rewritten.jpg", etag="v1"))  # an older write, delivered late: stale
-    commits = _count_commits(store, monkeypatch)
+    commits = CommitFaults.in_place(store, conflicts(0), monkeypatch).committed
     assert store.stage_images(rows) == len(rows) - 3 - 1, "neither duplicates nor stale versions are new"
     assert len(commits) == 3  # 20 + 20 + 5
     with store.transaction() as tx:
@@ -105,7 +70,7 @@ def test_a_backfill_is_registered_in_chunks_of_images_per_commit_and_counts_only
 
 def test_a_chunk_that_loses_a_race_is_retried_whole_and_nothing_is_counted_twice(store, monkeypatch):
     rows = [_row(None, 0, path=f"chicken/{i}.jpg") for i in range(IMAGES_PER_COMMIT + 1)]
-    commits = _count_commits(store, monkeypatch, conflict_on={1})
+    commits = CommitFaults.in_place(store, conflicts({1}), monkeypatch).committed
     assert store.stage_images(rows) == len(rows)
     assert commits == [2, 3]
     with store.transaction() as tx:

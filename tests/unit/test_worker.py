@@ -6,27 +6,10 @@ Every test runs against the in-memory fake store and the real SQLite store.
 import pytest
 
 from shared import events as ev
-from tests.fakes.memory_store import MemoryStore
-from worker.adapters.local.sqlite_store import SqliteStore
 
 from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def new_store(request, tmp_path):
-    """Opens the test's ledger (each call a new connection to the same one); the Table suites
-    override it, so every test here also runs on Table Storage."""
-    memory, opened = MemoryStore(), []
-
-    def make():
-        opened.append(memory if request.param == "memory" else SqliteStore(tmp_path / "ledger.db"))
-        return opened[-1]
-
-    yield make
-    for store in opened:
-        store.close()
 
 
 @pytest.fixture
