@@ -6,13 +6,16 @@ worker/bus.py; docs/mutation.md)."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from contextlib import contextmanager
 
 import pytest
 
 from shared import events as ev
 from shared.messages import RetrainRequested
+from tests.fakes.commit_faults import CommitFaults, conflicts
 from worker.bus import COMPLETION_ATTEMPTS
+from worker.store import ConcurrencyConflict
 
 from .worker_harness import make_harness
 
@@ -377,3 +380,77 @@ def test_a_redelivered_backfill_request_is_answered_as_a_duplicate(store, tmp_pa
     assert h.worker.handle(request).outcome != "duplicate"
     again = h.worker.handle(request)
     assert (again.outcome, again.detail) == ("duplicate", "req-1 was already processed")
+
+
+def test_a_redelivered_forced_request_is_answered_as_a_duplicate(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    request = RetrainRequested(message_id="req-2", model="birds", force=True)
+    assert h.worker.handle(request).outcome != "duplicate"
+    again = h.worker.handle(request)
+    assert (again.outcome, again.detail) == ("duplicate", "req-2 was already processed")
+
+
+class _FakeTime:
+    """tenacity's view of time: its sleeps are recorded and advance a monotonic clock instantly."""
+
+    def __init__(self, monkeypatch):
+        self.waits: list[float] = []
+        self.offset = 0.0
+        real_monotonic = time.monotonic
+        monkeypatch.setattr(time, "sleep", self.sleep)
+        monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + self.offset)
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.offset += seconds
+
+
+def test_a_message_whose_commit_loses_races_is_applied_once_on_fresh_state(store, tmp_path, monkeypatch):
+    clock = _FakeTime(monkeypatch)
+    h = make_harness(tmp_path, store=store)
+    h.worker.store = faults = CommitFaults(store, conflicts(3))
+    h.upload("chicken", name="a")
+    assert (faults.attempts, faults.committed) == (4, [4])
+    assert list(h.images()) == ["chicken/a.jpg"]
+    assert len(clock.waits) == 3
+    assert all(0 <= w <= 0.25 for w in clock.waits)
+
+
+def test_a_message_that_loses_every_race_gives_up_after_40_attempts_raising_the_conflict(store, tmp_path, monkeypatch):
+    clock = _FakeTime(monkeypatch)
+    h = make_harness(tmp_path, store=store)
+    h.worker.store = faults = CommitFaults(store, conflicts(200))  # bounded, so a missing stop ends too
+    with pytest.raises(ConcurrencyConflict, match="another writer committed first"):
+        h.upload("chicken", name="a")
+    assert (faults.attempts, faults.committed) == (40, [])
+    assert h.images() == {}
+    assert len(clock.waits) == 39
+    assert all(0 <= w <= 0.25 for w in clock.waits), "jittered, never more than a quarter of a second"
+    assert clock.waits[0] <= 0.005, "a lost race is retried at once: the first wait is at most 5 ms"
+    assert max(clock.waits) > 0.05, "but it backs off, exponentially"
+
+
+@pytest.mark.parametrize(("seconds_per_commit", "attempts"), [(29.9, 3), (30.05, 2)])
+def test_a_message_stops_retrying_lost_races_after_a_minute_whatever_the_attempts(
+    store, tmp_path, monkeypatch, seconds_per_commit, attempts
+):
+    clock = _FakeTime(monkeypatch)
+    h = make_harness(tmp_path, store=store)
+
+    def slow_conflict(n):  # each lost commit takes half a minute (a ledger under heavy contention)
+        clock.offset += seconds_per_commit
+        return conflicts(200)(n)
+
+    h.worker.store = faults = CommitFaults(store, slow_conflict)
+    with pytest.raises(ConcurrencyConflict):
+        h.upload("chicken", name="a")
+    assert faults.attempts == attempts, "no new attempt once a minute has passed, and not before"
+
+
+def test_only_a_lost_race_is_retried_any_other_commit_error_is_raised_at_once(store, tmp_path, monkeypatch):
+    _FakeTime(monkeypatch)
+    h = make_harness(tmp_path, store=store)
+    h.worker.store = faults = CommitFaults(store, lambda n: OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        h.upload("chicken", name="a")
+    assert faults.attempts == 1
