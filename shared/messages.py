@@ -39,7 +39,19 @@ MODEL_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 LABEL_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,62}[A-Za-z0-9_])?$"
 
 
+def lone_surrogate(value: str) -> str | None:
+    """The first code point of `value` that UTF-8 cannot encode (a lone surrogate, as from a JSON
+    escape like \\ud800 or an undecodable file name), escaped for display; None for valid text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return ascii(value[exc.start])[1:-1]
+    return None
+
+
 def _check_relative_path(value: str, *, what: str) -> str:
+    if (bad := lone_surrogate(value)) is not None:  # the ledger, blob names and files need UTF-8
+        raise ValueError(f"{what} holds {bad}, a lone surrogate, which is not Unicode text")
     if len(value) > MAX_PATH_CHARS:
         raise ValueError(f"{what} is longer than {MAX_PATH_CHARS} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
@@ -124,7 +136,8 @@ class ImageUploaded(_Strict):
         cls, model: str, path: str, etag: str, size: int = 0, source: str = "folder", occurred_at: dt.datetime | None = None
     ) -> ImageUploaded:
         """Build the message for a blob; the id is derived, so the same version always has the same id."""
-        digest = hashlib.sha256(f"{model}\x00{path}\x00{etag}".encode()).hexdigest()[:32]
+        # surrogatepass: a path that is not Unicode text is refused by validation, not by the digest
+        digest = hashlib.sha256(f"{model}\x00{path}\x00{etag}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
         return cls(
             message_id=f"img-{digest}",
             model=model,
@@ -261,13 +274,17 @@ def _check_shape(value: Any, depth: int = 0) -> None:
     if depth > MAX_JSON_DEPTH:
         raise InvalidMessage("too_deep", f"the message nests deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, dict):
-        for item in value.values():
+        for key, item in value.items():
+            _check_shape(key, depth + 1)
             _check_shape(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
             _check_shape(item, depth + 1)
     elif isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
         raise InvalidMessage("schema", "the message holds NaN or Infinity, which JSON does not allow")
+    elif isinstance(value, str) and (bad := lone_surrogate(value)) is not None:
+        # JSON may escape one (\ud800); no ledger, blob name or log line can store it.
+        raise InvalidMessage("schema", f"the message holds {bad}, a lone surrogate, which is not Unicode text")
 
 
 def _int_within_limits(text: str) -> int:
@@ -303,7 +320,7 @@ def load_document(raw: bytes | str) -> dict[str, Any]:
     """The one check every inbound body passes first (queue, HTTP, inbox file): not empty, at most
     MAX_MESSAGE_BYTES, JSON within the depth and number limits, an object. Its fields are checked
     by parse_message / parse_as."""
-    size = len(raw.encode() if isinstance(raw, str) else raw)
+    size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw)
     if size == 0:
         raise InvalidMessage("empty", "the message body is empty")
     if size > MAX_MESSAGE_BYTES:

@@ -573,3 +573,12 @@ def test_a_service_bus_message_id_with_any_characters_is_accepted_by_its_digest(
     assert request_id.startswith("sb-")
     assert "/" not in request_id
     assert rejections(h) == []
+
+
+def test_a_queue_message_whose_path_escapes_a_lone_surrogate_is_rejected_once_not_a_crash(h):  # noqa: F811
+    body = b'{"kind": "retrain.requested", "message_id": "sur-1", "model": "birds", "images": [{"path": "chicken/\\ud800.jpg"}]}'
+    call("retrain_requested", sb(body, "sur-1"))
+    call("retrain_requested", sb(body, "sur-1", delivery_count=2))
+    [event] = rejections(h)
+    assert event.payload["data"]["reason"] == "schema"
+    assert "lone surrogate" in event.payload["data"]["description"]
