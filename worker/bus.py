@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
-
 from shared import events as ev
 from shared.messages import ImageUploaded, Message, RetrainRequested, RunStatusChanged, Tick, safe_message_id
 from shared.redact import printable, redact
@@ -34,7 +32,7 @@ from worker.handlers import HANDLERS, Effects, image_row, resolve_backfill
 from worker.outbox import queue_event
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
 from worker.runs import evaluate, run_failed
-from worker.store import ConcurrencyConflict, DecisionRow, Store, Tx
+from worker.store import ConcurrencyConflict, DecisionRow, Store, Tx, retry_lost_races
 from worker.submission import Submitter
 
 log = logging.getLogger("retrain.worker")
@@ -158,12 +156,7 @@ class Worker:
 
     def _transaction(self, step: Callable[[Context, Tx], T], attempts: int = 40) -> T:
         """Run `step` in a transaction, retried on lock contention or a lost optimistic race."""
-        for attempt in Retrying(
-            retry=retry_if_exception_type(ConcurrencyConflict),
-            wait=wait_random_exponential(multiplier=0.005, max=0.25),
-            stop=stop_after_attempt(attempts) | stop_after_delay(60),
-            reraise=True,
-        ):
+        for attempt in retry_lost_races(attempts):
             with attempt, self.store.transaction() as tx:
                 result = step(self._context(), tx)
                 tx.commit()

@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
-
 from shared import events as ev
 from worker import telemetry
 from worker.config import RetrainConfig
@@ -42,7 +40,7 @@ from worker.outbox import queue_event
 from worker.ports import BlobStore, Clock, ExportError, ExportResult, ModelRegistry, OnnxExporter, TrainingBackend
 from worker.runs import after_run
 from worker.snapshot import training_dir
-from worker.store import ConcurrencyConflict, DecisionRow, ModelHead, ModelVersionRow, RunRow, Store
+from worker.store import DecisionRow, ModelHead, ModelVersionRow, RunRow, Store, retry_lost_races
 from worker.submission import training_args
 
 log = logging.getLogger("retrain.completion")
@@ -63,12 +61,7 @@ SUMMARY_KEYS = (
 def _retrying(commit, *args: Any) -> list[str]:
     """Step 4 on a ledger shared by instances: a lost optimistic race (another completion, or any
     writer, committed first) re-runs the step on fresh state, where its checks see who won."""
-    for attempt in Retrying(
-        retry=retry_if_exception_type(ConcurrencyConflict),
-        wait=wait_random_exponential(multiplier=0.01, max=0.5),
-        stop=stop_after_attempt(20),
-        reraise=True,
-    ):
+    for attempt in retry_lost_races(attempts=20, max_wait=0.5):
         with attempt:
             return commit(*args)
     raise AssertionError("unreachable")  # pragma: no cover

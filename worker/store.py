@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from shared.run_ids import make_backend_run_id
 from worker.crashpoints import crashpoint
@@ -34,6 +34,19 @@ from worker.crashpoints import crashpoint
 
 class ConcurrencyConflict(RuntimeError):  # noqa: N818 - a condition to retry on, not a program error
     """Another writer changed the same state first (or holds the lock); retrying the whole transaction resolves it."""
+
+
+def retry_lost_races(attempts: int = 40, max_wait: float = 0.25, within_seconds: float = 60) -> Retrying:
+    """How a transaction that lost an optimistic race (ConcurrencyConflict, and nothing else) is
+    redone on fresh state: at once at first (jittered waits from max_wait/50, doubling up to
+    `max_wait`), for `attempts` tries or `within_seconds`, whichever ends first; then the last
+    conflict is raised as itself."""
+    return Retrying(
+        retry=retry_if_exception_type(ConcurrencyConflict),
+        wait=wait_random_exponential(multiplier=max_wait / 50, max=max_wait),
+        stop=stop_after_attempt(attempts) | stop_after_delay(within_seconds),
+        reraise=True,
+    )
 
 
 class CommitTooLargeError(RuntimeError):
@@ -356,12 +369,7 @@ class Store(abc.ABC):
         retried on a conflict; returns how many were new. A crash part-way leaves whole chunks."""
         new = 0
         for n in range(0, len(rows), IMAGES_PER_COMMIT):
-            for attempt in Retrying(
-                retry=retry_if_exception_type(ConcurrencyConflict),
-                wait=wait_random_exponential(multiplier=0.005, max=0.25),
-                stop=stop_after_attempt(40),
-                reraise=True,
-            ):
+            for attempt in retry_lost_races():
                 with attempt, self.transaction() as tx:
                     chunk_new = sum(tx.add_image(row) == "new" for row in rows[n : n + IMAGES_PER_COMMIT])
                     tx.commit()

@@ -4,11 +4,12 @@ version is in, and how a backfill is registered in bounded, retried chunks (issu
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
 
 from tests.fakes.commit_faults import CommitFaults, conflicts
-from worker.store import IMAGES_PER_COMMIT, ImageRow, image_state, is_stale
+from worker.store import IMAGES_PER_COMMIT, ConcurrencyConflict, ImageRow, image_state, is_stale
 
 pytestmark = pytest.mark.unit
 
@@ -75,3 +76,16 @@ def test_a_chunk_that_loses_a_race_is_retried_whole_and_nothing_is_counted_twice
     assert commits == [2, 3]
     with store.transaction() as tx:
         assert tx.image_watermark("birds") == len(rows)
+
+
+def test_a_chunk_that_loses_every_race_gives_up_after_40_attempts_raising_the_conflict(store, monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)  # tenacity sleeps through time.sleep
+    faults = CommitFaults.in_place(store, conflicts(200), monkeypatch)
+    with pytest.raises(ConcurrencyConflict):
+        store.stage_images([_row(None, 0)])
+    assert (faults.attempts, faults.committed) == (40, [])
+    assert len(waits) == 39
+    assert all(0 <= w <= 0.25 for w in waits)
+    assert waits[0] <= 0.005
+    assert max(waits) > 0.05, "it backs off"
