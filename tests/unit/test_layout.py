@@ -33,6 +33,7 @@ def test_the_fakes_live_with_the_tests():
         "adapters.py",
         "azureml.py",
         "backend.py",
+        "commit_faults.py",
         "memory_store.py",
     ]
 
