@@ -167,3 +167,90 @@ def test_image_counts_follow_the_trained_and_in_flight_watermarks(store):
 def test_updating_a_run_that_does_not_exist_names_it(store):
     with store.transaction() as tx, pytest.raises(KeyError, match="run birds-r9 does not exist"):
         tx.update_run(_run("birds-r9", 9, watermark=0, state="running"))
+
+
+def test_a_version_is_new_a_duplicate_or_stale_and_only_the_newest_written_is_latest(store):
+    with store.transaction() as tx:
+        assert tx.add_image(_image("chicken/a.jpg", "v1", occurred_at=T0)) == "new"
+        assert tx.add_image(_image("chicken/a.jpg", "v1", occurred_at=T0)) == "duplicate"
+        assert tx.add_image(_image("chicken/a.jpg", "v2", occurred_at=T0 + dt.timedelta(seconds=5))) == "new"
+        assert tx.add_image(_image("chicken/a.jpg", "v0", occurred_at=T0 - dt.timedelta(seconds=5))) == "stale", "written before v2"
+        # Without the source's time, the first-seen time decides.
+        assert tx.add_image(_image("turkey/b.jpg", "w1", occurred_at=None, first_seen_at=T0)) == "new"
+        assert tx.add_image(_image("turkey/b.jpg", "w0", occurred_at=None, first_seen_at=T0 - dt.timedelta(seconds=1))) == "stale"
+        assert tx.add_image(_image("turkey/b.jpg", "w2", occurred_at=None, first_seen_at=T0 + dt.timedelta(seconds=1))) == "new"
+        tx.commit()
+    with store.transaction() as tx:
+        latest = {r.path: r.etag for r in tx.manifest_candidates("birds", 0, tx.image_watermark("birds"))}
+        states = {r.etag: (r.latest, r.state) for r in tx.image_arrivals("birds")}
+    assert latest == {"chicken/a.jpg": "v2", "turkey/b.jpg": "w2"}
+    assert {etag: states[etag] for etag in ("v2", "w2")} == {"v2": (True, "pending"), "w2": (True, "pending")}
+    if len(states) > 2:  # the ledgers that keep every version for `retrain simulate --export`
+        assert {etag: states[etag] for etag in ("v1", "v0", "w1", "w0")} == dict.fromkeys(("v1", "v0", "w1", "w0"), (False, "superseded"))
+
+
+def test_arrivals_carry_their_state_from_the_watermarks(store):
+    _add(store, *[_image(f"chicken/{i}.jpg") for i in range(1, 7)])  # seq 1..6
+    with store.transaction() as tx:
+        tx.save_model_head(ModelHead(model="birds", trained_watermark=2))
+        tx.insert_run(_run("birds-r1", 1, watermark=4, state="submitted"))
+        tx.commit()
+    with store.transaction() as tx:
+        assert [(r.seq, r.state) for r in tx.image_arrivals("birds")] == [
+            (1, "trained"), (2, "trained"), (3, "in_run"), (4, "in_run"), (5, "pending"), (6, "pending"),
+        ]  # fmt: skip
+
+
+def test_the_training_data_is_counted_by_class_for_train_and_in_total_for_validation(store):
+    rows = [_image(f"chicken/t{i}.jpg", split="train") for i in range(3)] + [_image(f"turkey/t{i}.jpg", split="train") for i in range(2)]
+    rows += [_image(f"chicken/v{i}.jpg", split="val") for i in range(4)]
+    _add(store, *rows)
+    _add(store, _image("chicken/t0.jpg", etag="e2", split="train"))  # a new version replaces the old: still 3
+    with store.transaction() as tx:
+        stats = tx.data_stats("birds")
+    assert (stats.train_per_class, stats.val_count) == ({"chicken": 3, "turkey": 2}, 4)
+
+
+def test_pending_images_are_counted_by_class_with_the_first_and_last_arrival(store):
+    with store.transaction() as tx:
+        assert tx.pending_stats("birds").count == 0
+    for i, path in enumerate(["chicken/1.jpg", "turkey/1.jpg", "chicken/2.jpg", "chicken/3.jpg"]):
+        _add(store, _image(path, first_seen_at=T0 + dt.timedelta(seconds=i)))
+    with store.transaction() as tx:
+        stats = tx.pending_stats("birds")
+        assert (stats.count, stats.per_class) == (4, {"chicken": 3, "turkey": 1})
+        assert (stats.oldest_at, stats.newest_at) == (T0, T0 + dt.timedelta(seconds=3))
+        tx.insert_run(_run("birds-r1", 1, watermark=2, state="running"))  # the first two are in a run now
+        tx.commit()
+    with store.transaction() as tx:
+        stats = tx.pending_stats("birds")
+    assert (stats.count, stats.per_class) == (2, {"chicken": 2})
+    assert (stats.oldest_at, stats.newest_at) == (T0 + dt.timedelta(seconds=2), T0 + dt.timedelta(seconds=3))
+
+
+def test_decisions_are_read_newest_first_twenty_by_default(store):
+    for n in range(21):
+        with store.transaction() as tx:
+            tx.record_decision(DecisionRow(model="birds", at=T0 + dt.timedelta(seconds=n), outcome="wait", reason=f"r{n}"))
+            tx.commit()
+    with store.transaction() as tx:
+        assert [d.reason for d in tx.decisions("birds")] == [f"r{n}" for n in range(20, 0, -1)]
+        assert len(tx.decisions("birds", limit=21)) == 21
+
+
+def test_processed_ids_are_pruned_a_thousand_at_a_time_by_default_and_counted(store):
+    for first in range(0, 1001, 90):
+        with store.transaction() as tx:
+            for n in range(first, min(first + 90, 1001)):
+                tx.claim_message(f"m-{n}", "image.uploaded", "birds", T0)
+            tx.commit()
+    later = T0 + dt.timedelta(seconds=1)
+    assert store.prune_inbox("birds", T0) == 0, "only ids processed before the cut"
+    assert store.prune_inbox("birds", later) == 1000
+    assert store.prune_inbox("birds", later) == 1
+    with store.transaction() as tx:  # an HTTP idempotency key is forgotten the same way, and counted
+        tx.remember_response("birds", "key-1", "fp", {"status": 202}, T0)
+        tx.commit()
+    assert store.prune_inbox("birds", later) == 1
+    with store.transaction() as tx:
+        assert tx.claim_message("m-0", "image.uploaded", "birds", later) is True, "forgotten: a new delivery is processed"

@@ -463,6 +463,9 @@ class SqliteStore(Store):
     """`synchronous` NORMAL (default) survives a crash of the process; FULL also a power cut."""
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0, synchronous: str = "NORMAL", portable_lock: bool = False):
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            # SQLite ignores a value it does not know and keeps its build's default: refuse it instead.
+            raise ValueError(f"synchronous must be NORMAL or FULL (or OFF, EXTRA), not {synchronous!r}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout_s = busy_timeout_s
