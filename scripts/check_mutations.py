@@ -112,6 +112,27 @@ MUTATIONS = [
         "    if False:",
         ("tests/unit/test_hostile_inputs.py",),
     ),
+    Mutation(
+        "a lone surrogate passes the message check",
+        "shared/messages.py",
+        "    elif isinstance(value, str) and (bad := lone_surrogate(value)) is not None:\n",
+        "    elif False and isinstance(value, str) and (bad := lone_surrogate(value)) is not None:\n",
+        ("tests/unit/test_message_reasons.py", "tests/unit/test_hostile_inputs.py"),
+    ),
+    Mutation(
+        "a lost optimistic race is not retried",
+        "worker/store.py",
+        "        retry=retry_if_exception_type(ConcurrencyConflict),\n",
+        "",
+        ("tests/unit/test_bus_effects.py", "tests/unit/test_store_rules.py", "tests/unit/test_completion_effects.py"),
+    ),
+    Mutation(
+        "the tick leaves staged arrivals unfolded",
+        "worker/bus.py",
+        "            self._drain(message.model)\n        backfill = None\n",
+        "            pass\n        backfill = None\n",
+        ("tests/unit/test_staged_ingest.py",),
+    ),
 ]
 
 
