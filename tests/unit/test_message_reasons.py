@@ -43,7 +43,23 @@ def _refused(raw: Any, models=frozenset({"birds"})) -> tuple[str, str]:
         (b'{"x": NaN}', "schema", "the message holds NaN, which JSON does not allow"),
         ({}, "schema", "message: Unable to extract tag using discriminator 'kind'"),
     ],
-    ids=repr,
+    ids=[
+        "empty-bytes",
+        "empty-text",
+        "list",
+        "string",
+        "decoded-list",
+        "truncated",
+        "trailing-comma",
+        "not-utf8",
+        "deep-objects",
+        "deep-beyond-recursion",
+        "nan",
+        "inf-in-list",
+        "minus-inf",
+        "nan-literal",
+        "no-kind",
+    ],
 )
 def test_each_kind_of_unreadable_body_has_its_reason_and_description(raw, reason, description):
     assert _refused(raw) == (reason, description)
