@@ -138,6 +138,7 @@ def test_a_new_blob_becomes_one_pending_image_even_when_delivered_twice(h):
         ("images/birds/chicken/notes.txt", "unsupported image extension"),
         ("images/birds/1.jpg", "<label>/<file>"),
         ("images/cats/tabby/1.jpg", "not configured"),
+        ("images/birds/chicken/\ud800.jpg", "lone surrogate"),  # a JSON escape in the event's subject
     ],
 )
 def test_bad_blob_names_are_logged_escaped_and_not_counted(h, caplog, name, words):
@@ -146,6 +147,7 @@ def test_bad_blob_names_are_logged_escaped_and_not_counted(h, caplog, name, word
     assert pending(h).count == 0
     assert words in caplog.text
     assert "\x07" not in caplog.text
+    assert "\ud800" not in caplog.text, "escaped: a log stream cannot encode a lone surrogate"
 
 
 def test_empty_blobs_and_blobs_without_an_etag_are_ignored(h):
