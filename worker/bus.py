@@ -97,7 +97,7 @@ class Worker:
             if effects.outcome in ("duplicate", "staged"):
                 return effects
             return self._after_commit(effects)
-        if isinstance(message, Tick) and self.store.staged_ingest:
+        if isinstance(message, Tick) and message.model is not None and self.store.staged_ingest:  # (named: see above)
             self._drain(message.model)
         backfill = None
         if isinstance(message, RetrainRequested) and (message.images or message.prefix is not None):
@@ -198,12 +198,12 @@ class Worker:
         finally:
             lock.release()
 
-    def _drain(self, model: str | None) -> None:
-        """Fold everything staged (a tick's first step on a staged-ingest ledger), a batch per commit."""
-        for name in [model] if model else sorted(self.config.models):
-            for _ in range(DRAIN_ROUNDS):  # bounded: arrivals that keep coming wait for the next tick
-                if not self._transaction(partial(_fold, model=name)):
-                    break
+    def _drain(self, model: str) -> None:
+        """Fold the model's staged arrivals (a tick's first step on a staged-ingest ledger), a batch
+        per commit. (A tick for every model reaches here once per model: see `_handle`.)"""
+        for _ in range(DRAIN_ROUNDS):  # bounded: arrivals that keep coming wait for the next tick
+            if not self._transaction(partial(_fold, model=model)):
+                break
 
     def _register_backfill(self, message: RetrainRequested) -> Backfill | None:
         """Register a request's images chunk by chunk, each chunk its own (idempotent) transaction.

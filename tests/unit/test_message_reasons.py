@@ -113,3 +113,16 @@ def test_an_unknown_model_lists_every_configured_one():
 def test_an_id_that_is_not_unicode_text_still_has_a_stable_digest():
     assert safe_message_id("\ud800") == "sha256-" + hashlib.sha256("\ud800".encode("utf-8", "replace")).hexdigest()[:40]
     assert safe_message_id("\ud800", prefix="sb-") == safe_message_id("\ud800", prefix="sb-")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "words"),
+    [
+        ("chicken//x", "prefix must not contain empty segments"),
+        ("/chicken", "prefix must be relative, not absolute"),
+        ("chicken/../x", "prefix must not contain '.' or '..' segments"),
+    ],
+)
+def test_a_bad_backfill_prefix_is_named_in_the_description(prefix, words):
+    reason, description = _refused({"kind": "retrain.requested", "message_id": "r", "model": "birds", "prefix": prefix})
+    assert (reason, description) == ("schema", f"retrain.requested.prefix: Value error, {words}")

@@ -5,6 +5,8 @@ test, so `make mutate` could not judge them)."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from shared.messages import ImageUploaded, RetrainRequested
@@ -36,6 +38,7 @@ def test_an_image_is_staged_and_the_first_delivery_in_an_interval_evaluates(stag
     first = h.worker.handle(_image(0))
     assert (first.outcome, first.detail) == ("ok", "staged chicken/0000.jpg and evaluated")
     assert _counts(staged) == {"pending": 1}, "the evaluation folded it in"
+    assert h.decisions(1)[0].message_id == _image(0).message_id, "the decision names the message that caused it"
     second = h.worker.handle(_image(1))
     assert (second.outcome, second.detail) == ("staged", "staged turkey/0001.jpg")
     assert _counts(staged) == {"pending": 1, "staged": 1}, "within the interval: staged, not evaluated"
@@ -118,10 +121,10 @@ def test_a_tick_for_one_model_folds_only_that_models_arrivals(staged, tmp_path):
 
 def test_a_backfill_is_folded_at_once_so_its_own_evaluation_sees_it(staged, tmp_path):
     h = make_harness(tmp_path, store=staged, evaluate_interval=3600, min_new_images=10_000)
-    for i in range(40):
+    for i in range(75):  # more than two folds: the evaluation's own fold would not see them all
         h.blobs.blobs[_image(i).path] = b"x"
     effects = h.worker.handle(RetrainRequested(message_id="bf-1", model="birds", prefix="", force=True))
-    assert _counts(staged) == {"in_run": 40}, "every backfilled image is in the run it planned"
+    assert _counts(staged) == {"in_run": 75}, "every backfilled image is in the run it planned"
     assert len(effects.planned_runs) == 1
     again = h.worker.handle(RetrainRequested(message_id="bf-1", model="birds", prefix="", force=True))
     assert (again.outcome, again.detail) == ("duplicate", "bf-1 was already processed")
@@ -145,3 +148,12 @@ def test_the_interval_is_measured_on_this_instances_monotonic_clock_from_its_fir
     assert h.worker.handle(_image(1)).outcome == "staged"
     now[0] = 70.0
     assert h.worker.handle(_image(2)).detail.endswith("and evaluated"), "the interval ends at its instant, not after"
+
+
+def test_a_staged_image_keeps_its_size_source_and_write_time(staged, tmp_path):
+    h = make_harness(tmp_path, store=staged)
+    written = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
+    h.worker.handle(ImageUploaded.of("birds", "chicken/a.jpg", "e1", 4321, source="blob", occurred_at=written))
+    with staged.transaction() as tx:
+        [image] = tx.image_arrivals("birds")
+    assert (image.size, image.source, image.occurred_at, image.first_seen_at) == (4321, "blob", written, h.clock.now())
