@@ -254,3 +254,16 @@ def test_processed_ids_are_pruned_a_thousand_at_a_time_by_default_and_counted(st
     assert store.prune_inbox("birds", later) == 1
     with store.transaction() as tx:
         assert tx.claim_message("m-0", "image.uploaded", "birds", later) is True, "forgotten: a new delivery is processed"
+
+
+def test_an_idempotency_keys_first_response_is_stored_and_returned_to_every_later_use(store):
+    first = {"status": 202, "body": {"request_id": "r1", "runs": ["birds-1"]}}
+    with store.transaction() as tx:
+        assert tx.remember_response("birds", "key-1", "fp-1", first, T0) is None, "a new key: carried out now"
+        tx.commit()
+    with store.transaction() as tx:
+        assert tx.remember_response("birds", "key-1", "fp-2", {"status": 500}, T0) == ("fp-1", first), "the stored answer, as sent"
+        assert tx.remember_response("birds", "key-2", "fp-1", first, T0) is None, "keys are not shared"
+        tx.commit()
+    with store.transaction() as tx:
+        assert tx.remember_response("birds", "key-2", "fp-x", {}, T0) == ("fp-1", first)
