@@ -519,8 +519,11 @@ def test_a_ledger_from_before_the_watermarks_is_refused_with_a_way_out(tmp_path)
     old.execute("CREATE TABLE run_images (run_id TEXT, path TEXT)")
     old.commit()
     old.close()
-    with pytest.raises(LedgerSchemaError, match="move the file aside"):
+    with pytest.raises(LedgerSchemaError, match="move the file aside") as refused:
         SqliteStore(tmp_path / "ledger.db")
+    assert str(refused.value).endswith(
+        "the new ledger re-registers the images from the images folder on the next scan (counted as new once)."
+    )
     fresh = SqliteStore(tmp_path / "new" / "ledger.db")  # a new file gets the current schema
     fresh.close()
     SqliteStore(tmp_path / "new" / "ledger.db").close()  # and opens again

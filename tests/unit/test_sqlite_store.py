@@ -33,9 +33,12 @@ def test_synchronous_full_and_the_busy_timeout_are_settings(tmp_path):
     store = SqliteStore(tmp_path / "ledger.db", synchronous="FULL", busy_timeout_s=2.5)
     assert (_pragma(store, "synchronous"), _pragma(store, "busy_timeout")) == (2, 2500)
     store.close()
+    lower = SqliteStore(tmp_path / "other.db", synchronous="full")
+    assert _pragma(lower, "synchronous") == 2
+    lower.close()
 
 
-@pytest.mark.parametrize("value", ["FAST", "NORMAL; DROP TABLE images", ""])
+@pytest.mark.parametrize("value", ["FAST", "OFF", "NORMAL; DROP TABLE images", ""])
 def test_a_synchronous_value_sqlite_would_silently_ignore_is_refused(tmp_path, value):
     with pytest.raises(ValueError, match="synchronous must be NORMAL or FULL"):
         SqliteStore(tmp_path / "ledger.db", synchronous=value)

@@ -463,9 +463,10 @@ class SqliteStore(Store):
     """`synchronous` NORMAL (default) survives a crash of the process; FULL also a power cut."""
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0, synchronous: str = "NORMAL", portable_lock: bool = False):
-        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            # SQLite ignores a value it does not know and keeps its build's default: refuse it instead.
-            raise ValueError(f"synchronous must be NORMAL or FULL (or OFF, EXTRA), not {synchronous!r}")
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            # SQLite ignores a value it does not know and keeps its build's default; OFF loses commits
+            # in a crash of the process. Refuse both rather than run with durability nobody chose.
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout_s = busy_timeout_s
