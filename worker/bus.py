@@ -93,10 +93,7 @@ class Worker:
                 combined.completed_runs += part.completed_runs
             return combined
         if isinstance(message, ImageUploaded) and self.store.staged_ingest:
-            effects = self._stage(message)
-            if effects.outcome in ("duplicate", "staged"):
-                return effects
-            return self._after_commit(effects)
+            return self._after_commit(self._stage(message))  # (nothing to do after a duplicate or a plain staging)
         if isinstance(message, Tick) and message.model is not None and self.store.staged_ingest:  # (named: see above)
             self._drain(message.model)
         backfill = None
@@ -109,10 +106,7 @@ class Worker:
             backfill = self._register_backfill(message)
             if backfill is None:
                 return Effects(outcome="duplicate", detail=f"{message.message_id} was already processed")
-        effects = self._apply(message, backfill, remember)
-        if effects.outcome in ("duplicate", "replayed"):
-            return effects
-        return self._after_commit(effects)
+        return self._after_commit(self._apply(message, backfill, remember))  # (a duplicate or a replay has nothing to do)
 
     def _after_commit(self, effects: Effects) -> Effects:
         for model in effects.champion_moved:  # the registry's alias follows the ledger (as after a completion)
@@ -163,8 +157,8 @@ class Worker:
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _context(self, backfill: Backfill | None = None) -> Context:
-        return Context(self.config, self.clock.now(), self.blobs, manifests=self.manifests, backfill=backfill)
+    def _context(self) -> Context:
+        return Context(self.config, self.clock.now(), self.blobs, manifests=self.manifests)
 
     def _stage(self, message: ImageUploaded) -> Effects:
         """Scale-out ingest: one idempotent write per image, then the policy at most every

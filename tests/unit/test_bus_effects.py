@@ -14,7 +14,7 @@ import pytest
 from shared import events as ev
 from shared.messages import RetrainRequested
 from tests.fakes.commit_faults import CommitFaults, conflicts
-from worker.bus import COMPLETION_ATTEMPTS
+from worker.bus import COMPLETION_ATTEMPTS, Remember
 from worker.store import ConcurrencyConflict
 
 from .worker_harness import make_harness
@@ -454,3 +454,18 @@ def test_only_a_lost_race_is_retried_any_other_commit_error_is_raised_at_once(st
     with pytest.raises(OSError, match="disk full"):
         h.upload("chicken", name="a")
     assert faults.attempts == 1
+
+
+def test_an_idempotency_key_is_remembered_from_its_request_and_forgotten_after_retention(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    retention = h.worker.config.worker.inbox_retention
+    key = Remember(key="k-1", fingerprint="fp", response={"status": 202, "request_id": "r-1"})
+    assert h.worker.handle(RetrainRequested(message_id="r-1", model="birds", force=True), key).outcome != "replayed"
+    replay = h.worker.handle(RetrainRequested(message_id="r-2", model="birds", force=True), key)
+    assert replay.outcome == "replayed"
+    h.clock.advance(retention - 1)
+    h.worker.prune_inbox()
+    assert h.worker.handle(RetrainRequested(message_id="r-3", model="birds", force=True), key).outcome == "replayed", "kept"
+    h.clock.advance(2)  # retention has passed since the request (not since its replays)
+    assert h.worker.prune_inbox() >= 1
+    assert h.worker.handle(RetrainRequested(message_id="r-4", model="birds", force=True), key).outcome != "replayed", "forgotten"
