@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from worker.adapters.local.sqlite_store import SCHEMA_VERSION, LedgerSchemaError, SqliteStore
+from worker.adapters.local.sqlite_store import SCHEMA_VERSION, LedgerSchemaError, SqliteStore, is_busy_error
 from worker.store import DecisionRow
 
 pytestmark = pytest.mark.unit
@@ -96,3 +96,18 @@ def test_a_read_that_tries_to_commit_says_how_to_write(tmp_path):
         tx.commit()
     assert str(refused.value) == "a read (Store.read) cannot commit; use Store.transaction to write"
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "busy"),
+    [
+        (sqlite3.OperationalError("database is locked"), True),
+        (sqlite3.OperationalError("database table is locked: images"), True),
+        (sqlite3.OperationalError("database is busy"), True),
+        (sqlite3.OperationalError("no such table: images"), False),
+        (sqlite3.IntegrityError("UNIQUE constraint failed: images.path"), False),
+        (OSError("locked"), False),
+    ],
+)
+def test_only_sqlites_lock_contention_counts_as_busy_and_is_retried(error, busy):
+    assert is_busy_error(error) is busy

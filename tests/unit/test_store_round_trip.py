@@ -267,3 +267,13 @@ def test_an_idempotency_keys_first_response_is_stored_and_returned_to_every_late
         tx.commit()
     with store.transaction() as tx:
         assert tx.remember_response("birds", "key-2", "fp-x", {}, T0) == ("fp-1", first)
+
+
+def test_a_staged_image_is_known_at_once_and_counted_after_the_next_fold(store):
+    assert store.stage_image(_image("chicken/a.jpg")) == "staged"
+    assert store.stage_image(_image("chicken/a.jpg")) == "duplicate"
+    with store.transaction() as tx:  # (stores without staged ingest registered it already: nothing to fold)
+        assert tx.fold("birds") == (1 if store.staged_ingest else 0)
+        tx.commit()
+    with store.transaction() as tx:
+        assert tx.count_images("birds") == {"pending": 1}
