@@ -529,21 +529,29 @@ def test_a_ledger_from_before_the_watermarks_is_refused_with_a_way_out(tmp_path)
     SqliteStore(tmp_path / "new" / "ledger.db").close()  # and opens again
 
 
-@pytest.mark.parametrize("logger", ["root", "azure.storage.blob", "retrain.worker", "some.library"])
+@pytest.mark.parametrize("logger", ["root", "azure.storage.blob", "retrain.worker", "some.library", "own.handler"])
 def test_a_fresh_process_that_installs_redaction_logs_no_secret_anywhere(logger):
     """In a new interpreter (the install is once per process): root handlers, the SDK loggers and
     any other logger all write masked text, messages and tracebacks alike."""
     import subprocess
     import sys
 
+    from shared.redact import install_log_redaction
     from tests.conftest import ROOT
 
+    # Also here (idempotent): mutmut runs a mutant only against tests that call the mutated function
+    # in-process, and the subprocess below is what fails when the installation is broken.
+    install_log_redaction()
     code = (
         "import logging, sys\n"
         "logging.basicConfig(stream=sys.stdout, level=logging.DEBUG, format='%(name)s %(message)s')\n"
         "from shared.redact import install_log_redaction\n"
         "install_log_redaction(); install_log_redaction()  # idempotent\n"
         f"log = logging.getLogger('' if {logger!r} == 'root' else {logger!r})\n"
+        # A library logger with its own handler, set up after the install and not propagating: only
+        # the record factory (redaction at record creation) stands between it and the secret.
+        f"if {logger!r} == 'own.handler':\n"
+        "    log.propagate = False; log.addHandler(logging.StreamHandler(sys.stdout))\n"
         f"log.warning('connecting with %s', {SPELLINGS[0]!r})\n"
         "try:\n"
         f"    raise RuntimeError({SPELLINGS[1]!r})\n"
