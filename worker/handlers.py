@@ -216,8 +216,9 @@ def _move_champion(ctx: Context, tx: Tx, msg: ModelControl, head: ModelHead, who
     if target == head.champion_version:
         return Effects(outcome="unchanged", detail=f"v{target} is already the champion of {msg.model}")
     previous = head.champion_version
-    if msg.action == "promote" and previous is not None:
-        head.previous_champions = [*head.previous_champions, previous][-20:]
+    if msg.action == "promote":
+        if previous is not None:
+            head.previous_champions = [*head.previous_champions, previous][-20:]
     else:  # a rollback consumes the history down to the version it restores
         head.previous_champions = head.previous_champions[: len(head.previous_champions) - head.previous_champions[::-1].index(target) - 1]
     card = versions[target].card

@@ -206,3 +206,67 @@ def test_pause_with_cancel_and_nothing_in_flight_cancels_nothing_even_with_finis
     effects = control(h, "pause", cancel=True)
     assert effects.cancel_runs == []
     assert h.backend.calls_to("cancel") == []
+
+
+def test_pause_with_cancel_cancels_only_its_own_models_run(tmp_path):
+    h = make_harness(tmp_path, quiet_period=0)
+    h.worker.config.models["cats"] = h.worker.config.models["birds"]
+    h.worker.blobs["cats"] = h.blobs
+    for i in range(20):
+        h.upload(("chicken", "turkey")[i % 2], name=f"cat{i}", model="cats")
+    with h.store.read() as tx:
+        [cats_run] = [r for r in tx.runs("cats") if r.in_flight]
+    effects = control(h, "pause", cancel=True)
+    assert (effects.cancel_runs, h.backend.calls_to("cancel")) == ([], []), f"{cats_run.run_id} is another model's"
+    assert h.decisions()[0].reason == "paused by unknown"
+
+
+def test_promoting_a_version_when_there_is_no_champion_makes_it_the_first(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    register_two(h)
+    with h.store.transaction() as tx:  # versions, but no champion (a ledger repaired by hand)
+        head = tx.model_head("birds")
+        head.champion_version, head.champion_sha256, head.previous_champions = None, None, []
+        tx.save_model_head(head)
+        tx.commit()
+    effects = control(h, "promote", version=1, requested_by="ops")
+    assert (effects.outcome, effects.detail) == ("promote", "v1 is the champion of birds")
+    assert (h.head().champion_version, h.head().previous_champions) == (1, [])
+    assert h.decisions()[0].reason == "v1 is champion (promoted from vNone by ops)"
+
+
+def test_promotions_are_separate_facts_each_with_its_event_and_the_history_keeps_twenty(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    register_two(h)  # v2 champion, history [1]
+    for n in range(22):
+        control(h, "promote", message_id=f"pr-{n}", version=1 if n % 2 == 0 else 2, requested_by="ops")
+    promoted = [e.payload["data"] for e in h.events() if e.type == ev.MODEL_PROMOTED]
+    assert [d["request_id"] for d in promoted] == [f"pr-{n}" for n in range(22)], "the same promotion twice is two facts"
+    assert len(h.head().previous_champions) == 20
+    assert (h.head().champion_version, h.head().previous_champions[-2:]) == (2, [2, 1])
+    assert h.decisions()[0].reason == "v2 is champion (promoted from v1 by ops)"
+    again = control(h, "promote", version=2)
+    assert (again.outcome, again.detail) == ("unchanged", "v2 is already the champion of birds")
+
+
+def test_resumes_are_separate_facts_and_the_evaluation_after_one_names_it(tmp_path):
+    h = make_harness(tmp_path)
+    for n in (1, 2):
+        control(h, "pause", message_id=f"p{n}", requested_by="ops")
+        control(h, "resume", message_id=f"r{n}", requested_by="ops")
+    resumed = [e.payload["data"]["request_id"] for e in h.events() if e.type == ev.MODEL_RESUMED]
+    assert resumed == ["r1", "r2"]
+    latest = h.decisions()[:2]
+    assert [(d.outcome, d.message_id) for d in latest] == [("wait", "r2"), ("resumed", "r2")]
+
+
+def test_a_rollback_restores_the_latest_earlier_champion_that_is_still_registered_and_not_the_current(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    register_two(h)  # v2 champion, history [1]
+    with h.store.transaction() as tx:
+        head = tx.model_head("birds")
+        head.previous_champions = [1, 7, 2]  # 7 was never registered; 2 is the champion itself
+        tx.save_model_head(head)
+        tx.commit()
+    effects = control(h, "rollback")
+    assert (effects.outcome, h.head().champion_version, h.head().previous_champions) == ("rollback", 1, [])
