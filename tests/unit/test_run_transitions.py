@@ -232,3 +232,30 @@ def test_with_no_cooldown_a_refused_submission_is_followed_by_a_new_run_at_once(
     assert runs[1].new_image_count == runs[0].new_image_count  # the refused run's images, planned again
     h.worker.tick()  # submitted by the next tick
     assert sorted(h.runs(), key=lambda r: r.seq)[1].state == "submitted"
+
+
+def test_a_refusal_for_a_run_canceled_meanwhile_leaves_it_canceled(tmp_path):
+    from worker.ports import PermanentBackendError
+
+    h = make_harness(tmp_path, quiet_period=0, max_attempts=1)
+
+    def submit(spec):  # an operator cancels the planned run while the backend is deciding
+        [run] = h.runs()
+        h.worker.cancel(run.run_id)
+        raise PermanentBackendError("403: the identity may not create jobs")
+
+    h.backend.submit = submit
+    h.uploads(10)
+    [run] = h.runs()
+    assert (run.state, run.outcome) == ("finalized", "canceled"), "not submit_failed: the refusal came after the cancel"
+    assert [e.payload["data"]["status"] for e in h.events() if e.type == "retrain.run.failed"] == ["canceled"]
+
+
+def test_a_request_is_recorded_with_who_asked_and_why_and_its_evaluation_names_it(tmp_path):
+    h = make_harness(tmp_path)
+    h.uploads(6)
+    h.request(message_id="req-9", force=True, requested_by="ops", reason="new camera")
+    with h.store.read() as tx:
+        [request] = tx.all_requests("birds")
+    assert (request.request_id, request.requested_by, request.reason) == ("req-9", "ops", "new camera")
+    assert (h.decisions()[0].outcome, h.decisions()[0].message_id) == ("submit", "req-9")
