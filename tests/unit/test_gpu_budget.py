@@ -70,3 +70,12 @@ def test_the_simulator_honours_the_budget():
     assert free.gpu_hours > 24 * days
     assert capped.gpu_hours <= 24 * (days + 2)
     assert len(capped.runs) < len(free.runs)
+
+
+def test_exactly_the_budget_is_over_it_and_runs_older_than_a_day_count_nothing():
+    hour = dt.timedelta(hours=1)
+    old = (T0 - 30 * hour, T0 - 26 * hour)  # ended more than 24 h before `now`
+    runs = [old, (T0, T0 + hour), (T0 + 2 * hour, T0 + 3 * hour)]
+    hours, frees = gpu_usage(runs, T0 + 4 * hour, 2, budget=4.0)
+    assert hours == pytest.approx(4.0, abs=1e-9), "the old run adds nothing, not even a second"
+    assert frees == pytest.approx(T0 + 24 * hour, abs=dt.timedelta(seconds=1)), "at the budget: wait until the first run starts leaving"
