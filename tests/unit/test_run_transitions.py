@@ -259,3 +259,17 @@ def test_a_request_is_recorded_with_who_asked_and_why_and_its_evaluation_names_i
         [request] = tx.all_requests("birds")
     assert (request.request_id, request.requested_by, request.reason) == ("req-9", "ops", "new camera")
     assert (h.decisions()[0].outcome, h.decisions()[0].message_id) == ("submit", "req-9")
+
+
+def test_the_gpu_budget_counts_a_running_run_from_its_start_not_from_its_time_in_the_queue(tmp_path):
+    from worker.runs import snapshot_of
+
+    h = make_harness(tmp_path, quiet_period=0, max_gpu_hours_per_day=100)
+    h.uploads(10)
+    [run] = h.runs()
+    h.clock.advance(3600)  # an hour in the queue costs no GPU
+    h.status(run.backend_run_id, "running")
+    h.clock.advance(1800)
+    with h.store.read() as tx:
+        snapshot = snapshot_of(tx, "birds", None, h.worker.config, h.clock.now())
+    assert snapshot.gpu_hours_24h == 0.5 * h.worker.config.gpus_per_run("birds")
