@@ -126,3 +126,16 @@ def test_an_id_that_is_not_unicode_text_still_has_a_stable_digest():
 def test_a_bad_backfill_prefix_is_named_in_the_description(prefix, words):
     reason, description = _refused({"kind": "retrain.requested", "message_id": "r", "model": "birds", "prefix": prefix})
     assert (reason, description) == ("schema", f"retrain.requested.prefix: Value error, {words}")
+
+
+@pytest.mark.parametrize(
+    ("path", "words"),
+    [
+        ("1.jpg", "path must look like <label>/<file> with no empty segments"),
+        ("chicken//1.jpg", "path must look like <label>/<file> with no empty segments"),
+        ("chicken/notes.txt", "unsupported image extension (allowed: .jpg, .jpeg, .png, .bmp, .gif, .webp, .tif, .tiff)"),
+    ],
+)
+def test_an_unusable_image_path_is_named_in_the_description(path, words):
+    reason, description = _refused({**IMAGE, "path": path, "label": "chicken"})
+    assert (reason, description) == ("schema", f"image.uploaded.path: Value error, {words}")
