@@ -300,6 +300,7 @@ def test_canceling_a_planned_run_finalizes_it_as_canceled_before_submission(stor
     h.worker.cancel(run.run_id)
     [final] = h.runs()
     assert (final.outcome, final.detail) == ("canceled", "canceled before submission")
+    assert [e.type for e in h.events() if e.type.startswith("retrain.run.")] == [ev.RUN_FAILED], "never announced as submitted"
 
 
 def test_canceling_a_submitted_run_the_backend_forgot_records_what_the_poll_finds(store, tmp_path):
