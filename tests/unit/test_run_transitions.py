@@ -273,3 +273,17 @@ def test_the_gpu_budget_counts_a_running_run_from_its_start_not_from_its_time_in
     with h.store.read() as tx:
         snapshot = snapshot_of(tx, "birds", None, h.worker.config, h.clock.now())
     assert snapshot.gpu_hours_24h == 0.5 * h.worker.config.gpus_per_run("birds")
+
+
+def test_the_submitted_event_carries_exactly_the_runs_contract(tmp_path):
+    h = make_harness(tmp_path)
+    h.uploads(8)  # enough data, still in the quiet period: the forced request makes the run
+    h.request(message_id="req-7", force=True, overrides={"epochs": 3}, reason="new camera")
+    [run] = h.runs()
+    [data] = [e.payload["data"] for e in h.events() if e.type == "retrain.run.submitted"]
+    assert data == {
+        "run_id": run.run_id, "model": "birds", "attempt": 1, "backend_run_id": run.backend_run_id,
+        "manifest_sha256": run.manifest_sha256, "image_count": run.image_count, "new_image_count": run.new_image_count,
+        "classes": run.classes, "reason": run.reason, "request_ids": ["req-7"], "overrides": {"epochs": 3},
+    }  # fmt: skip
+    assert (run.image_count, sorted(run.classes)) == (16, ["chicken", "turkey"])
