@@ -420,3 +420,15 @@ def test_only_a_lost_race_is_retried_any_other_commit_error_fails_the_attempt_at
     [current] = h.runs()
     assert (current.state, current.completion_failures) == ("succeeded", 1)
     assert current.detail == "completion failed: OSError: disk full"
+
+
+@pytest.mark.parametrize("left", ["model.onnx", "onnx_report.json"])
+def test_a_runs_own_export_missing_its_onnx_file_or_its_report_is_redone(h, left):
+    run = first_run(h)
+    outputs = h.root / "outputs" / run.backend_run_id
+    outputs.mkdir(parents=True)
+    weights = b"the weights the run trained"
+    (outputs / left).write_text(json.dumps({"passed": True, "model_sha256": hashlib.sha256(weights).hexdigest()}))
+    h.succeed(run, best=0.9, model_bytes=weights)
+    assert len(h.exporter.calls) == 1, "half an export is no export: done again"
+    assert h.runs()[0].outcome == "registered"
