@@ -48,3 +48,31 @@ def test_the_outbox_keeps_the_discriminator_and_redacts_secrets_in_lists():
     assert events[0].event_id == ev.event_id(ev.RUN_SUBMITTED, "runs/x", "1")
     assert "c2VjcmV0" not in str(events[0].payload["data"]["logs"])
     assert events[0].payload["data"]["logs"][0] == "ok"
+
+
+def test_without_a_discriminator_the_id_is_the_digest_with_an_empty_one_and_the_source_is_kept():
+    import datetime as dt
+    import hashlib
+
+    from shared import events as ev
+
+    digest = hashlib.sha256(f"{ev.RUN_FAILED}\x00runs/r1\x00".encode()).hexdigest()[:32]
+    assert ev.event_id(ev.RUN_FAILED, "runs/r1") == f"evt-{digest}"
+    at = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+    event = ev.new_event(ev.RUN_FAILED, "runs/r1", {}, time=at, source="/retrain/test")
+    assert (event.id, event.source) == (f"evt-{digest}", "/retrain/test")
+
+
+def test_the_outbox_queues_an_event_without_a_discriminator_under_the_plain_id(tmp_path):
+    import datetime as dt
+
+    from shared import events as ev
+    from tests.fakes.memory_store import MemoryStore
+    from worker.outbox import queue_event
+
+    store = MemoryStore()
+    with store.transaction() as tx:
+        queue_event(tx, ev.RUN_FAILED, "runs/r1", {"a": 1}, dt.datetime(2026, 11, 30, tzinfo=dt.UTC))
+        tx.commit()
+    [row] = store.unpublished_events()
+    assert row.event_id == ev.event_id(ev.RUN_FAILED, "runs/r1", "")

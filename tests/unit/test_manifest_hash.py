@@ -51,3 +51,22 @@ def test_the_worker_writes_a_manifest_document_in_its_exact_format_and_bytes():
     assert FORMAT == "retrain.manifest/v1"
     # Compact, sorted keys, UTF-8 (not \u escapes): the same manifest is always the same bytes.
     assert encode({"b": 1, "a": "é"}) == '{"a":"é","b":1}'.encode()
+
+
+@pytest.mark.parametrize("keep_recorded_digest", [True, False], ids=["digest-field-kept", "digest-field-changed"])
+def test_a_frozen_manifest_changed_afterwards_is_refused_on_load_naming_it(keep_recorded_digest):
+    from tests.fakes.adapters import FakeBlobStore
+    from worker.manifests import build_manifest, encode, freeze, load
+    from worker.store import ManifestEntry
+
+    store = FakeBlobStore()
+    document = build_manifest([ManifestEntry(path="chicken/a.jpg", etag="e1", label="chicken", split="train", is_new=True)])
+    path = freeze(store, document)
+    assert load(store, document["sha256"]) == document
+    tampered = {**document, "images": [{**document["images"][0], "etag": "swapped"}]}
+    if not keep_recorded_digest:
+        tampered["sha256"] = "0" * 64
+    store.blobs[path] = encode(tampered)  # someone rewrites the blob in place
+    with pytest.raises(ValueError, match="does not hash to its name") as refused:
+        load(store, document["sha256"])
+    assert str(refused.value) == f"manifest {path} does not hash to its name: it was changed after it was frozen"
