@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -72,10 +74,22 @@ def validation_batch(checkpoint: dict[str, Any], data_dir: str | None, manifest_
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, output: Path, opset: int, metadata: dict[str, str]) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary name of its own: two exports of the same run at once (two completions racing)
+    # must not write, load or delete each other's half-written graph.
+    fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        atomic_write_bytes(output, _checked_graph(model, example, tmp, opset, metadata))
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _checked_graph(model: torch.nn.Module, example: torch.Tensor, tmp: Path, opset: int, metadata: dict[str, str]) -> bytes:
+    """The model exported through `tmp`, with `metadata`, checked: the ONNX file's bytes."""
     import onnx
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
     with warnings.catch_warnings():
         # The TorchScript exporter is chosen on purpose (see module docstring); its notice that
         # the dynamo exporter exists is not actionable here.
@@ -96,8 +110,7 @@ def export(model: torch.nn.Module, example: torch.Tensor, output: Path, opset: i
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
-    atomic_write_bytes(output, proto.SerializeToString())
-    tmp.unlink(missing_ok=True)
+    return proto.SerializeToString()
 
 
 def _time_per_image(fn, batch: torch.Tensor, repeats: int = 1) -> float:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import events as ev
+from shared.files import atomic_write_bytes
 from worker import telemetry
 from worker.config import RetrainConfig
 from worker.context import Context
@@ -199,8 +200,8 @@ class Completer:
         if local is not None and local.is_file():
             return local
         target = outputs / "manifest.json"
-        if not target.is_file():
-            target.write_bytes(encode(load_manifest(self.manifests, run.manifest_sha256)))
+        if not target.is_file():  # whole or absent: a completion racing this one may read it now
+            atomic_write_bytes(target, encode(load_manifest(self.manifests, run.manifest_sha256)))
         return target
 
     def _rules(self, model: str) -> GateRules:

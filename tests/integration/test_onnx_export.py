@@ -106,6 +106,31 @@ def test_an_onnx_model_that_computes_something_else_fails_parity_with_exit_3(tra
     assert report["argmax_agreement"] < 0.5  # negated logits: the predicted class flips
 
 
+def test_two_exports_into_one_folder_at_once_each_write_a_whole_model(tmp_path, monkeypatch):
+    """Two completions of one run may export into the run's outputs folder at the same moment:
+    here the second export runs entirely while the first has written only its temporary graph."""
+    import torch
+
+    import export_onnx
+
+    model, example = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2)).eval(), torch.rand(1, 3, 4, 4)
+    real_onnx_export, nested = torch.onnx.export, []
+
+    def export_then_let_the_other_run(*args, **kwargs):
+        real_onnx_export(*args, **kwargs)
+        if not nested:
+            nested.append(True)
+            export_onnx.export(model, example, tmp_path / "model.onnx", 17, {"by": "second"})
+
+    monkeypatch.setattr(torch.onnx, "export", export_then_let_the_other_run)
+    export_onnx.export(model, example, tmp_path / "model.onnx", 17, {"by": "first"})
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    assert {p.key: p.value for p in graph.metadata_props} == {"by": "first"}
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"image": example.numpy()})[0].shape == (1, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"], "no temporary file left"
+
+
 def test_a_missing_model_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(TRAINING / "export_onnx.py"), "--model", str(tmp_path / "none.pt")],

@@ -136,6 +136,44 @@ def test_a_succeeded_run_downloads_its_outputs_and_cancel_reaches_the_run(tmp_pa
     assert b.cancel("birds-0004-abcd1234-a1").state == "canceled"
 
 
+class _HalfWrittenDownloads(FakeAzureMLSeam):
+    """Writes each output in two halves and, between them, records what a completion reading the
+    outputs folder at that moment would see (another worker or thread downloading the same run)."""
+
+    def __init__(self, outputs_dir):
+        super().__init__()
+        self.outputs_dir, self.seen_mid_download = outputs_dir, []
+
+    def download_outputs(self, run_id, names, dest):
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, data in self.outputs.get(run_id, {}).items():
+            with open(dest / name, "wb") as file:
+                file.write(data[: len(data) // 2])
+                file.flush()
+                visible = self.outputs_dir / name
+                self.seen_mid_download.append(visible.read_bytes() if visible.exists() else None)
+                file.write(data[len(data) // 2 :])
+        return dest
+
+
+def test_outputs_appear_whole_or_not_at_all_while_they_download(tmp_path, environment):
+    run_id = "birds-0003-abcd1234-a1"
+    seam = _HalfWrittenDownloads(tmp_path / "aml-outputs" / run_id)
+    b = backend(seam, tmp_path, environment)
+    b.submit(spec())
+    seam.outputs[run_id] = {"model.pt": b"weights of the run", "metrics.json": b'{"best_val_acc": 0.9}'}
+    seam.set_status(run_id, "Completed")
+    b.status(run_id)
+    b.status(run_id)  # downloaded again (no ONNX export yet) over the complete files
+    assert seam.seen_mid_download == [None, None, b"weights of the run", b'{"best_val_acc": 0.9}']
+    assert sorted(p.name for p in (tmp_path / "aml-outputs").iterdir()) == [run_id], "no private folder left behind"
+    seam.outputs[run_id].update({"model.onnx": b"onnx", "onnx_report.json": b"{}"})
+    b.status(run_id)
+    calls = len(seam.seen_mid_download)
+    b.status(run_id)
+    assert len(seam.seen_mid_download) == calls, "all four outputs present: not downloaded again"
+
+
 def test_registration_is_idempotent_by_run_id_and_carries_lineage(tmp_path):
     seam = FakeAzureMLSeam()
     registry = AzureMLModelRegistry(seam, tmp_path / "staging")

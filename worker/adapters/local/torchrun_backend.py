@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from shared.files import atomic_write_text
 from worker.adapters.local.torchrun_runner import (
     CANCEL_FILE,
     EXIT_CODE_FILE,
@@ -42,7 +43,6 @@ from worker.adapters.local.torchrun_runner import (
     OUTPUTS_DIR,
     RUNNER_FILE,
     SPEC_FILE,
-    atomic_write_text,
     is_same_process_alive,
 )
 from worker.ports import BackendStatus, RunSpec, TrainingBackend

@@ -27,12 +27,13 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import psutil
+
+from shared.files import atomic_write_text
 
 MANIFEST_FILE = "manifest.json"
 SPEC_FILE = "spec.json"
@@ -44,19 +45,6 @@ CANCEL_FILE = "cancel_requested"
 
 EXIT_CANNOT_START = 127  # the shell's "command not found"
 KILL_GRACE_S = 45.0  # more than torchrun's own 30 s between SIGTERM and SIGKILL for its ranks
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and os.replace, so a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:

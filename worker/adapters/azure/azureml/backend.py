@@ -13,6 +13,8 @@ within a bounded total time that fits the Functions timeout. Permanent errors (4
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +27,9 @@ from worker.ports import BackendStatus, RunSpec, TrainingBackend
 from .seam import AzureMLSeam, RunInfo, is_transient, map_status
 
 log = logging.getLogger("retrain.azureml")
+
+# What completion reads from a run: the weights and metrics, and the ONNX export if the run made one.
+OUTPUT_FILES = ("outputs/model.pt", "outputs/model.onnx", "outputs/onnx_report.json", "outputs/metrics.json")
 
 
 @dataclass(frozen=True)
@@ -113,9 +118,22 @@ class AzureMLBackend(TrainingBackend):
             return BackendStatus(backend_run_id, "unknown")
         status = self._status(info)
         if status.state == "succeeded":
-            names = ["outputs/model.pt", "outputs/model.onnx", "outputs/onnx_report.json", "outputs/metrics.json"]
-            self.seam.download_outputs(backend_run_id, names, self.outputs_root / backend_run_id)
+            self._download_outputs(backend_run_id, self.outputs_root / backend_run_id)
         return status
+
+    def _download_outputs(self, backend_run_id: str, dest: Path) -> None:
+        """Fetches the run's outputs into `dest`, each file appearing whole or not at all: the
+        download goes to a private folder and each file is renamed into place, so a completion
+        reading `dest` while another (a second worker, the Event Grid handler and a poll tick)
+        downloads the same run never reads a half-written model or metrics file."""
+        if all((dest / Path(name).name).is_file() for name in OUTPUT_FILES):
+            return  # a completed run's outputs never change: fetched before
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{backend_run_id}.") as private:
+            self.seam.download_outputs(backend_run_id, list(OUTPUT_FILES), Path(private))
+            for file in Path(private).iterdir():
+                if file.is_file():
+                    os.replace(file, dest / file.name)
 
     def cancel(self, backend_run_id: str) -> BackendStatus:
         info = self.seam.get_run(backend_run_id)

@@ -66,7 +66,9 @@ class AzureMLSeam(abc.ABC):
     def cancel(self, run_id: str) -> None: ...
 
     @abc.abstractmethod
-    def download_outputs(self, run_id: str, names: list[str], dest: Path) -> Path: ...
+    def download_outputs(self, run_id: str, names: list[str], dest: Path) -> Path:
+        """Writes the named run outputs that exist, flat, into `dest` (a fresh private folder:
+        the backend renames each file into place)."""
 
     @abc.abstractmethod
     def find_model(self, name: str, run_id: str) -> int | None: ...

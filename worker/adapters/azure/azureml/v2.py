@@ -197,8 +197,6 @@ class MLClientSeam(AzureMLSeam):
         """The job's `outputs` folder, then the named files copied flat into `dest`."""
         wanted = {Path(n).name for n in names}
         dest.mkdir(parents=True, exist_ok=True)
-        if all((dest / n).exists() for n in wanted):
-            return dest
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
             try:
                 self.client.jobs.download(run_id, download_path=tmp, output_name=OUTPUT_NAME)

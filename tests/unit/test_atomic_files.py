@@ -1,0 +1,51 @@
+"""shared.files: a reader sees the old file or the whole new one; concurrent writers never share a temporary."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shared.files import atomic_write_bytes, atomic_write_text
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_file_is_replaced_whole_and_no_temporary_is_left(tmp_path):
+    target = tmp_path / "manifest.json"
+    target.write_bytes(b"old")
+    with open(target, "rb") as reader:  # opened before the write: keeps reading the old file
+        atomic_write_text(target, "new ✓")
+        assert reader.read() == b"old"
+    assert target.read_text(encoding="utf-8") == "new ✓"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "manifest.json"
+    target.write_bytes(b"old")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_two_writers_of_one_path_write_through_different_temporaries(tmp_path, monkeypatch):
+    """The second write runs while the first has written its temporary but not renamed it."""
+    target, renamed, real_replace = tmp_path / "model.onnx", [], os.replace
+
+    def replace_after_the_other_writer(src, dst):
+        renamed.append(src)
+        if len(renamed) == 1:
+            atomic_write_bytes(target, b"second")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_the_other_writer)
+    atomic_write_bytes(target, b"first")
+    assert renamed[0] != renamed[1]
+    assert target.read_bytes() == b"first"
