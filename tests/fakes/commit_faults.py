@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
@@ -55,3 +56,19 @@ class CommitFaults:
 
             tx.commit = commit
             yield tx
+
+
+class RetryClock:
+    """tenacity's view of time for the retry tests: its sleeps are recorded (`waits`) and advance
+    a monotonic clock at once (`offset`; a test adds to it to make an attempt take long)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.waits: list[float] = []
+        self.offset = 0.0
+        real_monotonic = time.monotonic
+        monkeypatch.setattr(time, "sleep", self.sleep)
+        monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + self.offset)
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.offset += seconds

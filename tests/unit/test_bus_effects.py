@@ -6,14 +6,13 @@ worker/bus.py; docs/mutation.md)."""
 from __future__ import annotations
 
 import datetime as dt
-import time
 from contextlib import contextmanager
 
 import pytest
 
 from shared import events as ev
 from shared.messages import RetrainRequested
-from tests.fakes.commit_faults import CommitFaults, conflicts
+from tests.fakes.commit_faults import CommitFaults, RetryClock, conflicts
 from worker.bus import COMPLETION_ATTEMPTS, Remember
 from worker.store import ConcurrencyConflict
 
@@ -391,23 +390,8 @@ def test_a_redelivered_forced_request_is_answered_as_a_duplicate(store, tmp_path
     assert (again.outcome, again.detail) == ("duplicate", "req-2 was already processed")
 
 
-class _FakeTime:
-    """tenacity's view of time: its sleeps are recorded and advance a monotonic clock instantly."""
-
-    def __init__(self, monkeypatch):
-        self.waits: list[float] = []
-        self.offset = 0.0
-        real_monotonic = time.monotonic
-        monkeypatch.setattr(time, "sleep", self.sleep)
-        monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + self.offset)
-
-    def sleep(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.offset += seconds
-
-
 def test_a_message_whose_commit_loses_races_is_applied_once_on_fresh_state(store, tmp_path, monkeypatch):
-    clock = _FakeTime(monkeypatch)
+    clock = RetryClock(monkeypatch)
     h = make_harness(tmp_path, store=store)
     h.worker.store = faults = CommitFaults(store, conflicts(3))
     h.upload("chicken", name="a")
@@ -418,7 +402,7 @@ def test_a_message_whose_commit_loses_races_is_applied_once_on_fresh_state(store
 
 
 def test_a_message_that_loses_every_race_gives_up_after_40_attempts_raising_the_conflict(store, tmp_path, monkeypatch):
-    clock = _FakeTime(monkeypatch)
+    clock = RetryClock(monkeypatch)
     h = make_harness(tmp_path, store=store)
     h.worker.store = faults = CommitFaults(store, conflicts(200))  # bounded, so a missing stop ends too
     with pytest.raises(ConcurrencyConflict, match="another writer committed first"):
@@ -435,7 +419,7 @@ def test_a_message_that_loses_every_race_gives_up_after_40_attempts_raising_the_
 def test_a_message_stops_retrying_lost_races_after_a_minute_whatever_the_attempts(
     store, tmp_path, monkeypatch, seconds_per_commit, attempts
 ):
-    clock = _FakeTime(monkeypatch)
+    clock = RetryClock(monkeypatch)
     h = make_harness(tmp_path, store=store)
 
     def slow_conflict(n):  # each lost commit takes half a minute (a ledger under heavy contention)
@@ -449,7 +433,7 @@ def test_a_message_stops_retrying_lost_races_after_a_minute_whatever_the_attempt
 
 
 def test_only_a_lost_race_is_retried_any_other_commit_error_is_raised_at_once(store, tmp_path, monkeypatch):
-    _FakeTime(monkeypatch)
+    RetryClock(monkeypatch)
     h = make_harness(tmp_path, store=store)
     h.worker.store = faults = CommitFaults(store, lambda n: OSError("disk full"))
     with pytest.raises(OSError, match="disk full"):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from shared import events as ev
-from tests.fakes.commit_faults import CommitFaults, conflicts
+from tests.fakes.commit_faults import CommitFaults, RetryClock, conflicts
 from worker import completion as completion_module
 from worker.ports import ExportError
 
@@ -305,14 +305,8 @@ def test_each_kind_of_bad_metrics_is_rejected_with_its_own_reason(h, spoil, expe
     assert _events(h, ev.MODEL_REJECTED)[0]["reason"] == detail
 
 
-def _no_sleep(monkeypatch) -> list[float]:
-    waits: list[float] = []
-    monkeypatch.setattr(time, "sleep", waits.append)  # tenacity sleeps through time.sleep
-    return waits
-
-
 def test_a_completion_commit_that_loses_a_race_is_redone_on_fresh_state(h, monkeypatch):
-    waits = _no_sleep(monkeypatch)
+    waits = RetryClock(monkeypatch).waits
     run = first_run(h)
     h.worker.completer.store = CommitFaults(h.store, conflicts(3))
     h.succeed(run, best=0.9)
@@ -323,7 +317,7 @@ def test_a_completion_commit_that_loses_a_race_is_redone_on_fresh_state(h, monke
 
 
 def test_a_completion_that_loses_every_race_gives_up_after_20_attempts_with_the_conflict(h, monkeypatch):
-    waits = _no_sleep(monkeypatch)
+    waits = RetryClock(monkeypatch).waits
     run = first_run(h)
     conflicting = CommitFaults(h.store, conflicts(10**6))
     h.worker.completer.store = conflicting
@@ -411,7 +405,7 @@ def test_outputs_missing_their_files_are_rejected_naming_each(h):
 
 
 def test_only_a_lost_race_is_retried_any_other_commit_error_fails_the_attempt_at_once(h, monkeypatch):
-    _no_sleep(monkeypatch)
+    RetryClock(monkeypatch)
     run = first_run(h)
     failing = CommitFaults(h.store, lambda n: OSError("disk full"))
     h.worker.completer.store = failing
