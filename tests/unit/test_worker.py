@@ -107,6 +107,20 @@ def test_a_forced_request_starts_a_run_the_policy_would_still_wait_for(h):
     assert spec.training.epochs == 2
 
 
+def test_every_training_setting_of_the_model_reaches_the_run_and_overrides_win(new_store, tmp_path):
+    from worker.ports import TrainingArgs
+
+    settings = {"epochs": 5, "batch_size": 8, "image_size": 96, "learning_rate": 0.5, "nproc": 4, "distributed": "horovod",
+                "arch": "resnet34", "extra": '["--bn", "frozen"]'}  # fmt: skip
+    h = make_harness(tmp_path, store=new_store(), **{f"training__{key}": value for key, value in settings.items()})
+    h.uploads(6)
+    h.request(force=True, overrides={"epochs": 2, "learning_rate": 0.1})
+    spec = h.backend.specs[h.runs()[0].backend_run_id]
+    assert spec.training == TrainingArgs(
+        epochs=2, batch_size=8, image_size=96, learning_rate=0.1, nproc=4, distributed="horovod", arch="resnet34", extra=("--bn", "frozen")
+    )
+
+
 def test_drop_mode_rejects_a_forced_request_while_a_run_is_in_flight(new_store, tmp_path):
     h = make_harness(tmp_path, store=new_store(), in_flight="drop")
     ready(h)
