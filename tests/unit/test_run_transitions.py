@@ -37,9 +37,10 @@ def test_a_failed_attempt_is_retried_after_a_doubling_backoff_and_each_step_is_r
     h.clock.advance(5)
     h.worker.tick()
     second = h.runs()[0]
-    h.status(second.backend_run_id, "failed", message_id="fail-2")
+    h.status(second.backend_run_id, "failed", message_id="fail-2", detail="y" * 2100)
     third = h.runs()[0]
     assert third.next_attempt_at == h.clock.now() + dt.timedelta(seconds=10)  # retry_backoff x 2^1
+    assert third.detail == "y" * 2000, "a long failure detail is cut to 2000 characters"
 
 
 def test_a_run_that_fails_for_good_returns_its_images_and_says_so_in_its_event_and_decision(tmp_path):

@@ -155,6 +155,10 @@ def test_a_failed_run_is_retried_with_the_same_manifest_after_a_backoff(h):
     assert resubmitted.state == "submitted"
     assert h.backend.calls_to("submit") == [f"{run.run_id}-a1", f"{run.run_id}-a2"]
     assert h.backend.specs[f"{run.run_id}-a2"].manifest == h.backend.specs[f"{run.run_id}-a1"].manifest
+    submitted = [e.payload["data"] for e in h.events() if e.type == ev.RUN_SUBMITTED]
+    assert [(d["attempt"], d["backend_run_id"]) for d in submitted] == [(1, f"{run.run_id}-a1"), (2, f"{run.run_id}-a2")], (
+        "each attempt announces its own submission"
+    )
 
 
 def test_after_the_retry_budget_the_images_return_to_pending_and_run_failed_is_published(h):
