@@ -37,6 +37,7 @@ def test_a_failed_attempt_is_retried_after_a_doubling_backoff_and_each_step_is_r
     h.clock.advance(5)
     h.worker.tick()
     second = h.runs()[0]
+    assert (second.state, second.attempt) == ("submitted", 2), "submitted at the very second its backoff ends"
     h.status(second.backend_run_id, "failed", message_id="fail-2", detail="y" * 2100)
     third = h.runs()[0]
     assert third.next_attempt_at == h.clock.now() + dt.timedelta(seconds=10)  # retry_backoff x 2^1

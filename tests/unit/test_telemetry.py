@@ -74,12 +74,30 @@ def test_one_image_is_one_trace_from_upload_to_the_registered_event(tmp_path, ex
     assert any(p.attributes["model"] == "birds" for p in points["retrain.pending.images"])
 
 
-def test_submit_errors_are_counted(tmp_path, exported):
+@pytest.mark.parametrize("permanent", [False, True])
+def test_submit_errors_are_counted_by_model_and_kind(tmp_path, exported, permanent):
+    from worker.ports import PermanentBackendError
+
     _, reader = exported
     h = make_harness(tmp_path, quiet_period=0)
-    h.backend.fail_next_submit(ConnectionError("backend down"))
+    h.backend.fail_next_submit(PermanentBackendError("403: no access") if permanent else ConnectionError("backend down"))
     h.uploads(10)
-    assert [(p.attributes["permanent"], p.value) for p in _metrics(reader)["retrain.submit.errors"]] == [(False, 1)]
+    assert [(p.attributes, p.value) for p in _metrics(reader)["retrain.submit.errors"]] == [({"model": "birds", "permanent": permanent}, 1)]
+
+
+def test_a_retried_attempt_is_submitted_in_its_runs_trace_with_the_attempt(tmp_path, exported):
+    """The retry is submitted by a later tick, outside the span that planned the run: its submit
+    span joins the run's trace through the recorded traceparent."""
+    spans, _ = exported
+    h = make_harness(tmp_path, quiet_period=0, max_attempts=2, retry_backoff=5)
+    h.uploads(10)
+    [run] = h.runs()
+    h.status(run.backend_run_id, "failed")
+    h.clock.advance(5)
+    h.worker.tick()
+    submits = [s for s in spans.get_finished_spans() if s.name == "retrain.submit"]
+    assert [dict(s.attributes) for s in submits] == [{"model": "birds", "run_id": run.run_id, "attempt": a} for a in (1, 2)]
+    assert {f"{s.context.trace_id:032x}" for s in submits} == {run.traceparent.split("-")[1]}
 
 
 def test_events_outside_any_span_carry_no_traceparent():

@@ -115,10 +115,22 @@ def test_every_training_setting_of_the_model_reaches_the_run_and_overrides_win(n
     h = make_harness(tmp_path, store=new_store(), **{f"training__{key}": value for key, value in settings.items()})
     h.uploads(6)
     h.request(force=True, overrides={"epochs": 2, "learning_rate": 0.1})
-    spec = h.backend.specs[h.runs()[0].backend_run_id]
+    [run] = h.runs()
+    spec = h.backend.specs[run.backend_run_id]
+    assert spec.data_dir == str(tmp_path / "images" / "birds")
+    assert spec.tags == {"model": "birds", "run_id": run.run_id, "manifest_sha256": run.manifest_sha256, "attempt": "1"}
     assert spec.training == TrainingArgs(
         epochs=2, batch_size=8, image_size=96, learning_rate=0.1, nproc=4, distributed="horovod", arch="resnet34", extra=("--bn", "frozen")
     )
+
+
+def test_submitting_a_run_that_is_no_longer_planned_does_nothing(h):
+    ready(h)
+    [run] = h.runs()
+    assert run.state == "submitted"
+    assert h.worker.submitter.submit(run.run_id) is None
+    assert h.worker.submitter.submit("birds-9999-00000000") is None
+    assert h.backend.calls_to("submit") == [run.backend_run_id], "the backend is not asked again"
 
 
 def test_drop_mode_rejects_a_forced_request_while_a_run_is_in_flight(new_store, tmp_path):
