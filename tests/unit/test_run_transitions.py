@@ -289,3 +289,33 @@ def test_the_submitted_event_carries_exactly_the_runs_contract(tmp_path):
         "classes": run.classes, "reason": run.reason, "request_ids": ["req-7"], "overrides": {"epochs": 3},
     }  # fmt: skip
     assert (run.image_count, sorted(run.classes)) == (16, ["chicken", "turkey"])
+
+
+@pytest.mark.parametrize("training_data", ["all", "new"])
+def test_a_runs_manifest_holds_the_images_its_training_data_setting_names_with_their_splits(tmp_path, training_data):
+    h = make_harness(tmp_path, training_data=training_data, cooldown=0)
+    first = planned(h)
+    h.succeed(first, best=0.9)
+    before = set(h.images())
+    h.uploads(4)
+    h.clock.advance(11)
+    h.worker.tick()
+    second = h.runs()[0]
+    assert (second.base_watermark, second.watermark) == (first.watermark, first.watermark + 8)
+    manifest = h.backend.specs[second.backend_run_id].manifest
+    expected = set(h.images()) - (before if training_data == "new" else set())
+    assert {i["path"] for i in manifest["images"]} == expected
+    rows = h.images()
+    assert [i["split"] for i in manifest["images"]] == [rows[i["path"]].split for i in manifest["images"]]
+    assert {i["split"] for i in manifest["images"]} == {"train", "val"}
+    assert (second.image_count, second.new_image_count) == (len(expected), 8)
+
+
+def test_planning_without_a_manifest_store_is_a_configuration_error(tmp_path):
+    from worker.context import Context
+    from worker.runs import plan_run
+
+    h = make_harness(tmp_path)
+    h.uploads(2)
+    with h.store.transaction() as tx, pytest.raises(RuntimeError, match="^no manifest store configured: a run cannot be planned$"):
+        plan_run(Context(h.worker.config, h.clock.now(), manifests=None), tx, "birds", "test", [])
