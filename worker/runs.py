@@ -27,14 +27,14 @@ REQUEST_IDS_KEPT = 20  # on the run record; the request watermark covers them al
 RUNS_IN_A_DAY = 200  # the recent runs read for the GPU budget (more than a day holds at any sane pace)
 
 
-def snapshot_of(tx: Tx, model: str, requests: list[RequestRow] | None = None, config: RetrainConfig | None = None,
-                now: dt.datetime | None = None) -> Snapshot:  # fmt: skip
+def snapshot_of(tx: Tx, model: str, config: RetrainConfig, now: dt.datetime, requests: list[RequestRow] | None = None) -> Snapshot:
     """What the policy decides from: the model's pending images, data, head, run in flight, first
-    forced request, and (with a GPU budget configured) the GPU-hours its runs used in the last 24 h."""
+    forced request (of `requests`, else of the model's open ones), and (with a GPU budget
+    configured) the GPU-hours its runs used in the last 24 h."""
     requests = tx.open_requests(model) if requests is None else requests
     hours, frees_at = 0.0, None
-    budget = config.model(model).max_gpu_hours_per_day if config is not None else None
-    if config is not None and budget is not None and now is not None:
+    budget = config.model(model).max_gpu_hours_per_day
+    if budget is not None:
         intervals = [(_gpu_start(r), r.finished_at) for r in tx.runs(model, limit=RUNS_IN_A_DAY) if r.submitted_at or r.started_at]
         hours, frees_at = gpu_usage([i for i in intervals if i[1] is None or i[1] > now - DAY], now, config.gpus_per_run(model), budget)
     return Snapshot(
@@ -61,7 +61,7 @@ def evaluate(ctx: Context, tx: Tx, model: str, message_id: str | None) -> tuple[
     """Run the policy for `model`, carry out and record its decision."""
     cfg = ctx.config.model(model)
     requests = tx.open_requests(model)
-    snapshot = snapshot_of(tx, model, requests, ctx.config, ctx.now)
+    snapshot = snapshot_of(tx, model, ctx.config, ctx.now, requests)
     head, force = snapshot.head, snapshot.force_request
     with telemetry.span("retrain.decide", model=model) as span:
         decision = decide(snapshot, ctx.now, cfg)

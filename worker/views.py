@@ -39,7 +39,7 @@ def status_view(store: Store, config: RetrainConfig, model: str | None = None, n
         for name in models:
             pending = tx.pending_stats(name)
             decisions = tx.decisions(name, 1)
-            verdict = decide(snapshot_of(tx, name, config=config, now=now), now, config.model(name))
+            verdict = decide(snapshot_of(tx, name, config, now), now, config.model(name))
             out[name] = {
                 "pending": {
                     "total": pending.count,

@@ -84,3 +84,14 @@ def test_status_shows_the_policy_verdict_now_and_when_waiting_ends(tmp_path):
     assert verdict["forced"] is False
     assert "quiet period" in verdict["reason"], verdict  # the threshold is met; the quiet period holds them
     assert dt.datetime.fromisoformat(verdict["wake_at"]) == now + dt.timedelta(seconds=10)
+
+
+def test_status_weighs_the_forced_requests_still_open(tmp_path):
+    from .worker_harness import make_harness
+
+    h = make_harness(tmp_path, in_flight="queue", quiet_period=0)
+    h.uploads(10)  # a run in flight
+    h.request(force=True, requested_by="ops")  # queued behind it, still open
+    verdict = status_view(h.worker.store, h.worker.config, "birds", now=h.clock.now())["birds"]["next"]
+    assert (verdict["outcome"], verdict["forced"]) == ("coalesce", True)
+    assert "a forced request, queued behind it" in verdict["reason"]

@@ -192,7 +192,7 @@ def test_a_run_never_seen_running_counts_from_its_submission_for_the_budget(tmp_
     h.clock.advance(1800)
     h.succeed(run)  # no running status ever arrived
     with h.store.read() as tx:
-        snapshot = snapshot_of(tx, "birds", None, h.worker.config, h.clock.now())
+        snapshot = snapshot_of(tx, "birds", h.worker.config, h.clock.now())
     assert snapshot.gpu_hours_24h == 0.5 * h.worker.config.gpus_per_run("birds")
 
 
@@ -273,7 +273,7 @@ def test_the_gpu_budget_counts_a_running_run_from_its_start_not_from_its_time_in
     h.status(run.backend_run_id, "running")
     h.clock.advance(1800)
     with h.store.read() as tx:
-        snapshot = snapshot_of(tx, "birds", None, h.worker.config, h.clock.now())
+        snapshot = snapshot_of(tx, "birds", h.worker.config, h.clock.now())
     assert snapshot.gpu_hours_24h == 0.5 * h.worker.config.gpus_per_run("birds")
 
 
@@ -317,5 +317,31 @@ def test_planning_without_a_manifest_store_is_a_configuration_error(tmp_path):
 
     h = make_harness(tmp_path)
     h.uploads(2)
-    with h.store.transaction() as tx, pytest.raises(RuntimeError, match="^no manifest store configured: a run cannot be planned$"):
+    with h.store.transaction() as tx, pytest.raises(RuntimeError, match=r"^no manifest store configured: a run cannot be planned$"):
         plan_run(Context(h.worker.config, h.clock.now(), manifests=None), tx, "birds", "test", [])
+
+
+def test_only_the_models_own_runs_count_against_its_gpu_budget(tmp_path):
+    import dataclasses
+
+    from worker.runs import snapshot_of
+
+    h = make_harness(tmp_path, quiet_period=0, max_gpu_hours_per_day=100)
+    h.uploads(10)
+    [run] = h.runs()
+    h.clock.advance(1800)
+    h.succeed(run)
+    with h.store.transaction() as tx:  # another model's run of the same half hour, in the same ledger
+        tx.insert_run(dataclasses.replace(tx.get_run(run.run_id), run_id="fish-0001-00000000", model="fish", seq=1))
+        tx.commit()
+    with h.store.read() as tx:
+        snapshot = snapshot_of(tx, "birds", h.worker.config, h.clock.now())
+    assert snapshot.gpu_hours_24h == 0.5 * h.worker.config.gpus_per_run("birds")
+
+
+def test_the_decision_that_plans_a_run_names_it(tmp_path):
+    h = make_harness(tmp_path)
+    run = planned(h)
+    [decision] = [d for d in h.decisions() if d.outcome == "submit"]
+    assert decision.run_id == run.run_id
+    assert all(d.run_id is None for d in h.decisions() if d.outcome != "submit")

@@ -59,6 +59,9 @@ def test_one_image_is_one_trace_from_upload_to_the_registered_event(tmp_path, ex
     finished = spans.get_finished_spans()
     in_trace = {s.name for s in finished if f"{s.context.trace_id:032x}" == trace_id}
     assert {"retrain.receive image.uploaded", "retrain.decide", "retrain.submit", "retrain.complete", "retrain.publish"} <= in_trace
+    decides = [dict(s.attributes) for s in finished if s.name == "retrain.decide"]
+    assert {"model": "birds", "retrain.outcome": "submit"} in decides
+    assert {d["retrain.outcome"] for d in decides} >= {"wait", "submit"}
     complete = next(s for s in finished if s.name == "retrain.complete")
     assert (complete.attributes["model"], complete.attributes["run_id"]) == ("birds", run.run_id)
     status_receive = next(s for s in finished if s.name == "retrain.receive run.status_changed")

@@ -95,6 +95,34 @@ def test_only_one_run_is_in_flight_and_later_triggers_coalesce_into_one_follow_u
     assert len(h.runs()) == 2, "exactly one follow-up"
 
 
+def test_a_coalesced_follow_up_starts_after_the_cooldown_without_waiting_for_quiet(h):
+    """Images that crossed the threshold while a run trained are owed a run: once the cooldown
+    ends it starts at once, even while more images are still arriving."""
+    ready(h)
+    first = h.runs()[0]
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    assert h.head().followup_wanted is True
+    h.succeed(first)
+    h.clock.advance(31)  # cooldown over
+    h.upload("chicken")  # just now: the quiet period alone would hold a new run back
+    [follow_up, _] = h.runs()
+    assert follow_up.reason == "coalesced follow-up: 13 new images arrived during the last run"
+    assert h.head().followup_wanted is False
+
+
+def test_an_unchanged_verdict_is_recorded_once_and_a_changed_one_again(h):
+    h.uploads(2)  # waiting for the count
+    before = len(h.decisions())
+    for _ in range(3):
+        h.worker.tick()
+    assert len(h.decisions()) == before, "the same verdict at every tick: not recorded again"
+    h.upload("chicken")
+    assert len(h.decisions()) == before + 1
+    assert h.decisions()[0].reason.startswith("waiting: 5/6 new images")
+
+
 def test_a_forced_request_starts_a_run_the_policy_would_still_wait_for(h):
     h.uploads(6)  # enough data, but the last upload was just now: the quiet period holds it
     assert h.decisions()[0].outcome == "wait"
