@@ -247,3 +247,14 @@ def test_times_are_shown_in_utc_whatever_the_machines_zone(monkeypatch):
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_a_pause_recorded_without_who_or_when_still_reads_plainly():
+    """A pause written by an older worker or by hand may lack its author and time."""
+    decision = decide(snap(pending(12), head=ModelHead("birds", paused={})), NOW, CFG)
+    assert (decision.outcome, decision.reason) == (
+        "wait",
+        "paused by unknown at ? UTC; 12 new images are counted, no run starts until resumed",
+    )
+    at = decide(snap(pending(12), head=ModelHead("birds", paused={"by": "ops", "at": "2026-01-01T11:00:00.123+00:00"})), NOW, CFG)
+    assert at.reason.startswith("paused by ops at 2026-01-01 11:00:00 UTC; ")

@@ -345,3 +345,16 @@ def test_the_decision_that_plans_a_run_names_it(tmp_path):
     [decision] = [d for d in h.decisions() if d.outcome == "submit"]
     assert decision.run_id == run.run_id
     assert all(d.run_id is None for d in h.decisions() if d.outcome != "submit")
+
+
+def test_a_run_queued_at_the_backend_counts_against_the_gpu_budget_from_its_submission(tmp_path):
+    from worker.runs import snapshot_of
+
+    h = make_harness(tmp_path, quiet_period=0, max_gpu_hours_per_day=100)
+    h.uploads(10)
+    [run] = h.runs()
+    assert (run.state, run.started_at) == ("submitted", None)
+    h.clock.advance(1800)
+    with h.store.read() as tx:
+        snapshot = snapshot_of(tx, "birds", h.worker.config, h.clock.now())
+    assert snapshot.gpu_hours_24h == 0.5 * h.worker.config.gpus_per_run("birds")
