@@ -1,5 +1,6 @@
 """The policy as a pure function: one table row per knob and situation."""
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -258,3 +259,44 @@ def test_a_pause_recorded_without_who_or_when_still_reads_plainly():
     )
     at = decide(snap(pending(12), head=ModelHead("birds", paused={"by": "ops", "at": "2026-01-01T11:00:00.123+00:00"})), NOW, CFG)
     assert at.reason.startswith("paused by ops at 2026-01-01 11:00:00 UTC; ")
+
+
+# --- the GPU budget's verdicts, exactly (each kills a mutant that survived `make mutate` run 6) ----
+BUDGET = CFG.model_copy(update={"max_gpu_hours_per_day": 4.0})
+
+
+def over_budget(p=None, head=None, force=None, used=4.0, frees_at=None) -> Snapshot:
+    return dataclasses.replace(snap(p, head=head, force=force), gpu_hours_24h=used, budget_frees_at=frees_at)
+
+
+def test_a_budget_used_to_its_exact_limit_holds_new_images_until_it_frees_up():
+    decision = decide(over_budget(pending(12, newest=61), frees_at=NOW + dt.timedelta(hours=3)), NOW, BUDGET)
+    assert (decision.outcome, decision.wake_at, decision.forced) == ("wait", NOW + dt.timedelta(hours=3), False)
+    assert decision.reason == "GPU budget: 4.0 of 4 GPU-hours used in the last 24 h; it frees up at 15:00:00 UTC"
+    assert decide(over_budget(pending(12, newest=61), used=3.99), NOW, BUDGET).outcome == "submit", "under the limit"
+
+
+def test_the_budget_holds_a_single_image_and_a_coalesced_follow_up_but_says_nothing_when_idle():
+    assert decide(over_budget(pending(1)), NOW, BUDGET).reason.startswith("GPU budget: ")
+    follow_up = decide(over_budget(head=ModelHead("birds", followup_wanted=True)), NOW, BUDGET)
+    assert follow_up.reason.startswith("GPU budget: ")
+    assert decide(over_budget(), NOW, BUDGET) == decide(snap(), NOW, BUDGET), "nothing pending: idle, budget or not"
+
+
+def test_a_forced_request_over_budget_waits_and_is_told_how_to_run_now():
+    decision = decide(over_budget(pending(2), force=FORCE, used=5.5), NOW, BUDGET)
+    assert (decision.outcome, decision.wake_at) == ("wait", None)  # a run in flight: no known time
+    assert decision.reason == (
+        "GPU budget: 5.5 of 4 GPU-hours used in the last 24 h (a forced request is waiting too; override_budget runs it now)"
+    )
+    override = dataclasses.replace(FORCE, override_budget=True)
+    assert decide(over_budget(pending(2), force=override, used=5.5), NOW, BUDGET).outcome == "submit"
+
+
+def test_a_pause_refuses_forced_requests_as_forced_and_names_its_reason():
+    paused = ModelHead("birds", paused={"by": "ops", "at": "2026-01-01T11:00:00+00:00", "reason": "label audit"})
+    dropped = decide(snap(pending(2), head=paused, force=FORCE), NOW, CFG)
+    assert (dropped.outcome, dropped.forced) == ("drop", True)
+    assert (
+        dropped.reason == "paused by ops at 2026-01-01 11:00:00 UTC: label audit; forced requests are refused while paused (resume first)"
+    )
