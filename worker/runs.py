@@ -95,8 +95,7 @@ def evaluate(ctx: Context, tx: Tx, model: str, message_id: str | None) -> tuple[
 
 
 def reject_request(ctx: Context, tx: Tx, request: RequestRow, reason: str) -> None:
-    request.state = "rejected"
-    tx.reject_request(request)
+    tx.reject_request(request)  # the ledger marks it rejected
     data = {"request_id": request.request_id, "model": request.model, "reason": reason, "requested_by": request.requested_by}
     queue_event(tx, ev.REQUEST_REJECTED, f"requests/{request.request_id}", data, ctx.now)
 

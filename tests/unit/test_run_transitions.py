@@ -302,6 +302,7 @@ def test_a_runs_manifest_holds_the_images_its_training_data_setting_names_with_t
     h.worker.tick()
     second = h.runs()[0]
     assert (second.base_watermark, second.watermark) == (first.watermark, first.watermark + 8)
+    assert (first.seq, second.seq) == (1, 2), "runs are numbered one after another"
     manifest = h.backend.specs[second.backend_run_id].manifest
     expected = set(h.images()) - (before if training_data == "new" else set())
     assert {i["path"] for i in manifest["images"]} == expected
