@@ -132,6 +132,47 @@ MUTATIONS = [
         "            self._drain(message.model)\n        backfill = None\n",
         "            pass\n        backfill = None\n",
         ("tests/unit/test_staged_ingest.py",),
+    ),    Mutation(
+        "a trigger during a run does not owe a follow-up",
+        "worker/runs.py",
+        "        head.followup_wanted = True\n",
+        "        head.followup_wanted = False\n",
+        ("tests/unit/test_worker.py",),
+    ),
+    Mutation(
+        "an unchanged verdict is recorded at every tick",
+        "worker/runs.py",
+        "    last = next(iter(tx.decisions(model, 1)), None)\n",
+        "    last = None\n",
+        ("tests/unit/test_worker.py",),
+    ),
+    Mutation(
+        "a retried attempt's run.submitted has the first attempt's id",
+        "worker/runs.py",
+        "ctx.now, discriminator=str(run.attempt))",
+        "ctx.now, discriminator=None)",
+        ("tests/unit/test_worker.py",),
+    ),
+    Mutation(
+        "the GPU budget lets a run start at its exact limit",
+        "worker/policy.py",
+        "snapshot.gpu_hours_24h >= budget and",
+        "snapshot.gpu_hours_24h > budget and",
+        ("tests/unit/test_policy.py",),
+    ),
+    Mutation(
+        "the model's process count does not reach the run",
+        "worker/submission.py",
+        "        nproc=t.nproc,\n",
+        "",
+        ("tests/unit/test_worker.py",),
+    ),
+    Mutation(
+        "Azure ML outputs are downloaded straight into the folder completion reads",
+        "worker/adapters/azure/azureml/backend.py",
+        "self.seam.download_outputs(backend_run_id, list(OUTPUT_FILES), Path(private))",
+        "self.seam.download_outputs(backend_run_id, list(OUTPUT_FILES), dest)",
+        ("tests/unit/test_azureml_backend.py",),
     ),
 ]
 
