@@ -132,7 +132,8 @@ MUTATIONS = [
         "            self._drain(message.model)\n        backfill = None\n",
         "            pass\n        backfill = None\n",
         ("tests/unit/test_staged_ingest.py",),
-    ),    Mutation(
+    ),
+    Mutation(
         "a trigger during a run does not owe a follow-up",
         "worker/runs.py",
         "        head.followup_wanted = True\n",
