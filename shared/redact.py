@@ -52,15 +52,20 @@ class RedactingFilter(logging.Filter):
     """Rewrites each record's message (with its arguments applied) in redacted form."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.args is None and record.__dict__.get("_redacted") is record.msg:
+            return True  # cleaned by an earlier filter (the record factory, a handler's): unchanged since
         try:
             message = record.getMessage()
         except Exception:  # a broken format string is the logger's problem, not ours
             return True
-        cleaned = printable(redact(message), keep_newlines=True)
+        # The message on one line (a newline from outside cannot forge a log line); a traceback
+        # keeps its lines.
+        cleaned = printable(redact(message))
         if record.exc_info and record.exc_info[1] is not None:
             cleaned += "\n" + printable(redact(logging.Formatter().formatException(record.exc_info)), keep_newlines=True)
             record.exc_info, record.exc_text = None, None
         record.msg, record.args = cleaned, None
+        record.__dict__["_redacted"] = cleaned
         return True
 
 

@@ -340,6 +340,31 @@ def test_control_and_bidi_characters_from_outside_are_escaped_in_logs(caplog):
     assert "\\u202e" in text
 
 
+def test_a_newline_from_outside_cannot_forge_a_log_line_but_a_traceback_keeps_its_lines(caplog):
+    from shared.redact import install_log_redaction
+
+    install_log_redaction()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("retrain.test").info("rejected %s", "a.jpg\nERROR retrain: champion deleted\tby admin")
+        try:
+            raise ValueError("bad")
+        except ValueError:
+            logging.getLogger("retrain.test").exception("failed on %s", "b.jpg\nforged")
+    forged, failed = [r.getMessage() for r in caplog.records if r.name == "retrain.test"]
+    assert forged == "rejected a.jpg\\nERROR retrain: champion deleted\\tby admin"
+    first, *traceback = failed.split("\n")
+    assert first == "failed on b.jpg\\nforged"
+    assert traceback[0] == "Traceback (most recent call last):" and traceback[-1] == "ValueError: bad"
+
+
+def test_printable_escapes_controls_keeps_newlines_only_when_asked_and_cuts_at_its_limit():
+    from shared.redact import printable
+
+    assert printable("a\nb\tc\rd\u202ee\x1b") == "a\\nb\\tc\\u000dd\\u202ee\\u001b"
+    assert printable("a\nb\tc", keep_newlines=True) == "a\nb\tc"
+    assert (printable("x" * 10, limit=4), printable("x" * 4, limit=4), printable(7)) == ("xxxx...", "xxxx", "7")
+
+
 # --- 1: what else can sit in an images folder ---------------------------------------------------
 
 
