@@ -354,7 +354,8 @@ def test_a_newline_from_outside_cannot_forge_a_log_line_but_a_traceback_keeps_it
     assert forged == "rejected a.jpg\\nERROR retrain: champion deleted\\tby admin"
     first, *traceback = failed.split("\n")
     assert first == "failed on b.jpg\\nforged"
-    assert traceback[0] == "Traceback (most recent call last):" and traceback[-1] == "ValueError: bad"
+    assert traceback[0] == "Traceback (most recent call last):"
+    assert traceback[-1] == "ValueError: bad"
 
 
 def test_printable_escapes_controls_keeps_newlines_only_when_asked_and_cuts_at_its_limit():
