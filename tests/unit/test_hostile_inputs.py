@@ -358,6 +358,26 @@ def test_a_newline_from_outside_cannot_forge_a_log_line_but_a_traceback_keeps_it
     assert traceback[-1] == "ValueError: bad"
 
 
+def test_log_redaction_is_installed_once_on_the_root_its_handlers_and_the_azure_loggers():
+    from shared.redact import AZURE_LOGGERS, RedactingFilter, install_log_redaction
+
+    root, handler = logging.getLogger(), logging.StreamHandler()
+    root.addHandler(handler)
+    try:
+        flt = install_log_redaction()
+        factory = logging.getLogRecordFactory()
+        assert install_log_redaction() is flt
+        assert logging.getLogRecordFactory() is factory, "the record factory is not wrapped twice"
+        for logger in [root, *(logging.getLogger(name) for name in AZURE_LOGGERS)]:
+            assert [f for f in logger.filters if isinstance(f, RedactingFilter)] == [flt], logger.name
+        assert [f for f in handler.filters if isinstance(f, RedactingFilter)] == [flt]
+        # The factory passes whatever it is given on to the one it wraps, keywords included.
+        record = factory(name="x", level=logging.INFO, pathname="p", lineno=1, msg="AccountKey=%s", args=("c2VjcmV0",), exc_info=None)
+        assert "c2VjcmV0" not in record.getMessage()
+    finally:
+        root.removeHandler(handler)
+
+
 def test_printable_escapes_controls_keeps_newlines_only_when_asked_and_cuts_at_its_limit():
     from shared.redact import printable
 
