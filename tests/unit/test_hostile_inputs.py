@@ -378,6 +378,23 @@ def test_log_redaction_is_installed_once_on_the_root_its_handlers_and_the_azure_
         root.removeHandler(handler)
 
 
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("Endpoint=sb://x/;SharedAccessKey=abc123;EntityPath=q", "Endpoint=sb://x/;SharedAccessKey=***;EntityPath=q"),
+        ('{"client_secret": "s3cr3t"}', '{"client_secret": "***"}'),
+        ("Authorization: Bearer eyJhbGciOi.def", "Authorization: Bearer ***"),
+        ("https://a.blob.core.windows.net/c?sv=1&sig=abcd%2B&se=2", "https://a.blob.core.windows.net/c?sv=1&sig=***&se=2"),
+        ("amqps://user:hunter22@host/", "amqps://user:***@host/"),
+    ],
+)
+def test_a_secret_is_masked_and_everything_around_it_kept_as_it_was(text, shown):
+    """What is left says which secret was there (its name, separator and quotes), not its value."""
+    from shared.redact import redact
+
+    assert redact(text) == shown
+
+
 def test_printable_escapes_controls_keeps_newlines_only_when_asked_and_cuts_at_its_limit():
     from shared.redact import printable
 
