@@ -49,3 +49,22 @@ def test_two_writers_of_one_path_write_through_different_temporaries(tmp_path, m
     atomic_write_bytes(target, b"first")
     assert renamed[0] != renamed[1]
     assert target.read_bytes() == b"first"
+
+
+def test_two_puts_of_one_message_into_the_local_inbox_at_once_both_succeed(tmp_path, monkeypatch):
+    """`retrain inject` run twice at the same moment (a retried backfill): the second put runs while
+    the first has written its temporary file but not renamed it."""
+    from worker.adapters.local.inbox import LocalInbox
+
+    inbox, real_replace, nested = LocalInbox(tmp_path / "inbox"), os.replace, []
+
+    def replace_after_the_other_put(src, dst):
+        if not nested:
+            nested.append(None)
+            nested[0] = inbox.put("req-1", {"model": "birds"})
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_the_other_put)
+    target = inbox.put("req-1", {"model": "birds"})
+    assert nested == [target]
+    assert [p.name for p in (tmp_path / "inbox").iterdir()] == ["req-1.json"]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shared.errors import InvalidMessage
+from shared.files import atomic_write_text
 from shared.messages import ID_PATTERN, MAX_MESSAGE_BYTES
 from shared.redact import printable
 from worker.adapters.local.directory_blobs import open_regular
@@ -36,9 +37,7 @@ class LocalInbox:
             if target.read_text(encoding="utf-8") == data:
                 return target
             raise InvalidMessage("conflict", f"a different message with id {message_id!r} is already waiting in the inbox")
-        tmp = self.root / f".{message_id}.{os.getpid()}.tmp"
-        tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, target)
+        atomic_write_text(target, data)  # a temporary of its own: two writers of one id never share one
         return target
 
     def pending(self) -> Iterator[Path]:
