@@ -7,12 +7,29 @@ import os
 import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.processes import SUITE_MARKER, kill_marked, run_supervised, wait_unmarked
+from worker.adapters.local.process_tree import kill_tree
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING = ROOT / "training"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite() -> Iterator[None]:
+    """Every process the tests start inherits a marker for this session; whatever still carries it
+    once every other fixture is torn down was left behind by a test: it is killed (by pid) and the
+    suite fails, naming it."""
+    os.environ[SUITE_MARKER] = uuid.uuid4().hex
+    yield
+    if wait_unmarked(SUITE_MARKER, os.environ[SUITE_MARKER], timeout=15):
+        left = kill_marked(SUITE_MARKER, os.environ[SUITE_MARKER])
+        pytest.fail(f"{len(left)} process(es) outlived the test suite (now killed):\n" + "\n".join(left), pytrace=False)
 
 
 def free_port() -> int:
@@ -24,10 +41,16 @@ def free_port() -> int:
 def run_ranks_on_a_free_port(launch, attempts: int = 3) -> tuple[list[int], list[str]]:
     """Start the processes `launch(port)` returns on a probed free port and wait for them; if
     another process took the port between the probe and the bind, start them again on a new one.
-    Returns (exit codes, outputs). The processes must pipe stdout (stderr merged) as text."""
+    Returns (exit codes, outputs). The processes must pipe stdout (stderr merged) as text; on a
+    timeout every one of them is killed with all it started."""
     for _ in range(attempts):
         procs = launch(free_port())
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        try:
+            outputs = [p.communicate(timeout=300)[0] for p in procs]
+        except BaseException:
+            for p in procs:
+                kill_tree(p.pid)
+            raise
         if not any("address already in use" in out.lower() for out in outputs):
             break
     return [p.returncode for p in procs], outputs
@@ -41,7 +64,8 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def run_train(args: list[str], *, nproc: int = 1, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """train.py as a real process: plain python for nproc=1, torchrun --standalone otherwise."""
+    """train.py as a real process: plain python for nproc=1, torchrun --standalone otherwise; on a
+    timeout the launcher, its ranks and their loader workers are all killed (`run_supervised`)."""
     if nproc == 1:
         cmd = [sys.executable, str(TRAINING / "train.py"), *args]
     else:
@@ -54,7 +78,7 @@ def run_train(args: list[str], *, nproc: int = 1, timeout: float = 300, env: dic
             str(TRAINING / "train.py"),
             *args,
         ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or child_env(), check=False)
+    return run_supervised(cmd, timeout=timeout, env=env or child_env())
 
 
 def read_metrics(output_dir: Path) -> dict:

@@ -10,16 +10,22 @@ Design choices that matter for correctness:
   run is reproducible.
 - Loaders hand out uint8 tensors; conversion to float and normalisation happen on the device
   (4x less host-to-device traffic, no float work in the loader processes).
+- Loader worker processes come from a fork server, never from `fork()` of the training process:
+  by the time a loader starts its workers, the training process has threads (the process group's,
+  other loaders' queue feeders, pin-memory, Horovod's), and a fork while another thread holds a
+  lock can leave the child waiting for that lock forever (docs/training.md, "Loader workers").
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import random
+import stat
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +42,38 @@ from manifests import DataError, ImageRecord, Manifest
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_LABEL = -100
+# How DataLoader workers are started. Both are safe in a process that already runs threads;
+# forkserver starts each worker in milliseconds from a single-threaded server that has the
+# loading code imported, spawn pays an interpreter start and the imports per worker.
+WORKER_START_METHODS = ("forkserver", "spawn")
+DEFAULT_WORKER_START_METHOD = "forkserver"
+# Imported once by the fork server, so that the workers it forks start with them loaded (the
+# expensive part of a worker's start). Installed packages only: Python 3.11's fork server does not
+# apply the parent's sys.path before preloading, so this file's own modules are imported by each
+# worker, in milliseconds once torch is there.
+FORKSERVER_PRELOAD = ["numpy", "torch", "torchvision.transforms.functional", "PIL.Image"]
+
+
+class NotARegularFileError(OSError):
+    """A FIFO, device, socket or folder where an image file was expected."""
 
 
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode an image fully and return it as RGB; raises on anything unreadable."""
-    with warnings.catch_warnings():
+    # O_NONBLOCK and the fstat: a FIFO or a device named like an image would block the reader
+    # forever (a stalled screening or loader), so only regular files are read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFileError(f"not a regular file: {path}")
+        file = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with warnings.catch_warnings(), file:
         # A decompression-bomb-sized image is treated as bad data, not a warning.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(file) as img:
             img.load()  # forces the full decode: truncated files fail here, not in the loader
             if img.width < 1 or img.height < 1:
                 raise ValueError("image has no pixels")
@@ -56,6 +86,8 @@ def unreadable_reason(path: Path) -> str | None:
         open_rgb(path)
     except FileNotFoundError:
         return "missing"
+    except NotARegularFileError:
+        return "not a regular file"
     except UnidentifiedImageError:
         return "not an image"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -63,15 +95,29 @@ def unreadable_reason(path: Path) -> str | None:
     return None
 
 
-def find_unreadable(root: Path, records: Sequence[ImageRecord], rank: int = 0, world_size: int = 1) -> dict[str, str]:
+def find_unreadable(
+    root: Path,
+    records: Sequence[ImageRecord],
+    rank: int = 0,
+    world_size: int = 1,
+    on_checked: Callable[[str], None] | None = None,
+) -> dict[str, str]:
     """Screen this rank's share of `records`; returns {path: reason} for the bad ones.
 
     The caller gathers the per-rank results so that all ranks drop the same images.
+    `on_checked(progress)` is called after each image (train.py's watchdog counts it as progress).
     """
     mine = list(records)[rank::world_size]
     threads = max(1, min(8, (os.cpu_count() or 1)))
+
+    def screen(numbered: tuple[int, ImageRecord]) -> str | None:
+        reason = unreadable_reason(root / numbered[1].path)
+        if on_checked is not None:
+            on_checked(f"image {numbered[0]} of {len(mine)}")
+        return reason
+
     with ThreadPoolExecutor(max_workers=threads) as pool:  # PIL releases the GIL while decoding
-        reasons = list(pool.map(lambda r: unreadable_reason(root / r.path), mine))
+        reasons = list(pool.map(screen, enumerate(mine, start=1)))
     return {r.path: reason for r, reason in zip(mine, reasons, strict=True) if reason is not None}
 
 
@@ -275,6 +321,27 @@ def loader_workers(requested: int, local_world_size: int, device: torch.device) 
     return 0 if cores_per_rank <= 2 else min(4, cores_per_rank // 4)
 
 
+def worker_context(start_method: str) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context loader workers start from: one of `WORKER_START_METHODS` (train.py
+    offers only those; "fork" is accepted here for benchmarks/loader_start.py's comparison)."""
+    context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        # Has effect only until this process's fork server starts; the server inherits os.environ
+        # and sys.path from that moment (train.py keeps BLAS single-threaded there: see main()).
+        context.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return context
+
+
+def prestart_worker_server(start_method: str) -> None:
+    """Start the fork server now (its imports take seconds) so it is ready when the first loader
+    needs workers; a no-op for other start methods or once it runs."""
+    worker_context(start_method)
+    if start_method == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def build_data(
     root: Path,
     manifest: Manifest,
@@ -289,8 +356,10 @@ def build_data(
     pin_memory: bool,
     cache_bytes: int = 0,
     cache_dir: Path | None = None,
+    start_method: str = DEFAULT_WORKER_START_METHOD,
 ) -> DataBundle:
-    """`cache_bytes` > 0 turns on the decoded cache (per process, per split), spilling to `cache_dir`."""
+    """`cache_bytes` > 0 turns on the decoded cache (per process, per split), spilling to `cache_dir`;
+    with `workers` > 0 each loader's workers start by `start_method` (see `worker_context`)."""
     train = [r for r in manifest.split("train") if r.path not in skipped]
     val = [r for r in manifest.split("val") if r.path not in skipped]
     _check_usable(manifest, train, val, skipped)
@@ -316,6 +385,7 @@ def build_data(
     }
     if workers > 0:
         common["prefetch_factor"] = 4
+        common["multiprocessing_context"] = worker_context(start_method)
     # Full batches only: a trailing batch of one breaks BatchNorm and skews the step; the dropped
     # remainder differs every epoch because the order is reshuffled. A data set smaller than one
     # batch per rank still trains, on one partial batch.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 DISTRIBUTED_CHOICES = ("auto", "ddp", "horovod", "none")
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|timed out|connection (?:closed|reset)|broken pipe", re.IGNORECASE)
 
 
 class TopologyError(RuntimeError):
@@ -80,6 +82,17 @@ class Topology:
             return model, self._hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
         return model, optimizer
 
+    def is_collective_failure(self, exc: BaseException) -> bool:
+        """True for the errors a collective raises when another rank stalled or died (a timeout, a
+        closed connection): the run failed, but not because of anything in this rank's input."""
+        if isinstance(exc, dist.DistError):
+            return True
+        if self.kind == "horovod":
+            return type(exc).__name__ == "HorovodInternalError"
+        # DDP's gradient all-reduce runs inside autograd, which re-raises the backend's error as a
+        # plain RuntimeError ("[.../gloo/...] Timed out waiting 5000ms for recv operation").
+        return self.kind == "ddp" and isinstance(exc, RuntimeError) and bool(_COLLECTIVE_FAILURE.search(str(exc)))
+
     def close(self) -> None:
         if self.kind == "ddp" and dist.is_initialized():
             dist.destroy_process_group()
@@ -131,17 +144,23 @@ def setup_topology(
     dist_url: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
-    timeout_minutes: float = 30.0,
+    timeout_s: float = 600.0,
 ) -> Topology:
-    """Initialise the process group (if any) and return this process's place in it."""
+    """Initialise the process group (if any) and return this process's place in it.
+
+    `timeout_s` bounds how long joining the group and every collective wait for the other ranks:
+    a rank whose peer stalled or died fails with an error instead of waiting forever (DDP: the
+    process group's timeout, which NCCL enforces by aborting the communicator; Horovod: its stall
+    shutdown, for a rank that stopped submitting collectives).
+    """
     mode = resolve_mode(requested, dist_url)
     if mode == "none":
         topo = Topology(kind="none", device=_pick_device(0))
         _limit_cpu_threads(1)
         return topo
     if mode == "horovod":
-        return _setup_horovod()
-    return _setup_ddp(dist_backend, dist_url, rank, world_size, timeout_minutes)
+        return _setup_horovod(timeout_s)
+    return _setup_ddp(dist_backend, dist_url, rank, world_size, timeout_s)
 
 
 def _setup_ddp(
@@ -149,7 +168,7 @@ def _setup_ddp(
     dist_url: str | None,
     rank: int | None,
     world_size: int | None,
-    timeout_minutes: float,
+    timeout_s: float,
 ) -> Topology:
     if dist_url:
         # The older Azure ML style: --dist-url $AZ_BATCHAI_PYTORCH_INIT_METHOD --rank $AZ_BATCHAI_TASK_INDEX
@@ -188,7 +207,7 @@ def _setup_ddp(
         init_method=init_method,
         rank=rank,
         world_size=world_size,
-        timeout=_dt.timedelta(minutes=timeout_minutes),
+        timeout=_dt.timedelta(seconds=timeout_s),
         **kwargs,
     )
     if device.type == "cpu":
@@ -204,11 +223,14 @@ def _setup_ddp(
     )
 
 
-def _setup_horovod() -> Topology:
+def _setup_horovod(timeout_s: float) -> Topology:
     try:
         import horovod.torch as hvd
     except ImportError as exc:  # pragma: no cover - depends on the image
         raise TopologyError("--distributed horovod needs the horovod package (built with PyTorch support)") from exc
+    # Horovod reports ranks that stopped submitting collectives after HOROVOD_STALL_CHECK_TIME_SECONDS
+    # (60) and, with a shutdown time set, ends the job after it; unset, it waits forever. Read by hvd.init().
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(61, round(timeout_s))))
     hvd.init()
     device = _pick_device(hvd.local_rank())
     if device.type == "cpu":

@@ -19,7 +19,8 @@ Horovod (MpiConfiguration on Azure ML, or locally over Gloo):
     horovodrun -np 2 -H localhost:2 --gloo python train.py --distributed horovod --data_dir ./birds
 
 Exit status: 0 success, 2 unusable input (bad data, bad checkpoint, bad arguments; the message
-says what to fix), 1 anything unexpected.
+says what to fix), 124 stalled (no progress for --stall_timeout seconds; the message names the
+phase), 1 anything unexpected (a collective that timed out after --collective_timeout included).
 """
 
 from __future__ import annotations
@@ -41,9 +42,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from reporting import Progress, Tracking
+from stall_watchdog import EXIT_STALLED, Watchdog
 from torch import nn
 
-from imagedata import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD, DataBundle, build_data, find_unreadable, loader_workers, to_model_input
+from imagedata import (
+    DEFAULT_WORKER_START_METHOD,
+    IGNORE_LABEL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WORKER_START_METHODS,
+    DataBundle,
+    build_data,
+    find_unreadable,
+    loader_workers,
+    prestart_worker_server,
+    to_model_input,
+)
 from manifests import DataError, Manifest, load_manifest, scan_image_folder
 from modelio import (
     ARCHITECTURES,
@@ -64,6 +78,7 @@ from topology import DISTRIBUTED_CHOICES, Topology, TopologyError, setup_topolog
 log = logging.getLogger("train")
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT = 0, 1, 2
+assert EXIT_STALLED not in (EXIT_OK, EXIT_UNEXPECTED, EXIT_BAD_INPUT)
 # The arguments recorded as the tracked run's parameters (paths and switches without effect on the result are left out).
 TRACKED_ARGS = ("arch", "num_epochs", "batch_size", "image_size", "learning_rate", "momentum", "weight_decay", "step_size", "gamma",
                 "lr_scaling", "amp", "bn", "seed", "weights", "val_fraction", "max_steps_per_epoch")  # fmt: skip
@@ -93,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image_size", type=int, default=224, help="input side length in pixels")
     data.add_argument("--batch_size", type=int, default=16, help="images per step per process (global batch = this x world size)")
     data.add_argument("--workers", type=int, default=-1, help="DataLoader worker processes per rank (-1: a fair share of the cores)")
+    data.add_argument(
+        "--worker_start_method", choices=WORKER_START_METHODS, default=DEFAULT_WORKER_START_METHOD,
+        help="how DataLoader workers start; never fork: the training process has threads by then (docs/training.md)",
+    )  # fmt: skip
     data.add_argument(
         "--decode_cache_mb", type=int, default=2048,
         help="keep each decoded, resized image in memory up to this many MB per loader process (beyond it: on local disk); 0: decode every epoch",
@@ -192,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--rank", type=int, default=None, help="global rank, with --dist-url")
     d.add_argument("--world-size", "--world_size", dest="world_size", type=int, default=None, help="number of processes, with --dist-url")
+    d.add_argument(
+        "--collective_timeout", type=float, default=600.0,
+        help="seconds a collective (and joining the process group) may wait for the other ranks before this rank fails "
+        "(DDP: the process group's timeout; Horovod: its stall shutdown)",
+    )  # fmt: skip
+    d.add_argument(
+        "--stall_timeout", type=float, default=900.0,
+        help="seconds without progress (a training step, an evaluation batch, a screened image) before the watchdog "
+        "ends this process with exit status 124, naming the phase that stalled; 0 turns it off",
+    )  # fmt: skip
     return p
 
 
@@ -211,6 +240,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append("--learning_rate must be positive")
     if args.step_size < 1:
         problems.append("--step_size must be at least 1")
+    if not (math.isfinite(args.collective_timeout) and args.collective_timeout > 0):
+        problems.append("--collective_timeout must be a positive number of seconds")
+    if not (math.isfinite(args.stall_timeout) and args.stall_timeout >= 0):
+        problems.append("--stall_timeout must be a number of seconds (0: off)")
     if problems:
         parser.error("; ".join(problems))
     return args
@@ -299,16 +332,23 @@ class Inputs:
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], topo: Topology, inputs: Inputs
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    topo: Topology,
+    inputs: Inputs,
+    watchdog: Watchdog | None = None,
 ) -> tuple[float, float, int]:
     """(mean loss, accuracy, images) over the whole validation set, identical on every rank.
 
     Runs on the bare model, not the DDP wrapper: ranks hold different numbers of validation
     batches and DDP's forward may issue collectives.
     """
+    watchdog = watchdog or Watchdog(0)
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=topo.device)  # loss sum, correct, count
-    for images, labels in loader:
+    watchdog.beat("waiting for batch 1")
+    for batch, (images, labels) in enumerate(loader, start=1):
+        watchdog.beat(f"batch {batch}")
         x, y = inputs(images, labels)
         with torch.autocast(topo.device.type, dtype=inputs.amp_dtype, enabled=inputs.amp_dtype is not None):
             logits = model(x)
@@ -316,6 +356,8 @@ def evaluate(
         sums[0] += F.cross_entropy(logits.float(), y, ignore_index=IGNORE_LABEL, reduction="sum")
         sums[1] += ((logits.argmax(dim=1) == y) & valid).sum()
         sums[2] += valid.sum()
+        watchdog.beat(f"waiting for batch {batch + 1}")
+    watchdog.beat("summing over the ranks")
     sums = topo.all_reduce_sum(sums)
     count = int(sums[2].item())
     if count == 0:
@@ -367,16 +409,23 @@ def _scratch() -> Path:
     return path
 
 
-def load_data(args: argparse.Namespace, topo: Topology) -> tuple[Manifest, dict[str, str], DataBundle, int]:
+def load_data(args: argparse.Namespace, topo: Topology, watchdog: Watchdog) -> tuple[Manifest, dict[str, str], DataBundle, int]:
     """The manifest (frozen, or scanned from the folder), the images no rank could read, the loaders."""
     root = Path(args.data_dir)
+    watchdog.phase("reading the manifest" if args.manifest else "scanning the image folder")
     manifest = load_manifest(args.manifest) if args.manifest else scan_image_folder(root, args.val_fraction)
+    workers = loader_workers(args.workers, topo.local_world_size, topo.device)
+    if workers > 0:
+        prestart_worker_server(args.worker_start_method)  # its imports overlap the screening
+    watchdog.phase("screening images")
+    unreadable = find_unreadable(root, manifest.images, topo.rank, topo.world_size, on_checked=watchdog.beat)
+    watchdog.phase("gathering the screening results from every rank")
     skipped: dict[str, str] = {}
-    for part in topo.all_gather_object(find_unreadable(root, manifest.images, topo.rank, topo.world_size)):
+    for part in topo.all_gather_object(unreadable):
         skipped.update(part)
     if skipped and topo.is_writer:
         log.warning("skipping %d unreadable images, e.g. %s", len(skipped), ", ".join(f"{p} ({r})" for p, r in list(skipped.items())[:3]))
-    workers = loader_workers(args.workers, topo.local_world_size, topo.device)
+    watchdog.phase("building the data loaders")
     data = build_data(
         root,
         manifest,
@@ -390,6 +439,7 @@ def load_data(args: argparse.Namespace, topo: Topology) -> tuple[Manifest, dict[
         pin_memory=topo.device.type == "cuda",
         cache_bytes=max(0, args.decode_cache_mb) * 2**20,
         cache_dir=Path(args.cache_dir) if args.cache_dir else _scratch(),
+        start_method=args.worker_start_method,
     )
     return manifest, skipped, data, workers
 
@@ -432,8 +482,10 @@ def train_one_epoch(
     data: DataBundle,
     inputs: Inputs,
     progress: Progress,
+    watchdog: Watchdog,
 ) -> Epoch:
     """One epoch of steps on this rank's shard; the sums come back reduced over every rank."""
+    watchdog.phase(f"training, epoch {epoch}")
     device = topo.device
     steps_per_epoch = min(len(data.train_loader), args.max_steps_per_epoch or len(data.train_loader))
     data.train_sampler.set_epoch(epoch)
@@ -442,7 +494,9 @@ def train_one_epoch(
     synchronize(device)  # GPU work is asynchronous: the clock is read only when the device is idle
     epoch_start = fetch_start = time.perf_counter()
     data_wait, step_count = 0.0, 0
+    watchdog.beat(f"waiting for batch 1 of {steps_per_epoch}")
     for step, (images, labels) in enumerate(data.train_loader, start=1):
+        watchdog.beat(f"step {step}/{steps_per_epoch}")  # a hang from here on is in the forward/backward or DDP's all-reduce
         data_wait += time.perf_counter() - fetch_start
         step_count = step
         x, y = inputs(images, labels)
@@ -472,7 +526,9 @@ def train_one_epoch(
             progress.step(epoch, step, steps_per_epoch, step * args.batch_size * topo.world_size / max(elapsed, 1e-9), shown_loss)
         if step >= steps_per_epoch:
             break
+        watchdog.beat(f"waiting for batch {step + 1} of {steps_per_epoch}")
         fetch_start = time.perf_counter()
+    watchdog.beat("summing the epoch over the ranks")
     sums = topo.all_reduce_sum(sums)
     synchronize(device)
     seconds = time.perf_counter() - epoch_start
@@ -509,11 +565,12 @@ class Fit:
     train_seconds: float = 0.0
 
 
-def measure_baseline(model: Model, data: DataBundle, topo: Topology, inputs: Inputs) -> float | None:
+def measure_baseline(model: Model, data: DataBundle, topo: Topology, inputs: Inputs, watchdog: Watchdog) -> float | None:
     """The champion judged on this run's own validation set, so the gate compares like with like."""
     if not model.baseline_comparable:
         return None
-    _, baseline_val_acc, _ = evaluate(model.net, data.val_loader, topo, inputs)
+    watchdog.phase("evaluating the init checkpoint (baseline)")
+    _, baseline_val_acc, _ = evaluate(model.net, data.val_loader, topo, inputs, watchdog)
     if topo.is_writer:
         log.info("baseline (init checkpoint) val_acc=%.4f on %d images", baseline_val_acc, data.num_val)
     return baseline_val_acc
@@ -529,9 +586,17 @@ def make_optimizer(args: argparse.Namespace, topo: Topology, model: Model) -> tu
 
 
 def fit(
-    args: argparse.Namespace, topo: Topology, model: Model, data: DataBundle, inputs: Inputs, use_scaler: bool, tracking: Tracking
+    args: argparse.Namespace,
+    topo: Topology,
+    model: Model,
+    data: DataBundle,
+    inputs: Inputs,
+    use_scaler: bool,
+    tracking: Tracking,
+    watchdog: Watchdog,
 ) -> tuple[Fit, float]:
     """Train for the requested epochs, evaluating after each; returns the results and the learning rate."""
+    watchdog.phase("wrapping the model for the topology")
     trained_model, optimizer, effective_lr = make_optimizer(args, topo, model)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -540,12 +605,14 @@ def fit(
     for epoch in range(1, args.num_epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         epoch_start = time.perf_counter()
-        trained = train_one_epoch(args, topo, epoch, trained_model, optimizer, scaler, data, inputs, progress)
+        trained = train_one_epoch(args, topo, epoch, trained_model, optimizer, scaler, data, inputs, progress, watchdog)
         result.train_images += trained.seen
         result.train_seconds += trained.seconds
         scheduler.step()
+        watchdog.phase(f"averaging BatchNorm statistics, epoch {epoch}")
         average_buffers(model.net, topo)
-        val_loss, val_acc, _ = evaluate(model.net, data.val_loader, topo, inputs)
+        watchdog.phase(f"evaluation, epoch {epoch}")
+        val_loss, val_acc, _ = evaluate(model.net, data.val_loader, topo, inputs, watchdog)
         row = epoch_row(epoch, trained, val_loss, val_acc, lr, time.perf_counter() - epoch_start)
         result.history.append(row)
         progress.epoch_done(row)
@@ -557,16 +624,18 @@ def fit(
     return result, effective_lr
 
 
-def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
+def run(args: argparse.Namespace, topo: Topology, watchdog: Watchdog | None = None) -> dict[str, Any]:
     """Data, model, baseline, epochs, then (rank 0) model.pt, the optional ONNX export and metrics.json."""
+    watchdog = watchdog or Watchdog(0)
     started = time.time()
     torch.manual_seed(args.seed)  # same initial weights on every rank
     device = topo.device
-    manifest, skipped, data, workers = load_data(args, topo)
+    manifest, skipped, data, workers = load_data(args, topo, watchdog)
+    watchdog.phase("loading the model")
     model = load_model(args, topo, data.class_names)
     amp_dtype, use_scaler = amp_settings(args.amp, device)
     inputs = Inputs(device, amp_dtype, model.channels_last)
-    baseline_val_acc = measure_baseline(model, data, topo, inputs)
+    baseline_val_acc = measure_baseline(model, data, topo, inputs, watchdog)
     if topo.is_writer:
         log.info(
             "training %s on %s: %d train / %d val images, %d classes %s, world_size=%d (%s%s), device=%s, batch=%dx%d, lr=%g, amp=%s, channels_last=%s, workers=%d, weights=%s",
@@ -575,13 +644,15 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
             args.learning_rate * (topo.world_size if args.lr_scaling == "linear" else 1), amp_dtype, model.channels_last, workers,
             model.weights_source,
         )  # fmt: skip
+    watchdog.phase("starting the tracked run")
     tracking = Tracking(topo.is_writer)
     tracking.start(
         {**{k: v for k, v in vars(args).items() if k in TRACKED_ARGS}, "world_size": topo.world_size, "distributed": topo.kind},
         {"manifest_sha256": manifest.sha256, "arch": model.arch, "weights_source": model.weights_source},
     )
-    result, effective_lr = fit(args, topo, model, data, inputs, use_scaler, tracking)
+    result, effective_lr = fit(args, topo, model, data, inputs, use_scaler, tracking, watchdog)
 
+    watchdog.phase("comparing the replicas' weights")
     digests = topo.all_gather_object(state_digest(model.net))
     if len(set(digests)) != 1:
         raise RuntimeError(f"replicas diverged: per-rank weight digests differ {digests}")
@@ -620,6 +691,7 @@ def run(args: argparse.Namespace, topo: Topology) -> dict[str, Any]:
         "torch_version": str(torch.__version__),
     }
     if topo.is_writer:
+        watchdog.phase("writing the outputs" + (" and exporting ONNX" if args.export_onnx else ""))
         save_outputs(args, model, result, data.class_names, metrics, manifest.sha256, tracking)
     return metrics
 
@@ -696,22 +768,45 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
+    # Loader workers are forked by a fork server that starts with this environment: with numpy's
+    # BLAS pool off there, the server has one thread when it forks (and the workers do no BLAS).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    watchdog = Watchdog(args.stall_timeout).start()
+    watchdog.phase("joining the process group")
     try:
         topo = setup_topology(
-            args.distributed, dist_backend=args.dist_backend, dist_url=args.dist_url, rank=args.rank, world_size=args.world_size
+            args.distributed,
+            dist_backend=args.dist_backend,
+            dist_url=args.dist_url,
+            rank=args.rank,
+            world_size=args.world_size,
+            timeout_s=args.collective_timeout,
         )
     except TopologyError as exc:
+        watchdog.stop()
         print(f"train.py: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        run(args, topo)
+        run(args, topo, watchdog)
         return EXIT_OK
     except (DataError, CheckpointError) as exc:
         if topo.is_writer:
             print(f"train.py: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as exc:
+        if not topo.is_collective_failure(exc):
+            raise
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        print(
+            f"train.py: error: rank {topo.rank}: a collective failed in phase '{watchdog.describe()}' "
+            f"(another rank stalled or died; --collective_timeout {args.collective_timeout:g} s): {first_line}",
+            file=sys.stderr,
+        )
+        return EXIT_UNEXPECTED
     finally:
+        watchdog.phase("shutting down the process group")  # destroying a group with a dead peer can hang too
         topo.close()
+        watchdog.stop()
 
 
 if __name__ == "__main__":

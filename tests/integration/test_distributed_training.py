@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import TRAINING, child_env, read_metrics, run_ranks_on_a_free_port, run_train
+from tests.processes import run_supervised
 
 from synthetic_birds import write_corrupt
 
@@ -172,7 +173,7 @@ def test_horovod_over_gloo_with_two_ranks_trains_and_agrees_with_one_process(spl
     out = tmp_path / "out"
     cmd = [str(horovodrun), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(TRAINING / "train.py"), "--distributed", "horovod",
            *common, "--output_dir", str(out), "--batch_size", "4", "--learning_rate", "0.05"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(), check=False)
+    proc = run_supervised(cmd, timeout=300, env=child_env())
     _ok(proc)
     m = read_metrics(out)
     assert (m["distributed"], m["world_size"], m["backend"]) == ("horovod", 2, "horovod")

@@ -129,6 +129,58 @@ def test_loaders_hand_out_uint8_batches_of_the_requested_size(split_birds):
     assert (data.num_train, data.num_val) == (24, 8)
 
 
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_loader_workers_of_both_loaders_start_by_the_chosen_method_never_by_fork(split_birds, method):
+    manifest = scan_image_folder(split_birds)
+    data = build_data(split_birds, manifest, {}, image_size=32, batch_size=4, workers=1, rank=0, world_size=1, seed=0, pin_memory=False,
+                      start_method=method)  # fmt: skip
+    for loader in (data.train_loader, data.val_loader):
+        assert loader.multiprocessing_context.get_start_method() == method
+        assert loader.persistent_workers
+
+
+def test_the_default_start_method_is_the_fork_server_and_inline_loading_starts_no_workers(split_birds):
+    manifest = scan_image_folder(split_birds)
+    common = {"image_size": 32, "batch_size": 4, "rank": 0, "world_size": 1, "seed": 0, "pin_memory": False}
+    threaded = build_data(split_birds, manifest, {}, workers=2, **common)
+    assert threaded.train_loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert threaded.val_loader.multiprocessing_context.get_start_method() == "forkserver"
+    inline = build_data(split_birds, manifest, {}, workers=0, **common)
+    assert inline.train_loader.multiprocessing_context is None
+
+
+def test_batches_from_fork_server_workers_equal_inline_batches(split_birds):
+    """The (seed, epoch, sample) contract holds whoever loads the sample, wherever its process came from."""
+    manifest = scan_image_folder(split_birds)
+    common = {"image_size": 32, "batch_size": 4, "rank": 0, "world_size": 1, "seed": 5, "pin_memory": False}
+    inline = build_data(split_birds, manifest, {}, workers=0, **common)
+    workers = build_data(split_birds, manifest, {}, workers=2, **common)
+    for data in (inline, workers):
+        data.train_sampler.set_epoch(1)
+    for (a, la), (b, lb) in zip(inline.train_loader, workers.train_loader, strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(la, lb)
+    for (a, _), (b, _) in zip(inline.val_loader, workers.val_loader, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_fifo_or_a_folder_named_like_an_image_is_refused_without_blocking(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it for reading would wait for a writer forever
+    (tmp_path / "folder.jpg").mkdir()
+    assert unreadable_reason(tmp_path / "pipe.jpg") == "not a regular file"
+    assert unreadable_reason(tmp_path / "folder.jpg") == "not a regular file"
+
+
+def test_screening_reports_progress_once_per_image(odd_images):
+    records = [ImageRecord(path=p.name, label="chicken", split="train") for p in sorted(odd_images.iterdir())]
+    seen: list[str] = []
+    find_unreadable(odd_images, records, rank=1, world_size=2, on_checked=seen.append)
+    mine = len(records[1::2])
+    assert sorted(seen) == sorted(f"image {i} of {mine}" for i in range(1, mine + 1))
+
+
 def test_images_of_any_size_come_out_square(tmp_path):
     Image.new("RGB", (300, 20), "red").save(tmp_path / "wide.png")
     ds = ImageListDataset(tmp_path, [ImageRecord("wide.png", "a", "train")], {"a": 0}, train_transform(24), 24)

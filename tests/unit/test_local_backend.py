@@ -39,6 +39,11 @@ elif mode == "fail":
 elif mode == "sleep":
     while True:
         time.sleep(0.05)
+elif mode == "stall":
+    print("train.py: stalled: no progress for 900 s (limit 900 s) in phase 'evaluation, epoch 2 (batch 3)'; pid 1", file=sys.stderr)
+    for i in range(40):
+        print(f'  File "train.py", line {i} in evaluate', file=sys.stderr)
+    sys.exit(124)
 """
 
 MANIFEST = {"format": "retrain.manifest/v1", "classes": ["a", "b"], "images": [], "sha256": "0" * 64}
@@ -172,6 +177,18 @@ def test_a_nonzero_exit_is_failed_with_the_exit_code_and_the_end_of_the_log(harn
     assert final.detail.startswith("exit code 3")
     assert "the data set is empty" in final.detail
     assert len(final.detail) <= 500
+
+
+def test_a_stalled_training_is_failed_with_the_watchdogs_line_not_only_the_stack_dump_after_it(harness):
+    backend = harness.backend()
+    backend.submit(spec("stalled", mode="stall"))
+    final = backend.wait("stalled", timeout=30)
+    assert final.state == "failed"
+    assert final.detail.startswith(
+        "exit code 124; train.py: stalled: no progress for 900 s (limit 900 s) in phase 'evaluation, epoch 2 (batch 3)'"
+    )
+    assert len(final.detail) <= 500
+    assert json.loads((harness.root / "stalled" / "spec.json").read_text())["stop_grace_s"] == 45.0
 
 
 def test_exit_zero_without_metrics_json_is_failed(harness):

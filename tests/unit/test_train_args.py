@@ -46,6 +46,11 @@ def test_older_ddp_arguments_are_accepted_in_both_spellings(spelling):
         ["--val_fraction", "1.5"],
         ["--learning_rate", "-1"],
         ["--distributed", "mpi"],
+        ["--worker_start_method", "fork"],  # unsafe once the process has threads: not offered
+        ["--collective_timeout", "0"],
+        ["--collective_timeout", "nan"],
+        ["--stall_timeout", "-1"],
+        ["--stall_timeout", "inf"],
     ],
 )
 def test_bad_values_exit_with_usage_error(argv, capsys):
@@ -53,3 +58,11 @@ def test_bad_values_exit_with_usage_error(argv, capsys):
         parse_args(argv)
     assert exc.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_loader_workers_start_from_a_fork_server_and_every_wait_is_bounded_by_default():
+    args = parse_args([])
+    assert args.worker_start_method == "forkserver"
+    assert args.collective_timeout == 600.0  # DDP/Horovod: a collective fails after 10 minutes of waiting
+    assert args.stall_timeout == 900.0  # the watchdog: 15 minutes without progress ends the process
+    assert parse_args(["--worker_start_method", "spawn", "--stall_timeout", "0"]).stall_timeout == 0.0  # 0 turns the watchdog off

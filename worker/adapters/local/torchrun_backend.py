@@ -38,6 +38,7 @@ from shared.files import atomic_write_text
 from worker.adapters.local.torchrun_runner import (
     CANCEL_FILE,
     EXIT_CODE_FILE,
+    KILL_GRACE_S,
     LOG_FILE,
     MANIFEST_FILE,
     OUTPUTS_DIR,
@@ -74,6 +75,7 @@ class LocalTorchrunBackend(TrainingBackend):
         launcher: list[str] | None = None,
         env: Mapping[str, str] | None = None,
         mlflow_uri: str | None = None,
+        stop_grace_s: float = KILL_GRACE_S,
     ) -> None:
         # Absolute paths throughout: the runner and the training run with the run directory as cwd.
         self.runs_root = Path(os.path.abspath(runs_root))
@@ -84,6 +86,7 @@ class LocalTorchrunBackend(TrainingBackend):
         self.python = python
         self.env = dict(env or {})
         self.mlflow_uri = mlflow_uri  # each run logs to this MLflow store, one experiment per model
+        self.stop_grace_s = stop_grace_s  # after a cancel: how long the training may shut down before its tree is killed
 
     # -- paths and commands ---------------------------------------------------------------------
 
@@ -144,6 +147,7 @@ class LocalTorchrunBackend(TrainingBackend):
             "init_checkpoint": spec.init_checkpoint,
             "tags": dict(spec.tags),
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            "stop_grace_s": self.stop_grace_s,
         }
         spec_text = json.dumps(spec_doc, indent=2, sort_keys=True) + "\n"
         self.runs_root.mkdir(parents=True, exist_ok=True)
@@ -267,8 +271,29 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+# The one-line verdicts train.py prints (an unusable input, a failed collective, its watchdog):
+# worth more than the log's last lines, which after a stall are a stack dump and torchrun's summary.
+_VERDICT = re.compile(r"train\.py: (?:stalled|error): [^\r\n]*")
+VERDICT_SCAN_BYTES = 65536
+
+
+def _training_verdict(run_dir: Path) -> str | None:
+    """The last `train.py: error:` / `train.py: stalled:` line of train.log's end, if any."""
+    try:
+        with open(run_dir / LOG_FILE, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - VERDICT_SCAN_BYTES))
+            found = _VERDICT.findall(f.read().decode("utf-8", "replace"))
+    except OSError:
+        return None
+    return found[-1][:300] if found else None
+
+
 def _with_log_tail(reason: str, run_dir: Path, lines: int = 5) -> str:
-    """`reason` plus the last lines of train.log, at most DETAIL_MAX_CHARS in all (the end is kept)."""
+    """`reason`, train.py's own verdict if it printed one, then the last lines of train.log, at
+    most DETAIL_MAX_CHARS in all (the end of the log is kept)."""
+    verdict = _training_verdict(run_dir)
+    if verdict:
+        reason = f"{reason}; {verdict}"
     try:
         with open(run_dir / LOG_FILE, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
@@ -279,6 +304,8 @@ def _with_log_tail(reason: str, run_dir: Path, lines: int = 5) -> str:
     if not text:
         return reason
     room = DETAIL_MAX_CHARS - len(reason) - 2
+    if room < 20:
+        return reason
     if len(text) > room:
         text = "…" + text[-(room - 1) :]
     return f"{reason}: {text}"

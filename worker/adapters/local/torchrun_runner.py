@@ -11,7 +11,14 @@ Signals: SIGTERM/SIGINT sent to the runner are forwarded to the training command
 group. The child gets its own process group (same session) so that the backend's
 `killpg(runner pgid)` reaches the runner only and the training receives exactly one signal, from
 the runner; torchrun shuts its ranks down on that signal, and a second one while it is doing so
-can cut its cleanup short. A child still alive `KILL_GRACE_S` after the first signal is killed.
+can cut its cleanup short. If anything is still alive `stop_grace_s` (spec.json, default
+`KILL_GRACE_S`) after the first signal, the whole tree is killed.
+
+No process outlives its run: the runner is a child subreaper (Linux), so ranks orphaned by a
+torchrun that died (torchrun starts each rank in a session of its own) re-parent to the runner
+rather than to init; when the training command ends, for whatever reason, every process still
+below the runner (a rank that ignored SIGTERM, a DataLoader worker, a fork server) is killed
+before `exit_code` is written. See process_tree.py.
 
 This module also holds the on-disk layout and the few helpers both sides need; it imports only
 the standard library and psutil, so starting it is quick. POSIX only (sessions, process groups):
@@ -34,6 +41,7 @@ from typing import Any
 import psutil
 
 from shared.files import atomic_write_text
+from worker.adapters.local.process_tree import become_subreaper, kill_descendants, reap_orphans
 
 MANIFEST_FILE = "manifest.json"
 SPEC_FILE = "spec.json"
@@ -72,6 +80,7 @@ class Runner:
         self.child: subprocess.Popen[bytes] | None = None
         self.stop_signal: int | None = None
         self.first_signal_at: float | None = None
+        self.stop_grace_s = KILL_GRACE_S
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stop_signal = signum
@@ -93,13 +102,23 @@ class Runner:
 
     def _finish(self, code: int) -> int:
         log(f"training exited with code {code}")
+        left = kill_descendants()
+        if left:
+            log(f"killed {len(left)} process(es) the training left behind: {left}")
+        reap_orphans()
         atomic_write_text(self.run_dir / EXIT_CODE_FILE, f"{code}\n")
         return 0
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        command = json.loads((self.run_dir / SPEC_FILE).read_text(encoding="utf-8"))["command"]
+        if not become_subreaper():
+            log("cannot become a child subreaper here: ranks orphaned by a dead launcher are not tracked")
+        spec = json.loads((self.run_dir / SPEC_FILE).read_text(encoding="utf-8"))
+        command = spec["command"]
+        grace = spec.get("stop_grace_s")
+        if isinstance(grace, (int, float)) and not isinstance(grace, bool) and 0 <= grace < float("inf"):
+            self.stop_grace_s = float(grace)
         # runner.json before the cancel check: a concurrent cancel() writes its marker before it
         # reads runner.json, so either it signals us or we see the marker here.
         self._record_self()
@@ -115,14 +134,16 @@ class Runner:
             return self._finish(EXIT_CANNOT_START)
         if self.stop_signal is not None:  # arrived while the child was being created
             self._forward(self.stop_signal)
+        killed = False
         while True:
             try:
                 code = self.child.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                if self.first_signal_at is not None and time.monotonic() - self.first_signal_at > KILL_GRACE_S:
-                    log(f"training still running {KILL_GRACE_S:.0f} s after the stop signal; killing it")
-                    self._forward(signal.SIGKILL)
+                if not killed and self.first_signal_at is not None and time.monotonic() - self.first_signal_at > self.stop_grace_s:
+                    log(f"training still running {self.stop_grace_s:g} s after the stop signal; killing it and every process below it")
+                    kill_descendants()
+                    killed = True
         return self._finish(code)
 
 
