@@ -35,14 +35,19 @@ def launch(train_py: Path, data: Path, out: Path, args: argparse.Namespace) -> t
            "--image_size", "48", "--batch_size", "4", "--weights", "none", *args.extra]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    try:
-        code = proc.wait(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        proc.wait()
-        return "hung", time.monotonic() - started
-    return ("finished" if code == 0 else f"failed ({code})"), time.monotonic() - started
+    log = out.with_suffix(".log")
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            proc.wait()
+            return "hung", time.monotonic() - started
+    if code == 0:
+        return "finished", time.monotonic() - started
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "train.py: " in line or "Error" in line]
+    return f"failed ({code}): {lines[-1][:200] if lines else '?'}", time.monotonic() - started
 
 
 def main() -> None:
@@ -68,7 +73,7 @@ def main() -> None:
             outcome, seconds = launch(args.training_dir / "train.py", data, Path(tmp) / f"out-{i}", args)
             outcomes.append(outcome)
             durations.append(seconds)
-            print(f"launch {i:3d}: {outcome:12s} {seconds:6.1f} s", flush=True)
+            print(f"launch {i:3d}: {seconds:6.1f} s {outcome}", flush=True)
     finished = [d for o, d in zip(outcomes, durations, strict=True) if o == "finished"]
     print(f"finished {len(finished)}/{args.launches}, hung {outcomes.count('hung')}, "
           f"failed {sum(o.startswith('failed') for o in outcomes)}; "
