@@ -38,6 +38,12 @@ def model_of(run_id: str) -> str | None:
     return match["model"] if match else None
 
 
+def seq_of(run_id: str) -> int | None:
+    """The sequence number a run id carries (unique per model), or None for an id retrain did not make."""
+    match = RUN_ID.match(run_id)
+    return int(match["seq"]) if match else None
+
+
 def parse_backend_run_id(backend_run_id: str) -> BackendRunId | None:
     """`<run_id>-a<attempt>` -> (run_id, model, attempt); None for ids retrain did not make."""
     match = BACKEND_RUN_ID.match(backend_run_id)

@@ -58,10 +58,10 @@ class FakeAzureMLSeam(AzureMLSeam):
         self.calls.append(("find_model", run_id))
         return max((m["version"] for m in self.models.get(name, []) if m["tags"].get("run_id") == run_id), default=None)
 
-    def register_model(self, name: str, path: Path, tags: dict[str, str], properties: dict[str, str]) -> int:
+    def register_model(self, name: str, path: Path, tags: dict[str, str], properties: dict[str, str], version: int | None = None) -> int:
         self.calls.append(("register_model", tags.get("run_id", "")))
         versions = self.models.setdefault(name, [])
-        version = len(versions) + 1
+        version = version if version is not None else len(versions) + 1
         versions.append(
             {"version": version, "tags": dict(tags), "properties": dict(properties), "files": sorted(p.name for p in path.iterdir())}
         )

@@ -65,6 +65,12 @@ def test_horovod_runs_use_mpi_with_processes_per_node(environment):
     assert "champion" not in config["dataReferences"]
 
 
+def test_a_run_without_distribution_is_a_plain_script_run_on_one_node(environment):
+    config = serialized_run_config(build_script_run_config(spec("none"), SETTINGS, environment))
+    assert (config["framework"], config["communicator"], config["nodeCount"]) == ("Python", "None", 1)
+    assert config["arguments"][config["arguments"].index("--distributed") + 1] == "none"
+
+
 @pytest.mark.parametrize(
     ("azure", "ours"),
     [("NotStarted", "queued"), ("Starting", "queued"), ("Provisioning", "queued"), ("Preparing", "queued"), ("Queued", "queued"), ("Running", "running"),
@@ -189,13 +195,13 @@ def test_registration_is_idempotent_by_run_id_and_carries_lineage(tmp_path):
     }
     first = registry.register("birds", "birds-0003-abcd1234", files, card)
     again = registry.register("birds", "birds-0003-abcd1234", files, card)
-    assert first.version == again.version == 1
+    assert first.version == again.version == 3  # the run's sequence number, asked of the seam
     [model] = seam.models["birds"]
     assert model["tags"] == {"run_id": "birds-0003-abcd1234", "manifest_sha256": "cd" * 32, "parent_version": "1"}
     assert model["properties"]["best_val_acc"] == "0.93"
     assert model["files"] == ["card.json", "model.onnx", "model.pt"]
-    registry.set_champion("birds", 1)
-    assert registry.champion_alias("birds") == 1
+    registry.set_champion("birds", 3)
+    assert registry.champion_alias("birds") == 3
 
 
 def test_a_permanently_refused_submission_fails_the_run_without_retries(tmp_path):

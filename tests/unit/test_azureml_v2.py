@@ -167,15 +167,37 @@ class FakeJobs:
 
 
 class FakeModels:
+    """The model operations as the service behaves: a version is created once (PUT name/version);
+    a second create of that version with other files (another upload path) is refused, an update
+    of the same entity (tags) is accepted; no version given: the next number."""
+
     def __init__(self) -> None:
         self.versions: list[object] = []
+        self.uploaded: dict[tuple[str, str], list[str]] = {}
+        self.during_create = None  # called once inside the next create, before it takes effect: another completion
 
     def list(self, name=None):
         return [m for m in self.versions if m.name == name]
 
+    def get(self, name, version):
+        for m in self.list(name):
+            if m.version == str(version):
+                return m
+        raise ResourceNotFoundError(f"model {name}:{version} not found")
+
     def create_or_update(self, model):
+        if self.during_create is not None:
+            interleaved, self.during_create = self.during_create, None
+            interleaved()
         if getattr(model, "version", None) is None:
             model.version = str(len(self.list(model.name)) + 1)
+        existing = next((m for m in self.list(model.name) if m.version == model.version), None)
+        if existing is not None and existing is not model:
+            raise ResourceExistsError(f"model {model.name}:{model.version} exists with another asset path")
+        if existing is None:
+            files = sorted(p.name for p in Path(model.path).iterdir())  # the SDK uploads the folder now
+            assert files, "the staged folder was emptied under the registration"
+            self.uploaded[(model.name, model.version)] = files
             self.versions.append(model)
         return model
 
@@ -271,7 +293,7 @@ def test_the_registry_is_idempotent_by_run_id_and_moves_the_champion_tag(tmp_pat
     first = registry.register("birds", "birds-0001-abcd1234", files, card)
     again = registry.register("birds", "birds-0001-abcd1234", files, card)
     second = registry.register("birds", "birds-0002-abcd1234", files, card)
-    assert (first.version, again.version, second.version) == (1, 1, 2)
+    assert (first.version, again.version, second.version) == (1, 1, 2)  # the runs' sequence numbers
     [v1, v2] = fake.models.versions
     assert v1.type == "custom_model"
     assert v1.tags["run_id"] == "birds-0001-abcd1234"
@@ -280,6 +302,35 @@ def test_the_registry_is_idempotent_by_run_id_and_moves_the_champion_tag(tmp_pat
     registry.set_champion("birds", 2)
     assert (v1.tags.get("champion"), v2.tags.get("champion")) == (None, "true")
     assert registry.champion_alias("birds") == 2
+
+
+def test_two_overlapping_registrations_of_one_run_make_one_version(tmp_path):
+    """A tick's completion and the Event Grid one register the same run at once: the model version
+    is the run's sequence number, so the second create names the same version and finds the first's."""
+    fake = client()
+    registry = AzureMLModelRegistry(MLClientSeam(fake), tmp_path / "staging")
+    files = {"model.pt": tmp_path / "model.pt"}
+    files["model.pt"].write_bytes(b"weights")
+    card = {"metrics": {"best_val_acc": 0.9}, "manifest": {"sha256": SHA}}
+    other: list = []
+    fake.models.during_create = lambda: other.append(registry.register("birds", "birds-0007-abcd1234", files, {**card, "by": "event"}))
+
+    mine = registry.register("birds", "birds-0007-abcd1234", files, {**card, "by": "tick"})
+
+    assert [(m.version, m.tags["run_id"]) for m in fake.models.versions] == [("7", "birds-0007-abcd1234")]
+    assert mine.version == other[0].version == 7
+    assert fake.models.uploaded[("birds", "7")] == ["card.json", "model.pt"]
+    assert list((tmp_path / "staging").iterdir()) == []  # each registration staged in a folder of its own, then removed
+
+
+def test_a_version_held_by_another_run_is_refused_with_both_run_ids(tmp_path):
+    fake = client()
+    registry = AzureMLModelRegistry(MLClientSeam(fake), tmp_path / "staging")
+    files = {"model.pt": tmp_path / "model.pt"}
+    files["model.pt"].write_bytes(b"weights")
+    registry.register("birds", "birds-0003-abcd1234", files, {})
+    with pytest.raises(PermanentSubmitError, match=r"version 3 is registered for run 'birds-0003-abcd1234', not 'birds-0003-ffff0000'"):
+        registry.register("birds", "birds-0003-ffff0000", files, {})
 
 
 def test_the_worker_trains_registers_and_warm_starts_through_the_v2_backend(tmp_path):
@@ -378,3 +429,65 @@ def test_the_cli_says_what_is_missing_in_one_line_not_a_traceback(tmp_path):
         "error: worker.backend = 'azureml' needs azureml.subscription_id, azureml.resource_group, azureml.workspace_name "
         "(or azureml.config_path, a workspace config.json)"
     ]
+
+
+# -- what a first deployment would have hit ---------------------------------------------------
+
+
+def test_a_job_reporting_unknown_stays_in_flight_rather_than_failing(tmp_path):
+    """'Unknown' while the service loses track of a node is not 'no such job': failing the run
+    would start a second attempt beside one that may still be training."""
+    fake = client()
+    aml = backend(fake, tmp_path)
+    aml.submit(spec())
+    fake.jobs.jobs["birds-0003-abcd1234-a1"].status = "Unknown"
+    status = aml.status("birds-0003-abcd1234-a1")
+    assert status.state == "running"
+    assert "'Unknown'" in status.detail
+    fake.jobs.jobs["birds-0003-abcd1234-a1"].status = None
+    assert aml.status("birds-0003-abcd1234-a1").state == "running"
+    assert aml.status("birds-0009-abcd1234-a1").state == "unknown"  # no such job: that is what 'unknown' means
+
+
+def _validation_error():
+    from azure.ai.ml.exceptions import ErrorCategory, ErrorTarget, ValidationException
+
+    return ValidationException(
+        message="compute 'gpu' is not a valid target", no_personal_data_message="invalid compute",
+        target=ErrorTarget.JOB, error_category=ErrorCategory.USER_ERROR,
+    )  # fmt: skip
+
+
+def _auth_error():
+    from azure.core.exceptions import ClientAuthenticationError
+
+    return ClientAuthenticationError("ManagedIdentityCredential: no managed identity endpoint is available")
+
+
+@pytest.mark.parametrize("make_error", [_validation_error, _auth_error], ids=["ValidationException", "ClientAuthenticationError"])
+def test_sdk_errors_without_a_status_code_fail_the_submission_at_once(tmp_path, make_error):
+    """They are raised before any request is answered, and a retry cannot change them: retried,
+    they kept the run planned forever, one failing attempt per tick."""
+    fake = client()
+    fake.jobs.fail_creates = [make_error()]
+    with pytest.raises(PermanentSubmitError):
+        backend(fake, tmp_path).submit(spec())
+    assert len(fake.jobs.creates) == 1
+
+
+def test_a_service_that_cannot_be_reached_is_retried(tmp_path):
+    from azure.core.exceptions import ServiceRequestError
+
+    fake = client()
+    fake.jobs.fail_creates = [ServiceRequestError("Failed to resolve 'westeurope.api.azureml.ms'")] * 2
+    assert backend(fake, tmp_path).submit(spec()).state == "queued"
+    assert len(fake.jobs.creates) == 3
+
+
+def test_a_run_without_distribution_is_one_process_on_one_node():
+    job = job_document(build_command_job(spec("none"), SETTINGS, build_environment(SETTINGS)))
+    assert job.get("distribution") is None
+    assert job["resources"]["instance_count"] == 1
+    command = job["command"].split()
+    assert command[command.index("--distributed") + 1] == "none"
+    assert command.count("--distributed") == 1

@@ -85,6 +85,12 @@ class AzureMLBackend(TrainingBackend):
 
     def _status(self, info: RunInfo) -> BackendStatus:
         state = map_status(info.status)
+        if state == "unknown":
+            # The job exists but reports a status we cannot place ("Unknown" while the service
+            # loses track of a node, or a new name): it may still be running, so it stays in flight
+            # (a retry beside it would train twice); run_timeout bounds the wait.
+            detail = f"Azure ML reports status {info.status or 'none'!r}; kept in flight until it reports a final status"
+            return BackendStatus(info.run_id, "running", detail, None)
         outputs = str(self.outputs_root / info.run_id) if state == "succeeded" else None
         return BackendStatus(info.run_id, state, info.detail or info.status, outputs)  # type: ignore[arg-type]
 

@@ -34,6 +34,42 @@ class PermanentSubmitError(AzureMLError, PermanentBackendError):
     """Retrying cannot help (bad request, no permission, missing compute): the run is marked submit_failed."""
 
 
+def status_code(exc: BaseException) -> int | None:
+    """The HTTP status an SDK error carries, if the service answered at all."""
+    code = getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def _network_error_types() -> tuple[type[BaseException], ...]:
+    """Errors raised when a request got no answer: the service may answer the next one."""
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+
+    types: list[type[BaseException]] = [ServiceRequestError, ServiceResponseError, TimeoutError, ConnectionError]
+    try:  # azureml-core (SDK v1) talks through requests
+        from requests.exceptions import ConnectionError as RequestsConnectionError
+        from requests.exceptions import Timeout
+
+        types += [RequestsConnectionError, Timeout]
+    except ImportError:  # pragma: no cover - requests comes with both SDKs
+        pass
+    return tuple(types)
+
+
+def error_from(what: str, exc: BaseException) -> AzureMLError:
+    """An SDK error as ours, transient or permanent.
+
+    Transient: the service answered 408, 429 or 5xx, or never answered (connection, DNS, timeout).
+    Everything else is permanent: a 4xx, and the errors the SDKs raise before sending anything,
+    which carry no status (azure-ai-ml's ValidationException, azure-identity's
+    ClientAuthenticationError for a credential that cannot get a token, a bad argument): retrying
+    those every tick would keep the run planned forever.
+    """
+    code = status_code(exc)
+    transient = (code in (408, 429) or code >= 500) if code is not None else isinstance(exc, _network_error_types())
+    cls = AzureMLError if transient else PermanentSubmitError
+    return cls(f"{what}: {exc.__class__.__name__}: {exc}", code)
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, PermanentSubmitError):
         return False
@@ -74,7 +110,10 @@ class AzureMLSeam(abc.ABC):
     def find_model(self, name: str, run_id: str) -> int | None: ...
 
     @abc.abstractmethod
-    def register_model(self, name: str, path: Path, tags: dict[str, str], properties: dict[str, str]) -> int: ...
+    def register_model(self, name: str, path: Path, tags: dict[str, str], properties: dict[str, str], version: int | None = None) -> int:
+        """Register `path` as a version of `name`: `version` when given (SDK v2: the run's sequence
+        number, so two registrations of one run name the same version and cannot make two), else
+        the next one (SDK v1 picks it itself). Returns the version."""
 
     @abc.abstractmethod
     def tag_champion(self, name: str, version: int) -> None: ...

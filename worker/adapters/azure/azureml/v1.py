@@ -17,7 +17,7 @@ from worker.ports import RunSpec
 from worker.snapshot import training_dir
 
 from .backend import AzureMLSettings
-from .seam import AzureMLError, AzureMLSeam, PermanentSubmitError, RunInfo
+from .seam import AzureMLError, AzureMLSeam, RunInfo, error_from
 
 
 class V1Jobs:
@@ -51,8 +51,11 @@ def build_script_run_config(spec: RunSpec, settings: AzureMLSettings, environmen
     from azureml.core.runconfig import DataReferenceConfiguration, MpiConfiguration, PyTorchConfiguration
 
     nodes, gpus = settings.node_count, settings.gpus_per_node
+    distributed: Any
     if spec.training.distributed == "horovod":
         distributed = MpiConfiguration(node_count=nodes, process_count_per_node=gpus)
+    elif spec.training.distributed == "none":
+        distributed = None  # one process on one node: no launcher, train.py runs as the script
     else:
         distributed = PyTorchConfiguration(communication_backend="Nccl", node_count=nodes, process_count=nodes * gpus)
     arguments = [
@@ -103,9 +106,7 @@ class WorkspaceSeam(AzureMLSeam):
         self.workspace = workspace
 
     def _wrap(self, what: str, exc: Exception) -> AzureMLError:
-        status = getattr(getattr(exc, "response", None), "status_code", None) or getattr(exc, "status_code", None)
-        cls = PermanentSubmitError if status in (400, 401, 403, 404) else AzureMLError
-        return cls(f"{what}: {exc.__class__.__name__}: {exc}", status)
+        return error_from(what, exc)
 
     def get_run(self, run_id: str) -> RunInfo | None:
         from azureml.core import Run
@@ -157,8 +158,10 @@ class WorkspaceSeam(AzureMLSeam):
         found = Model.list(self.workspace, name=name, tags=[["run_id", run_id]])
         return max((m.version for m in found), default=None)
 
-    def register_model(self, name: str, path: Path, tags: dict[str, str], properties: dict[str, str]) -> int:
+    def register_model(self, name: str, path: Path, tags: dict[str, str], properties: dict[str, str], version: int | None = None) -> int:
         from azureml.core import Model
+
+        # azureml-core's Model.register numbers versions itself: `version` cannot be honoured (see the registry).
 
         model = Model.register(
             self.workspace, model_path=str(path), model_name=name, tags=tags, properties=properties, model_framework="PyTorch"

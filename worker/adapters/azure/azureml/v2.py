@@ -24,11 +24,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from shared.run_ids import seq_of
 from worker.ports import RunSpec
 from worker.snapshot import training_dir
 
 from .backend import AzureMLSettings
-from .seam import AzureMLError, AzureMLSeam, PermanentSubmitError, RunInfo
+from .seam import AzureMLError, AzureMLSeam, PermanentSubmitError, RunInfo, error_from
+from .seam import status_code as _status_code
 
 # Azure ML job names: letters, digits, '-' and '_', starting with a letter or digit, at most 255.
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
@@ -91,8 +93,12 @@ def build_command_job(spec: RunSpec, settings: AzureMLSettings, environment: Any
         "--output_dir", "${{outputs." + OUTPUT_NAME + "}}",
         *spec.training.train_py_args(),
     ]  # fmt: skip
+    instances = settings.node_count
+    distribution: Any
     if spec.training.distributed == "horovod":
-        distribution: Any = MpiDistribution(process_count_per_instance=settings.gpus_per_node)
+        distribution = MpiDistribution(process_count_per_instance=settings.gpus_per_node)
+    elif spec.training.distributed == "none":
+        distribution, instances = None, 1  # one process on one node (train_py_args says --distributed none)
     else:
         distribution = PyTorchDistribution(process_count_per_instance=settings.gpus_per_node)
         args += ["--distributed", "ddp"]
@@ -116,7 +122,7 @@ def build_command_job(spec: RunSpec, settings: AzureMLSettings, environment: Any
         outputs={OUTPUT_NAME: Output(type=AssetTypes.URI_FOLDER, mode=InputOutputModes.RW_MOUNT)},
         environment=environment,
         compute=settings.compute_target,
-        instance_count=settings.node_count,
+        instance_count=instances,
         distribution=distribution,
         timeout=settings.max_run_seconds,
         tags=tags,
@@ -128,10 +134,6 @@ def build_command_job(spec: RunSpec, settings: AzureMLSettings, environment: Any
 def job_document(job: Any) -> dict[str, Any]:
     """The job as Azure ML would receive it (its YAML form, as `az ml job show` prints it), built offline."""
     return job._to_job()._to_dict()
-
-
-def _status_code(exc: BaseException) -> int | None:
-    return getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)
 
 
 def _already_exists(exc: BaseException) -> bool:
@@ -149,9 +151,7 @@ class MLClientSeam(AzureMLSeam):
         self.staging = staging or Path(tempfile.gettempdir()) / "retrain-azureml"
 
     def _wrap(self, what: str, exc: BaseException) -> AzureMLError:
-        status = _status_code(exc)
-        cls = PermanentSubmitError if status in (400, 401, 403, 404) else AzureMLError
-        return cls(f"{what}: {exc.__class__.__name__}: {exc}", status)
+        return error_from(what, exc)
 
     def get_run(self, run_id: str) -> RunInfo | None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -208,24 +208,55 @@ class MLClientSeam(AzureMLSeam):
                         shutil.copyfile(Path(root) / file, dest / file)
         return dest
 
-    def find_model(self, name: str, run_id: str) -> int | None:
+    def _version_of_run(self, name: str, version: int, run_id: str) -> int | None:
+        """`version` if that version of `name` exists and was registered for `run_id`; None if it does
+        not exist; an error if another run holds it (a ledger that does not match this registry)."""
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
+            found = self.client.models.get(name=name, version=str(version))
+        except ResourceNotFoundError:
+            return None
+        except Exception as exc:
+            if _status_code(exc) == 404:
+                return None
+            raise self._wrap(f"looking up {name} version {version}", exc) from None
+        owner = (found.tags or {}).get("run_id")
+        if owner != run_id:
+            raise PermanentSubmitError(f"{name} version {version} is registered for run {owner!r}, not {run_id!r}")
+        return version
+
+    def find_model(self, name: str, run_id: str) -> int | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        seq = seq_of(run_id)
+        if seq is not None:
+            try:
+                own = self._version_of_run(name, seq, run_id)
+            except PermanentSubmitError:  # that version is another run's: look for ours by its tag below
+                own = None
+            if own is not None:
+                return own
+        try:  # registrations made before versions were the run's sequence number
             models = list(self.client.models.list(name=name))
         except ResourceNotFoundError:
             return None
         return max((int(m.version) for m in models if (m.tags or {}).get("run_id") == run_id), default=None)
 
-    def register_model(self, name: str, path: Path, tags: dict[str, str], properties: dict[str, str]) -> int:
+    def register_model(self, name: str, path: Path, tags: dict[str, str], properties: dict[str, str], version: int | None = None) -> int:
         from azure.ai.ml.constants import AssetTypes
         from azure.ai.ml.entities import Model
 
         entity = Model(name=name, path=str(path), type=AssetTypes.CUSTOM_MODEL, tags=tags, properties=properties,
+                       version=str(version) if version is not None else None,
                        description=f"retrain run {tags.get('run_id', '')}")  # fmt: skip
         try:
             return int(self.client.models.create_or_update(entity).version)
         except Exception as exc:
+            # Another completion of the same run registered this version first (its files were
+            # uploaded to another path, so the service refuses ours): that version is the one.
+            if version is not None and self._version_of_run(name, version, tags.get("run_id", "")) is not None:
+                return version
             raise self._wrap(f"registering {name}", exc) from None
 
     def tag_champion(self, name: str, version: int) -> None:
