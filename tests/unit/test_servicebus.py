@@ -65,6 +65,17 @@ def test_an_event_over_the_size_limit_travels_as_a_blob_reference():
     assert json.loads(blobs.blobs[body["data"]["blob_reference"]]) == big
 
 
+def test_events_that_fit_alone_but_not_together_are_sent_in_several_batches():
+    """Two 150 KB events exceed one send's 256 KB; sent as one list, MessageSizeExceededError
+    (permanent) left the outbox stuck on them forever."""
+    client = FakeServiceBusClient()
+    events = [event(size=150_000), event(size=150_000), event(), event()]
+    events[1]["id"], events[2]["id"], events[3]["id"] = "e2", "e3", "e4"
+    servicebus.ServiceBusPublisher(client.factory(), "t").publish(events)
+    assert [m.message_id for _, m in client.sent] == [e["id"] for e in events]
+    assert client.batches == [1, 3]  # the first alone; the second with the two small ones
+
+
 def test_an_oversized_event_without_a_blob_store_is_a_permanent_error():
     with pytest.raises(servicebus.ServiceBusError) as exc:
         servicebus.ServiceBusPublisher(FakeServiceBusClient().factory(), "t").publish([event(size=300_000)])

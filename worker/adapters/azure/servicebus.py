@@ -72,13 +72,35 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+def _send_in_batches(sender: Any, messages: list[Any]) -> None:
+    """As many messages per send as the entity's size limit allows (the SDK's batch measures them).
+
+    A list of messages is one send and must fit in one message's limit (256 KB on Standard): two
+    150 KB events together do not, though each does alone. A batch that was sent stays sent if a
+    later one fails; sending it again on retry is harmless, because the message id is the event id
+    and the topic drops duplicates.
+    """
+    batch = sender.create_message_batch()
+    for message in messages:
+        try:
+            batch.add_message(message)
+        except ValueError:  # MessageSizeExceededError: this batch is full
+            if len(batch) == 0:
+                raise  # one message over the limit on its own: the publisher keeps events below it
+            sender.send_messages(batch)
+            batch = sender.create_message_batch()
+            batch.add_message(message)
+    if len(batch):
+        sender.send_messages(batch)
+
+
 def _send(make_client: Callable[[], Any], entity: str, kind: str, messages: list[Any], attempts: int, max_seconds: float) -> None:
     def once() -> None:
         try:
             with make_client() as client:
                 sender = client.get_topic_sender(entity) if kind == "topic" else client.get_queue_sender(entity)
                 with sender:
-                    sender.send_messages(messages)
+                    _send_in_batches(sender, messages)
         except ServiceBusError:
             raise
         except Exception as exc:
