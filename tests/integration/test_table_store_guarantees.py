@@ -286,3 +286,117 @@ def test_an_overwrite_and_a_late_older_version_staged_together_fold_in_the_right
     assert images["chicken/a.jpg"].etag == "v2"
     with store.transaction() as tx:
         assert tx.count_images("birds") == {"pending": 1, "superseded": 1}
+
+
+# -- limits of the service that a first deployment would have met ------------------------------
+
+
+class KeyRecorder:
+    """Every RowKey the store sends, by batch or single write."""
+
+    def __init__(self, store):
+        self.keys: list[str] = []
+        table = store.table
+        inner_submit, inner_upsert = table.submit_transaction, table.upsert_entity
+
+        def submit(ops, **kwargs):
+            self.keys += [op[1]["RowKey"] for op in ops]
+            return inner_submit(ops, **kwargs)
+
+        def upsert(entity, **kwargs):
+            self.keys.append(entity["RowKey"])
+            return inner_upsert(entity, **kwargs)
+
+        table.submit_transaction, table.upsert_entity = submit, upsert
+
+
+def test_an_image_with_the_longest_allowed_path_gets_keys_within_the_services_limit_and_is_counted_once(store, tmp_path):
+    """Base64 of a 1,024-character path is 1,366 characters: over the 1 KiB a RowKey may hold, so
+    the service refused the whole commit (Azurite does not check; the recorder does)."""
+    from shared.messages import MAX_PATH_CHARS, ImageUploaded
+
+    keys = KeyRecorder(store)
+    h = make_harness(tmp_path, store=store, min_new_images=1000)
+    path = "chicken/" + "p" * (MAX_PATH_CHARS - len("chicken/") - len(".jpg")) + ".jpg"
+    etag = "0x" + "e" * 200
+    for _ in range(2):  # a duplicate delivery
+        h.worker.handle(ImageUploaded.of("birds", path, etag, 10))
+    h.worker.tick()
+    with store.transaction() as tx:
+        assert tx.pending_stats("birds").count == 1
+    assert keys.keys
+    assert max(len(k) for k in keys.keys) <= 1024
+
+
+def test_a_document_that_shrinks_leaves_no_stale_chunk_behind(store):
+    """Documents are split into 30,000-character properties d000, d001, ...; a write that merged
+    instead of replacing kept the old d001 and read it back as part of the new document."""
+    import datetime as dt
+
+    from worker.store import RunRow
+
+    created = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    run = RunRow(run_id="birds-0001-abcd1234", model="birds", seq=1, state="planned", manifest_sha256="a" * 64, image_count=1,
+                 new_image_count=1, classes=["chicken"], created_at=created, detail="x" * 70_000)  # fmt: skip
+    with store.transaction() as tx:
+        tx.insert_run(run)
+        tx.commit()
+    with store.transaction() as tx:
+        shorter = tx.get_run(run.run_id)
+        assert shorter is not None
+        assert len(shorter.detail) == 70_000
+        shorter.detail = "now short"
+        tx.update_run(shorter)
+        tx.commit()
+    with store.transaction() as tx:
+        again = tx.get_run(run.run_id)
+    assert again is not None
+    assert again.detail == "now short"
+
+
+def test_an_event_too_big_for_one_entity_is_kept_without_its_data_and_the_change_still_commits(store):
+    """An entity holds at most 1 MiB; the event shares its commit with the change it reports, so an
+    event too big made that commit fail on every retry."""
+    import datetime as dt
+
+    from worker.store import OutboxRow
+
+    at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    payload = {"specversion": "1.0", "id": "ev-big", "type": "retrain.run.failed", "source": "/retrain/worker", "subject": "runs/r",
+               "data": {"model": "birds", "run_id": "birds-0001-abcd1234", "detail": "y" * 900_000}}  # fmt: skip
+    with store.transaction() as tx:
+        assert tx.enqueue_event(OutboxRow("ev-big", "retrain.run.failed", "runs/r", payload, at)) is True
+        tx.commit()
+    [row] = store.unpublished_events()
+    assert row.payload["id"] == "ev-big"
+    assert row.payload["type"] == "retrain.run.failed"
+    assert row.payload["data"]["run_id"] == "birds-0001-abcd1234"
+    assert "detail" not in row.payload["data"]
+    assert row.payload["data"]["retrain_outbox"]["truncated"] is True
+
+
+def test_marking_events_published_reads_each_event_once_whatever_the_number_of_partitions(store):
+    """It used to look for every event in every partition: cost growing with the table."""
+    import datetime as dt
+
+    from worker.store import OutboxRow
+
+    at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for i in range(12):  # 12 models, one event each
+        with store.transaction() as tx:
+            payload = {"id": f"ev-{i}", "type": "t", "data": {"model": f"m{i}"}}
+            tx.enqueue_event(OutboxRow(f"ev-{i}", "t", f"s{i}", payload, at))
+            tx.commit()
+    events = store.unpublished_events()
+    reads: list[tuple[str, str]] = []
+    inner = store.get
+
+    def counting_get(pk, rk):
+        reads.append((pk, rk))
+        return inner(pk, rk)
+
+    store.get = counting_get
+    store.mark_published([e.event_id for e in events], at)
+    assert len(reads) == 12  # one read of each event's own entity
+    assert store.unpublished_events() == []
+    assert {e.published_at for e in store.all_events()} == {at}

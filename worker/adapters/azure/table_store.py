@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import re
 import threading
@@ -62,10 +63,20 @@ ARRIVALS_PER_FOLD = 30  # staged images read per fold (3-4 writes each)
 PATHS_PER_QUERY = 14  # `RowKey eq` comparisons per filter (the service allows 15 comparisons)
 STAGE_BATCH = 49  # images staged per batch by a backfill (2 entities each)
 MERGE = "__merge__"  # marks a buffered write that updates some properties of an existing entity
+KEY_PART_CHARS = 300  # an encoded key component; a RowKey holds at most two plus a short prefix, within 1 KiB
+ENTITY_BYTES = 1024 * 1024  # the service's limit for one entity, counted as UTF-16 here (2 bytes a character)
+OUTBOX_PAYLOAD_CHARS = 300_000  # an event's JSON above this is kept in the outbox without its data (see enqueue_event)
 
 
 def _k(text: str) -> str:
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    """A key component: the text base64url-encoded, or for long text `~` + its sha256 (the service
+    limits a RowKey to 1 KiB, and an image key holds a path of up to 1,024 characters and an etag).
+    Deterministic either way, so lookups and prefix reads find what was written; `~` is outside the
+    base64url alphabet, so the two forms never collide."""
+    encoded = base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    if len(encoded) <= KEY_PART_CHARS:
+        return encoded
+    return "~" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _ts(value: dt.datetime | None) -> str | None:
@@ -146,6 +157,26 @@ def _arrival_key() -> str:
     return f"ar|{time.time_ns():020d}|{uuid.uuid4().hex[:12]}"
 
 
+def _fitting_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """The CloudEvent as stored in the outbox: whole, or over OUTBOX_PAYLOAD_CHARS without its data.
+
+    An entity holds at most 1 MiB, and the event shares its commit with the change it reports: an
+    event too big would fail that commit on every retry and block the model. Its envelope (id,
+    type, subject, time) and the data's small scalar fields are kept, with a note of what was cut.
+    """
+    text = json.dumps(payload, sort_keys=True)
+    if len(text) <= OUTBOX_PAYLOAD_CHARS:
+        return payload
+    data = payload.get("data")
+    kept = (
+        {k: v for k, v in data.items() if isinstance(v, (str, int, float, bool, type(None))) and len(str(v)) <= 200}
+        if isinstance(data, dict)
+        else {}
+    )
+    note = {"truncated": True, "original_chars": len(text), "reason": f"event over the ledger's {OUTBOX_PAYLOAD_CHARS} characters"}
+    return {**{k: v for k, v in payload.items() if k != "data"}, "data": {**kept, "retrain_outbox": note}}
+
+
 def _staged_doc(row: ImageRow) -> dict[str, Any]:
     doc = _image_doc(row)
     doc.pop("seq"), doc.pop("latest")
@@ -163,7 +194,9 @@ def _operation(pk: str, rk: str, entity: dict[str, Any] | None) -> tuple:
         return ("delete", {"PartitionKey": pk, "RowKey": rk})
     if entity.get(MERGE):
         return ("update", {k: v for k, v in entity.items() if k != MERGE}, {"mode": UpdateMode.MERGE})
-    return ("upsert", entity)
+    # REPLACE, not the SDK's default MERGE: a document that shrinks from d000-d002 to d000 must not
+    # keep the old d001 and d002, which _doc_of would read back as part of it.
+    return ("upsert", entity, {"mode": UpdateMode.REPLACE})
 
 
 class TableTx(Tx):
@@ -501,7 +534,7 @@ class TableTx(Tx):
             "event_id": row.event_id,
             "type": row.type,
             "subject": row.subject,
-            "payload": row.payload,
+            "payload": _fitting_payload(row.payload),
             "created_at": _ts(row.created_at),
         }
         self._put(pk, rk, doc, published=False)
@@ -581,6 +614,7 @@ class TableStore(Store):
         with suppress(ResourceExistsError):
             self.table.create_table()
         self._partitions: set[str] = set()
+        self._outbox_keys: dict[str, tuple[str, str]] = {}  # event id -> its outbox entity, from the last listing
         self._staging: dict[str, _StagingGroup] = {}
         self._lookups: ThreadPoolExecutor | None = None
 
@@ -739,20 +773,25 @@ class TableStore(Store):
 
     def _guarded_head_op(self, pk: str, doc: dict[str, Any], etag: str | None) -> tuple:
         from azure.core import MatchConditions
+        from azure.data.tables import UpdateMode
 
         entity = {"PartitionKey": pk, "RowKey": "head", **_doc_props(doc)}
         if etag is None:
             return ("create", entity)
-        return ("update", entity, {"etag": etag, "match_condition": MatchConditions.IfNotModified})
+        return ("update", entity, {"etag": etag, "match_condition": MatchConditions.IfNotModified, "mode": UpdateMode.REPLACE})
 
     def commit_partition(self, pk: str, ops: list[tuple], head: dict[str, Any], etag: str | None) -> None:
         """Commit the operations and the guarded head update as one entity group transaction."""
         from azure.data.tables import TableTransactionError
 
         batch = [*ops, self._guarded_head_op(pk, head, etag)]
-        size = sum(len(json.dumps(op[1])) * 2 for op in batch)  # UTF-16 on the wire, to be safe
-        if len(batch) > BATCH or size > BATCH_BYTES:
-            raise CommitTooLargeError(f"a commit of {len(batch)} operations ({size} bytes) does not fit one entity group transaction")
+        sizes = [len(json.dumps(op[1])) * 2 for op in batch]  # UTF-16 on the wire, to be safe
+        if len(batch) > BATCH or sum(sizes) > BATCH_BYTES:
+            raise CommitTooLargeError(f"a commit of {len(batch)} operations ({sum(sizes)} bytes) does not fit one entity group transaction")
+        if max(sizes) > ENTITY_BYTES:
+            raise CommitTooLargeError(f"an entity of {max(sizes)} bytes is over the service's {ENTITY_BYTES} bytes")
+        if any(len(op[1]["RowKey"]) > 1024 or len(op[1]["PartitionKey"]) > 1024 for op in batch):
+            raise CommitTooLargeError("a key is over the service's 1 KiB")
         try:
             self.table.submit_transaction(batch)
         except TableTransactionError as exc:
@@ -788,7 +827,7 @@ class TableStore(Store):
     def transaction(self) -> Iterator[TableTx]:
         yield TableTx(self)
 
-    def _outbox(self, flt: str) -> list[OutboxRow]:
+    def _outbox(self, flt: str, *, remember: bool = False) -> list[OutboxRow]:
         rows = []
         for e in self.query(flt, {}):
             d = _doc_of(e)
@@ -797,24 +836,38 @@ class TableStore(Store):
                 published_at=_dt(d.get("published_at")),
             )  # fmt: skip
             rows.append(((e["RowKey"], e["PartitionKey"]), row))  # RowKey: created time, then the partition's sequence
+            if remember:  # where each listed event lies, for mark_published
+                self._outbox_keys[row.event_id] = (e["PartitionKey"], e["RowKey"])
         return [row for _, row in sorted(rows, key=lambda pair: pair[0])]
 
     def unpublished_events(self, limit: int = 100) -> list[OutboxRow]:
-        return self._outbox("RowKey ge 'ob|' and RowKey lt 'ob}' and published eq false")[:limit]
+        return self._outbox("RowKey ge 'ob|' and RowKey lt 'ob}' and published eq false", remember=True)[:limit]
+
+    def _event_location(self, event_id: str) -> tuple[str, str] | None:
+        """(PartitionKey, RowKey) of an event's outbox entity: remembered from the listing that
+        returned it, else one query for its marker (never a read per partition)."""
+        known = self._outbox_keys.get(event_id)
+        if known is not None:
+            return known
+        for marker in self.query(f"RowKey eq '{'ev|' + _k(event_id)}'", {}):
+            return marker["PartitionKey"], _doc_of(marker)["rk"]
+        return None
 
     def mark_published(self, event_ids: list[str], at: dt.datetime) -> None:
+        from azure.data.tables import UpdateMode
+
         for event_id in event_ids:
-            for pk in [*self.partitions(), GLOBAL]:
-                marker = self.get(pk, f"ev|{_k(event_id)}")
-                if marker is None:
-                    continue
-                rk = _doc_of(marker)["rk"]
-                entity = self.get(pk, rk)
-                if entity is not None and not entity.get("published"):
-                    doc = _doc_of(entity)
-                    doc["published_at"] = _ts(at)
-                    self.table.upsert_entity({"PartitionKey": pk, "RowKey": rk, **_doc_props(doc), "published": True})
-                break
+            location = self._event_location(event_id)
+            if location is None:
+                continue
+            pk, rk = location
+            entity = self.get(pk, rk)
+            if entity is not None and not entity.get("published"):
+                doc = _doc_of(entity)
+                doc["published_at"] = _ts(at)
+                entity = {"PartitionKey": pk, "RowKey": rk, **_doc_props(doc), "published": True}
+                self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+            self._outbox_keys.pop(event_id, None)
 
     def all_events(self) -> Iterator[OutboxRow]:
         yield from self._outbox("RowKey ge 'ob|' and RowKey lt 'ob}'")
