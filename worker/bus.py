@@ -299,7 +299,13 @@ class Worker:
         results = []
         now = self.clock.now()
         for run in active:
-            status = self.backend.status(run.backend_run_id)
+            try:
+                status = self.backend.status(run.backend_run_id)
+            except Exception as exc:  # the backend unreachable: this run waits, the rest of the tick goes on
+                log.warning(
+                    "could not read the status of %s (%s: %s); the next tick asks again", run.backend_run_id, type(exc).__name__, exc
+                )
+                continue
             state = status.state
             timeout = self.config.model(run.model).run_timeout
             since = run.submitted_at or run.created_at
@@ -328,7 +334,12 @@ class Worker:
         self.prune_inbox()
         if self.completer is not None:
             for name in [model] if model else sorted(self.config.models):
-                self.completer.sync_champion_alias(name)
+                try:
+                    self.completer.sync_champion_alias(name)
+                except Exception as exc:  # a registry out of reach must not stop the tick: the ledger is the truth
+                    log.warning(
+                        "could not check %s's champion tag in the registry (%s: %s); the next tick does", name, type(exc).__name__, exc
+                    )
         now = self.clock.now()
         return self.handle(Tick(message_id=f"tick-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}", model=model, occurred_at=now))
 

@@ -491,3 +491,50 @@ def test_a_run_without_distribution_is_one_process_on_one_node():
     command = job["command"].split()
     assert command[command.index("--distributed") + 1] == "none"
     assert command.count("--distributed") == 1
+
+
+def test_a_worker_built_while_azure_ml_is_unreachable_still_ingests_ticks_and_serves_status(tmp_path, monkeypatch):
+    """Building the worker (every Functions cold start) no longer reaches Azure ML: only the calls
+    that need it fail (submission: retried on the next tick), never ingest, status or the tick."""
+    import datetime as dt
+
+    from azure.core.exceptions import ServiceRequestError
+
+    from shared.messages import ImageUploaded
+    from worker.adapters.azure.azureml import v2
+    from worker.app.bootstrap import build_worker_from_settings
+    from worker.views import status_view
+
+    class Unreachable:
+        def __getattr__(self, _name):
+            def call(*_args, **_kwargs):
+                raise ServiceRequestError("Failed to resolve 'management.azure.com'")
+
+            return SimpleNamespace(
+                get=call, list=call, create_or_update=call, begin_create_or_update=call, begin_cancel=call, download=call
+            )
+
+    clients: list[object] = []
+    monkeypatch.setattr(v2, "ml_client", lambda cfg, env: clients.append(Unreachable()) or clients[-1])
+    env = {
+        "RETRAIN__WORKER__BACKEND": "azureml", "RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"),
+        "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images"), "RETRAIN__AZUREML__SUBSCRIPTION_ID": "sub",
+        "RETRAIN__AZUREML__RESOURCE_GROUP": "rg", "RETRAIN__AZUREML__WORKSPACE_NAME": "ws",
+        "RETRAIN__MODELS__BIRDS__MIN_NEW_IMAGES": "2", "RETRAIN__MODELS__BIRDS__MIN_PER_CLASS": "1",
+        "RETRAIN__MODELS__BIRDS__QUIET_PERIOD": "0s", "RETRAIN__AZUREML__SUBMIT_BUDGET_SECONDS": "0.2",
+    }  # fmt: skip
+    worker = build_worker_from_settings(env)
+    assert clients == []  # nothing reached for Azure ML while building
+
+    for i in range(20):  # enough for both classes in both splits
+        label = ("chicken", "turkey")[i % 2]
+        worker.handle(ImageUploaded.of("birds", f"{label}/{i}.jpg", "e1", 10, occurred_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)))
+    worker.tick()
+    worker.tick()  # submission failed (unreachable) and was tried again; the tick itself went on
+
+    assert len(clients) >= 1  # submission did try to connect
+    with worker.store.transaction() as tx:
+        [run] = tx.runs("birds")
+    assert run.state == "planned"  # not failed: an unreachable service is retried
+    view = status_view(worker.store, worker.config, "birds")
+    assert json.dumps(view, default=str)  # the status endpoint's answer

@@ -314,3 +314,34 @@ def test_secrets_in_a_failure_detail_never_reach_the_published_event(h):
     failed = next(e for e in h.events() if e.type == ev.RUN_FAILED)
     assert "SUPERSECRET123" not in str(failed.payload)
     assert "AccountKey=***" in failed.payload["data"]["detail"]
+
+
+def test_a_backend_and_registry_out_of_reach_do_not_stop_the_tick(tmp_path):
+    """Polling a run and checking the registry's champion tag need the training service; when it
+    cannot be reached the tick still folds images, decides and relays events, and asks again next time."""
+    from .worker_harness import make_harness
+
+    h = make_harness(tmp_path, cooldown=0)
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    [first] = h.runs()
+    h.succeed(first, best=0.8)  # a champion exists: the tick checks its tag in the registry
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    in_flight = [r for r in h.runs() if r.in_flight]
+    assert in_flight, "a second run is in flight: the tick polls it"
+
+    def unreachable(*_args, **_kwargs):
+        raise ConnectionError("the training service cannot be reached")
+
+    h.backend.status = unreachable
+    h.registry.champion_alias = unreachable
+    before = len(h.decisions())
+    h.upload("chicken")
+    h.clock.advance(11)
+    h.worker.tick()  # does not raise
+
+    assert len(h.decisions()) > before  # the policy still ran
+    assert [r.state for r in h.runs() if r.run_id == in_flight[0].run_id] == [in_flight[0].state]  # untouched, polled again later

@@ -106,23 +106,32 @@ def _azureml(
 
     from worker.adapters.azure.azureml.backend import AzureMLBackend, settings_from_config
     from worker.adapters.azure.azureml.registry import AzureMLModelRegistry
+    from worker.adapters.azure.azureml.seam import AzureMLSeam, ConnectingSeam
 
     cfg = config.azureml
-    check_azureml_settings(cfg, os.environ)
-    seam: Any
+    check_azureml_settings(cfg, os.environ)  # offline: what is missing is reported now, in one line
     jobs: Any
     if cfg.sdk == "v1":
         from worker.adapters.azure.azureml import v1
 
-        workspace = v1.load_workspace(cfg, os.environ)
-        v1.ensure_compute(workspace, cfg)
-        seam, jobs = v1.WorkspaceSeam(workspace), v1.V1Jobs()
+        def connect() -> AzureMLSeam:
+            workspace = v1.load_workspace(cfg, os.environ)
+            if cfg.create_compute:
+                v1.ensure_compute(workspace, cfg)
+            return v1.WorkspaceSeam(workspace)
+
+        jobs = v1.V1Jobs()
     else:
         from worker.adapters.azure.azureml import v2
 
-        client = v2.ml_client(cfg, os.environ)
-        v2.ensure_compute(client, cfg)
-        seam, jobs = v2.MLClientSeam(client, staging=config.worker.state_dir / "azureml-downloads"), v2.V2Jobs()
+        def connect() -> AzureMLSeam:
+            client = v2.ml_client(cfg, os.environ)
+            if cfg.create_compute:  # off by default: infra/ creates the cluster; creating it needs more than AzureML Data Scientist
+                v2.ensure_compute(client, cfg)
+            return v2.MLClientSeam(client, staging=config.worker.state_dir / "azureml-downloads")
+
+        jobs = v2.V2Jobs()
+    seam = ConnectingSeam(connect)  # nothing reaches Azure ML until a call needs it
     outputs = config.worker.state_dir / "azureml-outputs"
     backend = AzureMLBackend(seam, settings_from_config(cfg), jobs=jobs, outputs_root=outputs)
     artifacts = artifacts or artifacts_store(os.environ)

@@ -5,6 +5,8 @@ and which errors are transient."""
 from __future__ import annotations
 
 import abc
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,3 +122,58 @@ class AzureMLSeam(abc.ABC):
 
     @abc.abstractmethod
     def champion_version(self, name: str) -> int | None: ...
+
+
+class ConnectingSeam(AzureMLSeam):
+    """Connects to the workspace at the first call that needs it, not when the worker is built.
+
+    Building the worker happens on every Functions cold start, for every function: the Event Grid
+    image ingest, the status endpoint and the timer included. Had it reached Azure ML (SDK v1 reads
+    the workspace; creating compute needs a role the app should not have), an unreachable or
+    misconfigured workspace would fail them all. Here only the calls that need Azure ML fail, with
+    the error classified as any other (an unreachable service is transient, a refused credential
+    permanent), and the next call tries to connect again.
+    """
+
+    def __init__(self, connect: Callable[[], AzureMLSeam]):
+        self._connect = connect
+        self._seam: AzureMLSeam | None = None
+        self._lock = threading.Lock()
+
+    def connected(self) -> AzureMLSeam:
+        with self._lock:
+            if self._seam is None:
+                try:
+                    self._seam = self._connect()
+                except AzureMLError:
+                    raise
+                except Exception as exc:
+                    raise error_from("connecting to the Azure ML workspace", exc) from None
+            return self._seam
+
+    def get_run(self, run_id: str) -> RunInfo | None:
+        return self.connected().get_run(run_id)
+
+    def submit(self, experiment: str, config: Any, run_id: str, tags: dict[str, str]) -> RunInfo:
+        return self.connected().submit(experiment, config, run_id, tags)
+
+    def ensure_environment(self, environment: Any) -> Any:
+        return self.connected().ensure_environment(environment)
+
+    def cancel(self, run_id: str) -> None:
+        self.connected().cancel(run_id)
+
+    def download_outputs(self, run_id: str, names: list[str], dest: Path) -> Path:
+        return self.connected().download_outputs(run_id, names, dest)
+
+    def find_model(self, name: str, run_id: str) -> int | None:
+        return self.connected().find_model(name, run_id)
+
+    def register_model(self, name: str, path: Path, tags: dict[str, str], properties: dict[str, str], version: int | None = None) -> int:
+        return self.connected().register_model(name, path, tags, properties, version=version)
+
+    def tag_champion(self, name: str, version: int) -> None:
+        self.connected().tag_champion(name, version)
+
+    def champion_version(self, name: str) -> int | None:
+        return self.connected().champion_version(name)
