@@ -143,12 +143,50 @@ class AzureMLConfig(_Section):
     node_count: int = Field(1, ge=1)
     gpus_per_node: int = Field(1, ge=1)
     curated_environment: str | None = Field(
-        None, description="a curated environment (v2: e.g. AzureML-acpt-pytorch-2.2-cuda12.1, used @latest); else built from training/"
+        None,
+        description="a curated environment pinned to a version, 'name:version' (e.g. AzureML-acpt-pytorch-2.2-cuda12.1:23); "
+        "'@latest' is refused: it changes under a running deployment. DDP only (no curated image has Horovod)",
+    )
+    training_image: str | None = Field(
+        None,
+        description="a Docker image with train.py's dependencies and Horovod (training/environment/Dockerfile, built in the "
+        "workspace's registry), e.g. <acr>.azurecr.io/retrain-training:2.14.1-hvd0.28.1; needed for Horovod jobs",
+    )
+    job_identity_client_id: str | None = Field(
+        None, description="the cluster's user-assigned identity: jobs read the credential-less datastores with it"
     )
     base_image: str = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04"
     images_datastore: str = "images"
     artifacts_datastore: str = "retrain"
     submit_budget_seconds: float = Field(240.0, gt=0, le=540, description="all retries of one submit; below the Functions timeout")
+
+    @field_validator("training_image", "job_identity_client_id", "curated_environment", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # An app setting set to "" (a Bicep parameter left empty) means "not set".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("curated_environment")
+    @classmethod
+    def _pinned(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        name = value.removeprefix("azureml:")
+        if "@" in name or ":" not in name or not name.rsplit(":", 1)[1]:
+            raise ValueError(
+                f"pin the curated environment to a version, 'name:version' (not {value!r}): a label such as @latest changes under you"
+            )
+        return value
+
+    @field_validator("training_image")
+    @classmethod
+    def _tagged(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        last = value.rsplit("/", 1)[-1]
+        if "@sha256:" not in value and (":" not in last or last.endswith(":latest")):
+            raise ValueError(f"give the training image a version tag or digest (not {value!r}): ':latest' changes under you")
+        return value
 
 
 class WorkerConfig(_Section):

@@ -98,7 +98,9 @@ class AzureMLHarnessBackend:
 
         self.seam = FakeAzureMLSeam()
         self.inner = AzureMLBackend(
-            self.seam, AzureMLSettings(retry_wait_seconds=0.001, submit_budget_seconds=5), jobs=V2Jobs(),
+            self.seam,
+            AzureMLSettings(retry_wait_seconds=0.001, submit_budget_seconds=5, training_image="retrain.azurecr.io/retrain-training:1.0"),
+            jobs=V2Jobs(),
             environment="azureml:curated@latest", outputs_root=outputs_root,
         )  # fmt: skip
         self.specs: dict[str, Any] = {}

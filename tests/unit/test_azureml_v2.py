@@ -3,6 +3,7 @@ MLClient (its `jobs`, `models`, `environments` operations) at the SDK boundary."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -71,8 +72,13 @@ def test_a_ddp_run_is_a_pytorch_command_job_with_one_process_per_gpu_on_every_no
     assert job["code"] == str(Path(__file__).resolve().parents[2] / "training")
 
 
+IMAGE = "crretrain.azurecr.io/retrain-training:2.14.1-hvd0.28.1"
+
+
 def test_a_horovod_run_is_an_mpi_command_job_and_a_cold_start_has_no_champion_input():
-    job = job_document(build_command_job(spec("horovod"), SETTINGS, build_environment(SETTINGS)))
+    settings = dataclasses.replace(SETTINGS, training_image=IMAGE)
+    job = job_document(build_command_job(spec("horovod"), settings, build_environment(settings)))
+    assert job["environment"]["image"] == IMAGE  # the image with Horovod (training/environment/Dockerfile)
     assert job["distribution"] == {"type": "mpi", "process_count_per_instance": 4}
     assert job["resources"]["instance_count"] == 2
     assert "champion" not in job["inputs"]
@@ -87,10 +93,43 @@ def test_the_environment_is_training_requirements_on_the_base_image_or_a_curated
     assert any(p.startswith("torch==") for p in pip)
     assert any(p.startswith("azureml-mlflow==") for p in pip)  # MLflow in the job reaches the workspace
     assert env.image == SETTINGS.base_image
-    curated = AzureMLSettings(curated_environment="AzureML-acpt-pytorch-2.2-cuda12.1")
-    assert build_environment(curated) == "azureml:AzureML-acpt-pytorch-2.2-cuda12.1@latest"
+    curated = AzureMLSettings(curated_environment="AzureML-acpt-pytorch-2.2-cuda12.1:23")
+    assert build_environment(curated) == "azureml:AzureML-acpt-pytorch-2.2-cuda12.1:23"  # pinned, never @latest
     pinned = AzureMLSettings(curated_environment="azureml:my-env:3")
     assert build_environment(pinned) == "azureml:my-env:3"
+    image = build_environment(AzureMLSettings(training_image=IMAGE, curated_environment="azureml:my-env:3"))
+    assert (image.image, image.conda_file) == (IMAGE, None)  # the training image wins: everything is in it
+
+
+def test_a_horovod_run_without_the_training_image_is_refused_with_what_to_do():
+    with pytest.raises(PermanentSubmitError, match=r"Horovod jobs need azureml\.training_image"):
+        build_command_job(spec("horovod"), SETTINGS, build_environment(SETTINGS))
+
+
+def test_jobs_read_the_datastores_with_the_clusters_identity_when_one_is_configured():
+    settings = dataclasses.replace(SETTINGS, job_identity_client_id="00000000-0000-0000-0000-0000000000c1")
+    job = job_document(build_command_job(spec(), settings, build_environment(settings)))
+    assert job["identity"] == {"type": "managed_identity", "client_id": "00000000-0000-0000-0000-0000000000c1"}
+    assert "identity" not in job_document(build_command_job(spec(), SETTINGS, build_environment(SETTINGS)))
+
+
+@pytest.mark.parametrize("value", ["AzureML-acpt-pytorch-2.2-cuda12.1", "AzureML-acpt-pytorch-2.2-cuda12.1@latest", "azureml:env:"])
+def test_an_unpinned_curated_environment_is_refused_at_start(value):
+    from shared.errors import ConfigError
+    from worker.config import load_config
+
+    with pytest.raises(ConfigError, match="pin the curated environment"):
+        load_config(None, env={"RETRAIN__AZUREML__CURATED_ENVIRONMENT": value})
+
+
+@pytest.mark.parametrize("value", ["crretrain.azurecr.io/retrain-training", "crretrain.azurecr.io/retrain-training:latest"])
+def test_an_untagged_training_image_is_refused_at_start(value):
+    from shared.errors import ConfigError
+    from worker.config import load_config
+
+    with pytest.raises(ConfigError, match="version tag or digest"):
+        load_config(None, env={"RETRAIN__AZUREML__TRAINING_IMAGE": value})
+    assert load_config(None, env={"RETRAIN__AZUREML__TRAINING_IMAGE": ""}).azureml.training_image is None  # an empty setting is unset
 
 
 def test_job_names_take_our_longest_run_ids_and_refuse_what_azure_ml_refuses():

@@ -38,7 +38,9 @@ class AzureMLSettings:
     compute_target: str = "gpu-cluster"
     node_count: int = 1
     gpus_per_node: int = 1
-    curated_environment: str | None = None  # e.g. "AzureML-ACPT-pytorch-2.2-cuda12.1"; else built from training/
+    curated_environment: str | None = None  # "name:version", e.g. "AzureML-acpt-pytorch-2.2-cuda12.1:23"; else built from training/
+    training_image: str | None = None  # training/environment/Dockerfile built in the registry: train.py's dependencies and Horovod
+    job_identity_client_id: str | None = None  # the cluster's user-assigned identity, for the credential-less datastores
     base_image: str = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04"
     environment_name: str = "retrain-training"
     images_datastore: str = "images"  # the datastore over the images container
@@ -155,5 +157,6 @@ def settings_from_config(cfg: Any) -> AzureMLSettings:
     return AzureMLSettings(
         experiment=cfg.experiment, compute_target=cfg.compute_target, node_count=cfg.node_count, gpus_per_node=cfg.gpus_per_node,
         curated_environment=cfg.curated_environment, base_image=cfg.base_image, images_datastore=cfg.images_datastore,
+        training_image=cfg.training_image, job_identity_client_id=cfg.job_identity_client_id,
         artifacts_datastore=cfg.artifacts_datastore, submit_budget_seconds=cfg.submit_budget_seconds,
     )  # fmt: skip

@@ -36,10 +36,16 @@ def build_environment(settings: AzureMLSettings, workspace: Any = None) -> Any:
     """The curated environment by name, or training/requirements.txt on a CUDA base image."""
     from azureml.core import Environment
 
+    if settings.training_image:  # training/environment/Dockerfile: everything installed, Horovod included
+        env = Environment(settings.environment_name)
+        env.docker.base_image = settings.training_image
+        env.python.user_managed_dependencies = True
+        return env
     if settings.curated_environment:
         if workspace is None:
             raise ValueError("a curated environment is looked up in a workspace")
-        return Environment.get(workspace=workspace, name=settings.curated_environment)
+        name, _, version = settings.curated_environment.removeprefix("azureml:").rpartition(":")
+        return Environment.get(workspace=workspace, name=name, version=version)
     env = Environment.from_pip_requirements(settings.environment_name, str(training_dir() / "requirements.txt"))
     env.docker.base_image = settings.base_image
     return env

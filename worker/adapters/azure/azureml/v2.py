@@ -61,13 +61,16 @@ class V2Jobs:
 
 
 def build_environment(settings: AzureMLSettings) -> Any:
-    """A curated environment by reference (`azureml:<name>@latest` or a versioned name), or
-    training/requirements.txt as a conda file on the CUDA base image, registered once per worker."""
+    """The training image (training/environment/Dockerfile: the dependencies and Horovod), a
+    curated environment pinned by version (`azureml:<name>:<version>`), or training/requirements.txt
+    as a conda file on the CUDA base image; an entity is registered once per worker."""
     from azure.ai.ml.entities import Environment
 
+    if settings.training_image:
+        return Environment(name=settings.environment_name, image=settings.training_image, description="retrain training image")
     if settings.curated_environment:
         name = settings.curated_environment
-        return name if name.startswith("azureml:") else f"azureml:{name}@latest"
+        return name if name.startswith("azureml:") else f"azureml:{name}"
     requirements = [line.strip() for line in (training_dir() / "requirements.txt").read_text().splitlines()]
     # azureml-mlflow lets train.py's MLflow calls reach the workspace (the job sets MLFLOW_TRACKING_URI).
     pip = [r for r in requirements if r and not r.startswith("#")] + [f"azureml-mlflow=={AZUREML_MLFLOW}"]
@@ -95,6 +98,11 @@ def build_command_job(spec: RunSpec, settings: AzureMLSettings, environment: Any
     ]  # fmt: skip
     instances = settings.node_count
     distribution: Any
+    if spec.training.distributed == "horovod" and not settings.training_image:
+        raise PermanentSubmitError(
+            "Horovod jobs need azureml.training_image (training/environment/Dockerfile, built in the workspace's registry): "
+            "the curated and the default environments have no Horovod"
+        )
     if spec.training.distributed == "horovod":
         distribution = MpiDistribution(process_count_per_instance=settings.gpus_per_node)
     elif spec.training.distributed == "none":
@@ -128,7 +136,18 @@ def build_command_job(spec: RunSpec, settings: AzureMLSettings, environment: Any
         tags=tags,
         properties=tags,  # properties cannot change after creation: the lineage stays as submitted
         environment_variables={"PYTHONUNBUFFERED": "1", "RETRAIN_RUN_ID": name},
+        identity=_job_identity(settings),
     )
+
+
+def _job_identity(settings: AzureMLSettings) -> Any:
+    """The cluster's identity when configured: it reads the credential-less datastores (infra/ grants
+    it Storage Blob Data Reader on the two containers); else Azure ML's default for the compute."""
+    from azure.ai.ml.entities import ManagedIdentityConfiguration
+
+    if not settings.job_identity_client_id:
+        return None
+    return ManagedIdentityConfiguration(client_id=settings.job_identity_client_id)
 
 
 def job_document(job: Any) -> dict[str, Any]:
