@@ -31,7 +31,7 @@ from worker.crashpoints import crashpoint
 from worker.handlers import HANDLERS, Effects, image_row, resolve_backfill
 from worker.outbox import queue_event
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
-from worker.runs import evaluate, run_failed
+from worker.runs import NOT_SUBMITTED_YET, evaluate, run_failed
 from worker.store import ConcurrencyConflict, DecisionRow, Store, Tx, retry_lost_races
 from worker.submission import Submitter
 
@@ -264,8 +264,23 @@ class Worker:
         """Steps 2-4 of the protocol. A failure leaves the run planned; the next Tick retries it."""
         try:
             self.submitter.submit(run_id)
-        except Exception:
+        except Exception as exc:
             log.exception("submitting %s failed; it stays planned and the next tick retries", run_id)
+            self._note_submit_failure(run_id, f"{exc.__class__.__name__}: {exc}")
+
+    def _note_submit_failure(self, run_id: str, error: str) -> None:
+        """Say on the run why it is still planned (`retrain runs`, the status view), best effort."""
+        text = f"{NOT_SUBMITTED_YET}{printable(redact(error))}"[:2000]
+        try:
+            with self.store.transaction() as tx:
+                run = tx.get_run(run_id)
+                if run is None or run.state != "planned" or run.detail == text:
+                    return
+                run.detail = text
+                tx.update_run(run)
+                tx.commit()
+        except Exception:  # the ledger may be what failed; the log has the error
+            log.warning("could not record why %s is not submitted", run_id)
 
     def cancel(self, run_id: str) -> str:
         """Ask the backend to stop the run's current attempt; the next poll records the outcome.

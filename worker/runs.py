@@ -151,6 +151,9 @@ def plan_run(
     return run
 
 
+NOT_SUBMITTED_YET = "not submitted yet, retried at every tick: "  # a planned run's detail while its submission fails
+
+
 def mark_submitted(ctx: Context, tx: Tx, run: RunRow, state: RunState) -> None:
     """The backend has the run (the submitter's mark, or a status event that overtook it).
 
@@ -159,6 +162,8 @@ def mark_submitted(ctx: Context, tx: Tx, run: RunRow, state: RunState) -> None:
     """
     if run.state == "planned":
         run.submitted_at, run.next_attempt_at = run.submitted_at or ctx.now, None
+        if run.detail.startswith(NOT_SUBMITTED_YET):
+            run.detail = ""  # the failed attempts' reason no longer describes the run
         queue_submitted_event(ctx, tx, run)
     run.state = state
     if state == "running":

@@ -575,5 +575,7 @@ def test_a_worker_built_while_azure_ml_is_unreachable_still_ingests_ticks_and_se
     with worker.store.transaction() as tx:
         [run] = tx.runs("birds")
     assert run.state == "planned"  # not failed: an unreachable service is retried
+    assert run.detail.startswith("not submitted yet, retried at every tick: ")
+    assert "Failed to resolve 'management.azure.com'" in run.detail  # why, where `retrain runs` and the status view show it
     view = status_view(worker.store, worker.config, "birds")
     assert json.dumps(view, default=str)  # the status endpoint's answer

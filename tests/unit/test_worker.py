@@ -345,3 +345,17 @@ def test_a_backend_and_registry_out_of_reach_do_not_stop_the_tick(tmp_path):
 
     assert len(h.decisions()) > before  # the policy still ran
     assert [r.state for r in h.runs() if r.run_id == in_flight[0].run_id] == [in_flight[0].state]  # untouched, polled again later
+
+
+def test_a_run_whose_submission_keeps_failing_says_why_until_it_is_submitted(h):
+    h.backend.fail_next_submit(ConnectionError("the training service cannot be reached"))
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    [run] = h.runs()
+    assert run.state == "planned"
+    assert run.detail == "not submitted yet, retried at every tick: ConnectionError: the training service cannot be reached"
+    h.worker.tick()  # the service is back
+    [run] = h.runs()
+    assert run.state == "submitted"
+    assert run.detail == ""
