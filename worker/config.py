@@ -34,6 +34,7 @@ from shared.messages import MODEL_NAME_PATTERN
 
 ENV_PREFIX = "RETRAIN__"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 366 * 86400.0  # a year and a day: longer knobs are mistakes, and datetime arithmetic overflows on absurd ones
 
 
 def parse_duration(value: Any) -> float:
@@ -52,6 +53,8 @@ def parse_duration(value: Any) -> float:
         raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"{value!r} is longer than the longest duration allowed, 366 days")
     return seconds
 
 

@@ -140,3 +140,32 @@ def test_logs_print_a_local_runs_log_and_follow_it_until_the_run_ends(env, tmp_p
     assert "no run 'birds-0009-abcdef12' in the ledger" in missing.output
     history = json.loads(invoke(env, "runs", "birds", "--json").output)
     assert [r["run_id"] for r in history["birds"]] == ["birds-0001-abcdef12"]
+
+
+def test_serve_logs_text_from_outside_on_one_line_and_masks_secrets(env, tmp_path):
+    """An inbox file name with a newline used to print a second, forged log line; serve now installs
+    the same redaction as the Functions app."""
+    import os
+    import subprocess
+    import sys
+
+    inbox = tmp_path / "state" / "inbox"
+    inbox.mkdir(parents=True)
+    forged = "x\n12:00:00 retrain.serve ERROR the ledger is corrupt, delete it"
+    (inbox / f"{forged}.json").write_text("{not json AccountKey=c2VjcmV0c2VjcmV0c2VjcmV0==")
+    done = subprocess.run([sys.executable, "-m", "worker", "serve", "--cycles", "1"], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert any("rejected inbox message" in line for line in lines), done.stderr
+    assert not any(line.startswith("12:00:00 retrain.serve ERROR") for line in lines), done.stderr
+    assert "c2VjcmV0c2VjcmV0c2VjcmV0" not in done.stderr
+
+
+def test_absurd_limits_and_non_ascii_versions_are_refused_as_usage_errors(env):
+    assert invoke(env, "runs", "--limit", "100000000000000000000").exit_code == 2
+    assert invoke(env, "explain", "birds", "--limit", "10001").exit_code == 2
+    refused = invoke(env, "promote", "birds:²")
+    assert refused.exit_code == 2
+    assert "give MODEL:VERSION" in refused.output
+    assert invoke(env, "models", "show", "birds:³").exit_code == 2

@@ -87,6 +87,23 @@ def test_bad_durations(bad):
         parse_duration(bad)
 
 
+@pytest.mark.parametrize("absurd", [1e300, "99999999999999d", 366 * 86400 + 1, "367d"])
+def test_finite_but_absurd_durations_are_refused_at_start_not_in_serve(absurd):
+    """They validated, then crashed `retrain serve` with OverflowError adding them to a datetime."""
+    with pytest.raises(ValueError, match="longest duration allowed, 366 days"):
+        parse_duration(absurd)
+
+
+def test_an_absurd_duration_in_a_config_file_is_a_config_error(tmp_path):
+    path = tmp_path / "retrain.toml"
+    path.write_text('[models.birds]\nquiet_period = 1e300\ncooldown = "99999999999999d"\n')
+    with pytest.raises(ConfigError, match="366 days") as caught:
+        load_config(path, env={})
+    assert "quiet_period" in str(caught.value)
+    assert "cooldown" in str(caught.value)
+    assert parse_duration("366d") == 366 * 86400  # the maximum itself is allowed
+
+
 def test_the_example_config_in_the_readme_is_valid():
     from pathlib import Path
 

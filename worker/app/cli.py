@@ -18,6 +18,14 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML config file (default: $RETRAIN_CONFIG, else built-in defaults)")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+MAX_LIMIT = 10_000  # rows a listing may ask for: more is a typo, and SQLite refuses integers past 2**63
+
+
+def _is_version(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses."""
+    import re
+
+    return re.fullmatch(r"[0-9]{1,9}", text) is not None
 
 
 def _config(path: Path | None):
@@ -69,6 +77,9 @@ def serve(
     from worker.app.serve import LocalService
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    from shared.redact import install_log_redaction
+
+    install_log_redaction()  # as the Functions app does: secrets masked, text from outside on one printable line
     cfg = _config(config)
     from worker import telemetry
 
@@ -219,7 +230,7 @@ def status(
 @app.command()
 def explain(
     model: Annotated[str | None, typer.Argument(help="one model (default: all)")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="how many decisions")] = 10,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_LIMIT, help="how many decisions")] = 10,
     config: ConfigOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -257,7 +268,7 @@ def models(
             raise typer.Exit(2)
         name, _, version = args[1].partition(":")
         _known(cfg, name)
-        if version and not version.isdigit():
+        if version and not _is_version(version):
             typer.echo(f"error: version must be a number, got {version!r}", err=True)
             raise typer.Exit(2)
         card = version_view(_store(cfg), name, int(version) if version else None)
@@ -355,7 +366,7 @@ def promote(
 ) -> None:
     """Make a registered version the champion (the registry's champion marker follows)."""
     model, _, version = target.partition(":")
-    if not version.isdigit():
+    if not _is_version(version):
         typer.echo("error: give MODEL:VERSION, e.g. birds:3", err=True)
         raise typer.Exit(2)
     _control(config, model, "promote", json_out, version=int(version), reason=reason, requested_by=by, request_id=request_id)
@@ -404,7 +415,7 @@ def resume(
 @app.command()
 def runs(
     model: Annotated[str | None, typer.Argument(help="one model (default: all)")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="how many runs per model")] = 20,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_LIMIT, help="how many runs per model")] = 20,
     config: ConfigOption = None,
     json_out: JsonOption = False,
 ) -> None:
