@@ -79,3 +79,20 @@ def test_the_dashboard_renders_in_a_browser_without_errors_and_hostile_strings_s
     artifacts = Path(__file__).resolve().parents[2] / "build" / "screenshots"
     artifacts.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, artifacts / "dashboard.png")  # for a person to look at after `make test`
+
+
+def test_the_dashboard_answers_only_to_its_own_address_not_to_a_rebound_name(served):
+    """DNS rebinding: a hostile page points its own name at 127.0.0.1; its requests carry that name in Host."""
+    import http.client
+    from urllib.parse import urlparse
+
+    port = urlparse(served).port
+    for host, expected in ((f"evil.example:{port}", 421), (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), ("127.0.0.1:1", 421)):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.putrequest("GET", "/dashboard.json", skip_host=True)
+        connection.putheader("Host", host)
+        connection.endheaders()
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        assert response.status == expected, host

@@ -169,3 +169,39 @@ def test_absurd_limits_and_non_ascii_versions_are_refused_as_usage_errors(env):
     assert refused.exit_code == 2
     assert "give MODEL:VERSION" in refused.output
     assert invoke(env, "models", "show", "birds:³").exit_code == 2
+
+
+def _running_run_with_a_log(tmp_path, state="running"):
+    import datetime as dt
+
+    from worker.adapters.local.sqlite_store import SqliteStore
+    from worker.store import RunRow
+
+    store = SqliteStore(tmp_path / "state" / "ledger.db")
+    with store.transaction() as tx:
+        tx.insert_run(RunRow(run_id="birds-0001-abcdef12", model="birds", seq=1, state=state, manifest_sha256="0" * 64, image_count=2,
+                             new_image_count=2, classes=["chicken"], created_at=dt.datetime.now(dt.UTC)))  # fmt: skip
+        tx.commit()
+    run_dir = tmp_path / "state" / "runs" / "birds-0001-abcdef12-a1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.log").write_text("epoch 1/3 train_loss=0.9\n")
+    return store
+
+
+def test_logs_print_no_file_outside_the_runs_folder(env, tmp_path):
+    _running_run_with_a_log(tmp_path)
+    (tmp_path / "state" / "secret.txt").write_text("the contents of another file\n")
+    (tmp_path / "state" / "train.log").write_text("the contents of another file\n")
+    for hostile in ("birds-0001-abcdef12-a1/..", "birds-0001-abcdef12-a1/../..", "birds-0001-abcdef12-a1/../../secret.txt"):
+        result = invoke(env, "logs", hostile)
+        assert result.exit_code == 1, (hostile, result.output)
+        assert "neither a run id nor one of its attempts" in result.output
+        assert "another file" not in result.output
+
+
+def test_following_a_log_ends_when_the_ledger_says_the_run_ended_though_its_runner_vanished(env, tmp_path):
+    """A runner killed with the machine never writes exit_code; `logs -f` used to wait forever."""
+    _running_run_with_a_log(tmp_path, state="failed")
+    followed = invoke(env, "logs", "birds-0001-abcdef12", "-f")  # returns: the ledger says failed
+    assert followed.exit_code == 0
+    assert "epoch 1/3" in followed.output

@@ -12,8 +12,15 @@ from worker.store import Store
 
 
 def make_server(store: Store, config: RetrainConfig, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    allowed_hosts: set[str] = set()
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            # DNS rebinding: a page on another site can point its own name at 127.0.0.1 and read this
+            # one, but its requests carry its own name in Host. Only this server's names are answered.
+            if self.headers.get("Host", "").lower() not in allowed_hosts:
+                self.send_error(421, "Misdirected Request: this dashboard answers only to its own address")
+                return
             if self.path in ("/", "/index.html"):
                 body, kind = render(dashboard_data(store, config)).encode(), "text/html; charset=utf-8"
             elif self.path == "/favicon.ico":
@@ -37,7 +44,11 @@ def make_server(store: Store, config: RetrainConfig, host: str = "127.0.0.1", po
         def log_message(self, format: str, *args: object) -> None:
             return  # quiet: the terminal is for the worker's own lines
 
-    return ThreadingHTTPServer((host, port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
+    bound = server.server_address[1]
+    names = {"127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]"}
+    allowed_hosts.update(f"{name.lower()}:{bound}" for name in names)
+    return server
 
 
 def serve_dashboard(store: Store, config: RetrainConfig, host: str, port: int, announce: Callable[[str], None]) -> None:
