@@ -71,8 +71,11 @@ def _accept(req: func.HttpRequest, cls: type, fixed: dict, empty_body_ok: bool =
         return _error(400, "schema", "Idempotency-Key must be 1-200 printable characters without spaces")
     document.update(fixed)
     document.setdefault("requested_by", "http")
-    # The key may hold any printable character; the message id derived from it holds none of them.
-    key_digest = hashlib.sha256(key.encode()).hexdigest()[:40] if key else None
+    # A key is scoped to its endpoint and model: the same key sent for another model (or as another
+    # kind of request) is another request, carried out on its own; it used to share the first one's
+    # message id and be dropped as its duplicate. The id holds none of the key's characters.
+    scope = f"{cls.__name__}\n{document.get('model')}\n{key}"
+    key_digest = hashlib.sha256(scope.encode()).hexdigest()[:40] if key else None
     document.setdefault("message_id", f"http-{key_digest}" if key else f"http-{uuid.uuid4().hex}")
     worker = runtime.worker()
     try:

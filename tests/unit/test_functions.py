@@ -425,3 +425,39 @@ def test_a_control_message_on_the_requests_queue_is_applied(h):
     assert h.head().paused["reason"] == "incident"
     call("retrain_requested", sb(json.dumps({"kind": "model.purge", "model": "birds"}).encode(), message_id="m-2"))
     assert rejections(h)[-1].payload["data"]["reason"] == "schema"
+
+
+def test_one_idempotency_key_sent_for_two_models_is_two_requests_each_carried_out(tmp_path, monkeypatch):
+    """The message id came from the key alone while the key's record is per model: the second
+    model's request was answered 202 and dropped as a duplicate of the first."""
+    from tests.fakes.adapters import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
+    from tests.fakes.backend import FakeTrainingBackend
+    from tests.fakes.memory_store import MemoryStore
+    from worker.adapters.local.registry import LocalModelRegistry
+    from worker.app.bootstrap import build_worker
+
+    from .worker_harness import small_config
+
+    monkeypatch.setenv("RETRAIN_IMAGES_CONTAINER", "images")
+    config = small_config(tmp_path)
+    config = config.model_copy(update={"models": {**config.models, "fish": config.models["birds"]}})
+    store = MemoryStore()
+    worker = build_worker(config, store=store, backend=FakeTrainingBackend(), clock=FakeClock(), publisher=RecordingPublisher(),
+                          blobs={"birds": FakeBlobStore(), "fish": FakeBlobStore()}, registry=LocalModelRegistry(tmp_path / "registry"),
+                          exporter=FakeOnnxExporter())  # fmt: skip
+    runtime.use_worker(worker)
+    try:
+        birds = post({"model": "birds", "force": True, "reason": "backfill"}, {"Idempotency-Key": "k1"})
+        fish = post({"model": "fish", "force": True, "reason": "backfill"}, {"Idempotency-Key": "k1"})
+        paused_birds = control("pause", {"reason": "incident"}, {"Idempotency-Key": "p-1"}, model="birds")
+        paused_fish = control("pause", {"reason": "incident"}, {"Idempotency-Key": "p-1"}, model="fish")
+    finally:
+        runtime.use_worker(None)
+    assert (birds.status_code, fish.status_code) == (202, 202)
+    assert json.loads(birds.get_body())["request_id"] != json.loads(fish.get_body())["request_id"]
+    assert fish.headers.get("Idempotent-Replayed") is None
+    with store.transaction() as tx:
+        assert [r.model for r in tx.open_requests("fish")] == ["fish"]  # carried out, not dropped
+        assert tx.model_head("fish").paused is not None
+        assert tx.model_head("birds").paused is not None
+    assert (paused_birds.status_code, paused_fish.status_code) == (202, 202)
