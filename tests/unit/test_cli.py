@@ -205,3 +205,31 @@ def test_following_a_log_ends_when_the_ledger_says_the_run_ended_though_its_runn
     followed = invoke(env, "logs", "birds-0001-abcdef12", "-f")  # returns: the ledger says failed
     assert followed.exit_code == 0
     assert "epoch 1/3" in followed.output
+
+
+HOSTILE_TERMINAL = "\x1b]0;owned\x07\x1b[2J\u202eesrever\u009b31m [red]markup[/red]\nforged line"
+
+
+def test_text_from_outside_cannot_drive_the_terminal_in_status_explain_and_runs(env, tmp_path):
+    """Pause reasons, --by and run reasons were printed raw: an OSC sequence could retitle the
+    terminal, CSI clear it, U+202E reverse the line, rich markup restyle it, a newline forge a row."""
+    import datetime as dt
+
+    from worker.adapters.local.sqlite_store import SqliteStore
+    from worker.store import RunRow
+
+    assert invoke(env, "pause", "birds", "--reason", HOSTILE_TERMINAL, "--by", HOSTILE_TERMINAL).exit_code == 0
+    store = SqliteStore(tmp_path / "state" / "ledger.db")
+    with store.transaction() as tx:
+        tx.insert_run(RunRow(run_id="birds-0001-abcdef12", model="birds", seq=1, state="failed", manifest_sha256="0" * 64, image_count=2,
+                             new_image_count=2, classes=["chicken"], created_at=dt.datetime.now(dt.UTC), reason=HOSTILE_TERMINAL))  # fmt: skip
+        tx.commit()
+    for command in (["status", "birds"], ["explain", "birds"], ["runs", "birds"]):
+        result = invoke(env, *command)
+        assert result.exit_code == 0, result.output
+        for raw in ("\x1b", "\x07", "\u202e", "\u009b"):
+            assert raw not in result.output, (command, raw)
+        assert "forged line" not in result.output.replace("\\nforged line", ""), command  # never at the start of a line of its own
+    assert "\\u001b]0;owned" in invoke(env, "explain", "birds").output  # shown, escaped, not swallowed
+    json_out = invoke(env, "explain", "birds", "--json").output
+    assert "\x1b" not in json_out  # JSON escapes it itself

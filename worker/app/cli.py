@@ -21,6 +21,24 @@ JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable outpu
 MAX_LIMIT = 10_000  # rows a listing may ask for: more is a typo, and SQLite refuses integers past 2**63
 
 
+def _plain(view, markup: bool = True):
+    """A view with every string made printable for a terminal (escape sequences, C1 controls, bidi
+    overrides and newlines from outside become visible escapes: shared.redact.printable) and, with
+    `markup`, inert in rich's markup (for tables). For text renderings only: --json output is
+    escaped by JSON itself."""
+    from rich.markup import escape
+
+    from shared.redact import printable
+
+    if isinstance(view, str):
+        return escape(printable(view)) if markup else printable(view)
+    if isinstance(view, dict):
+        return {_plain(k, markup) if isinstance(k, str) else k: _plain(v, markup) for k, v in view.items()}
+    if isinstance(view, list | tuple):
+        return [_plain(v, markup) for v in view]
+    return view
+
+
 def _is_version(text: str) -> bool:
     """ASCII digits only: str.isdigit() also accepts '²' and other digits int() refuses."""
     import re
@@ -207,7 +225,7 @@ def status(
     from rich.table import Table
 
     console = Console()
-    for name, s in view.items():
+    for name, s in _plain(view).items():
         table = Table(title=f"model {name}", title_justify="left", show_header=False)
         table.add_row(
             "pending", f"{s['pending']['total']} new images " + (str(s["pending"]["per_class"]) if s["pending"]["per_class"] else "")
@@ -243,7 +261,7 @@ def explain(
     if json_out:
         typer.echo(json.dumps(view, indent=2))
         return
-    for name, decisions in view.items():
+    for name, decisions in _plain(view, markup=False).items():
         typer.echo(f"{name}:")
         for d in decisions or []:
             typer.echo(f"  {d['at'][:19]}  {d['outcome']:<8} {d['reason']}")
@@ -289,7 +307,7 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    for name, info in view.items():
+    for name, info in _plain(view).items():
         table = Table(
             title=f"{name}: champion v{info['champion']}" if info["champion"] else f"{name}: no champion yet", title_justify="left"
         )
@@ -431,7 +449,7 @@ def runs(
     from rich.console import Console
     from rich.table import Table
 
-    for name, rows in view.items():
+    for name, rows in _plain(view).items():
         table = Table(title=f"runs of {name}", title_justify="left")
         for column in ("run", "state", "outcome", "images (new)", "duration", "best_val_acc", "reason"):
             table.add_column(column)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from shared.redact import printable
 from worker.config import RetrainConfig
 from worker.store import Store
 from worker.views import explain_view, models_view, runs_view, status_view
@@ -28,8 +29,9 @@ CURVES_SHOWN = 6
 
 
 def e(value: Any) -> str:
-    """Text from anywhere, safe in HTML text and attribute values."""
-    return html.escape("" if value is None else str(value), quote=True)
+    """Text from anywhere, safe in HTML text and attribute values, and shown as it is: control and
+    bidi characters (ESC, U+202E) become visible escapes (shared.redact.printable) before HTML escaping."""
+    return html.escape(printable("" if value is None else value), quote=True)
 
 
 def run_curves(config: RetrainConfig, backend_run_id: str, location: str | None = None) -> list[dict[str, Any]]:
