@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,16 +132,39 @@ def parse_manifest(document: Any) -> Manifest:
     return Manifest(classes=tuple(classes), images=images, sha256=digest)
 
 
-def load_manifest(path: str | Path) -> Manifest:
+def _read_regular_file(path: str | Path) -> str:
+    """The file's text; a FIFO or device (which would block the reader) is refused, not read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1
+            return fh.read().decode("utf-8")
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def load_manifest(path: str | Path, expected_sha256: str | None = None) -> Manifest:
+    """The manifest at `path`, verified: its content must hash to the digest it carries and, when
+    the caller knows which manifest the run was frozen with (`expected_sha256`), to that one too: a
+    manifest rewritten with a recomputed digest is refused rather than trained on."""
+    try:
+        text = _read_regular_file(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read manifest {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"manifest {path} is not valid JSON: {exc}") from exc
-    return parse_manifest(document)
+    manifest = parse_manifest(document)
+    if expected_sha256 is not None and manifest.sha256 != expected_sha256:
+        raise DataError(
+            f"manifest {path} hashes to {manifest.sha256}, but this run was frozen with {expected_sha256}: "
+            "it is not the manifest the run was planned with"
+        )
+    return manifest
 
 
 def dump_manifest(classes: list[str], images: list[ImageRecord]) -> dict[str, Any]:

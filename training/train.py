@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--manifest", default=None, help="JSON manifest listing exactly the images to use (path, label, split, etag) with its sha256"
     )
     data.add_argument(
+        "--manifest_sha256",
+        default=None,
+        help="with --manifest: the digest the run was frozen with; a manifest that hashes to anything else is refused",
+    )
+    data.add_argument(
         "--val_fraction",
         type=float,
         default=0.2,
@@ -413,7 +418,7 @@ def load_data(args: argparse.Namespace, topo: Topology, watchdog: Watchdog) -> t
     """The manifest (frozen, or scanned from the folder), the images no rank could read, the loaders."""
     root = Path(args.data_dir)
     watchdog.phase("reading the manifest" if args.manifest else "scanning the image folder")
-    manifest = load_manifest(args.manifest) if args.manifest else scan_image_folder(root, args.val_fraction)
+    manifest = load_manifest(args.manifest, args.manifest_sha256) if args.manifest else scan_image_folder(root, args.val_fraction)
     workers = loader_workers(args.workers, topo.local_world_size, topo.device)
     if workers > 0:
         prestart_worker_server(args.worker_start_method)  # its imports overlap the screening

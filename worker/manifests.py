@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from shared.files import atomic_write_bytes
 from shared.manifest_hash import manifest_sha256
 from worker.ports import BlobStore
 from worker.store import ManifestEntry
@@ -37,10 +38,40 @@ def encode(document: dict[str, Any]) -> bytes:
 
 
 def freeze(store: BlobStore, document: dict[str, Any]) -> str:
-    """Write the document under its digest (write-once); returns the blob path."""
+    """Write the document under its digest (write-once); returns the blob path.
+
+    A blob already under that name is checked: one that does not read back as this manifest (a
+    file truncated, replaced by a FIFO, or edited since) is replaced where the store is a local
+    folder, so the run planned again over the same images does not meet it a second time.
+    """
     path = manifest_path(document["sha256"])
-    store.write_once(path, encode(document))
+    data = encode(document)
+    if not store.write_once(path, data) and not readable(store, document["sha256"]):
+        local = store.local_path(path)
+        if local is None:
+            raise ValueError(f"{path} exists but does not read back as the manifest it names; remove it")
+        atomic_write_bytes(local, data)  # the name now holds what it says
     return path
+
+
+def readable(store: BlobStore, sha256: str) -> bool:
+    """True if the frozen manifest reads back and hashes to its name."""
+    try:
+        load(store, sha256)
+    except Exception as exc:
+        if unusable(exc):
+            return False
+        raise
+    return True
+
+
+def unusable(exc: BaseException) -> bool:
+    """True for what loading a frozen manifest raises when no retry can help: content that is
+    corrupt or was edited (ValueError: JSON and UTF-8 errors included), a file that is missing or
+    not a regular file (OSError); not for a connection or a timeout, which may pass."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return False
+    return isinstance(exc, ValueError | OSError)
 
 
 def load(store: BlobStore, sha256: str) -> dict[str, Any]:

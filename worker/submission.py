@@ -16,6 +16,7 @@ from worker.config import RetrainConfig
 from worker.context import Context
 from worker.crashpoints import crashpoint
 from worker.manifests import load as load_manifest
+from worker.manifests import unusable as manifest_unusable
 from worker.ports import BackendStatus, BlobStore, Clock, PermanentBackendError, RunSpec, TrainingArgs, TrainingBackend
 from worker.runs import mark_submitted, run_failed
 from worker.store import RunRow, Store
@@ -60,7 +61,16 @@ class Submitter:
                 return None
             if run.next_attempt_at is not None and run.next_attempt_at > self.clock.now():
                 return None
-        document = load_manifest(self.manifests, run.manifest_sha256)
+        try:
+            document = load_manifest(self.manifests, run.manifest_sha256)
+        except Exception as exc:
+            if not manifest_unusable(exc):
+                raise
+            # A torn, deleted or edited manifest cannot become readable by waiting: fail the run (its
+            # images return to pending; planned again, the manifest is written afresh) rather than
+            # fail its submission on every tick, for ever.
+            self._mark_submit_failed(run, f"its frozen manifest cannot be used: {exc.__class__.__name__}: {exc}"[:2000])
+            return None
         spec = RunSpec(
             backend_run_id=run.backend_run_id,
             model=run.model,

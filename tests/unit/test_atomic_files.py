@@ -68,3 +68,26 @@ def test_two_puts_of_one_message_into_the_local_inbox_at_once_both_succeed(tmp_p
     target = inbox.put("req-1", {"model": "birds"})
     assert nested == [target]
     assert [p.name for p in (tmp_path / "inbox").iterdir()] == ["req-1.json"]
+
+
+def test_a_write_once_interrupted_before_it_completes_leaves_no_blob_under_the_name(tmp_path, monkeypatch):
+    """A crash mid-write used to leave a torn blob under the final name, which write_once then
+    refused to replace (the first writer wins): a torn manifest blocked its model."""
+    import os
+
+    from worker.adapters.local.directory_blobs import DirectoryBlobStore
+
+    store = DirectoryBlobStore(tmp_path, images_only=False)
+
+    def power_cut(_fd):
+        raise OSError("the machine lost power")
+
+    monkeypatch.setattr(os, "fsync", power_cut)
+    with pytest.raises(OSError, match="lost power"):
+        store.write_once("manifests/abc.json", b'{"a": 1}')
+    assert not (tmp_path / "manifests" / "abc.json").exists()
+    assert list((tmp_path / "manifests").iterdir()) == []  # no temporary file left either
+    monkeypatch.undo()
+    assert store.write_once("manifests/abc.json", b'{"a": 1}') is True
+    assert store.write_once("manifests/abc.json", b'{"b": 2}') is False  # the first writer still wins
+    assert store.read("manifests/abc.json") == b'{"a": 1}'

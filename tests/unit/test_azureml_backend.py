@@ -43,6 +43,7 @@ def test_ddp_runs_are_submitted_as_the_article_does_with_nccl_on_n_nodes(environ
     args = config["arguments"]
     assert args[args.index("--data_dir") + 1] == "$AZUREML_DATAREFERENCE_images"
     assert args[args.index("--manifest") + 1] == f"$AZUREML_DATAREFERENCE_manifests/{'ab' * 32}.json"  # content-addressed
+    assert args[args.index("--manifest_sha256") + 1] == "ab" * 32  # train.py refuses any other manifest
     assert args[args.index("--init_checkpoint") + 1] == "$AZUREML_DATAREFERENCE_champion/model.pt"
     assert args[args.index("--num_epochs") + 1] == "30"
     assert args[args.index("--output_dir") + 1] == "./outputs"

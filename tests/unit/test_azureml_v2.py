@@ -64,7 +64,8 @@ def test_a_ddp_run_is_a_pytorch_command_job_with_one_process_per_gpu_on_every_no
     assert job["outputs"]["outputs"]["type"] == "uri_folder"
     command = job["command"].split()
     assert command[:2] == ["python", "train.py"]
-    for flag, value in [("--data_dir", "${{inputs.images}}"), ("--manifest", "${{inputs.manifest}}"), ("--output_dir", "${{outputs.outputs}}"),
+    for flag, value in [("--data_dir", "${{inputs.images}}"), ("--manifest", "${{inputs.manifest}}"), ("--manifest_sha256", SHA),
+                        ("--output_dir", "${{outputs.outputs}}"),
                         ("--init_checkpoint", "${{inputs.champion}}"), ("--distributed", "ddp"), ("--num_epochs", "30")]:  # fmt: skip
         assert command[command.index(flag) + 1] == value
     assert "--export_onnx" in command

@@ -131,7 +131,8 @@ def test_submit_creates_the_run_directory_and_reaches_succeeded(harness):
     assert written["tags"] == {"model": "birds"}
     assert written["created_at"].endswith("+00:00")
     argv = json.loads((run_dir / "outputs" / "metrics.json").read_text())["argv"]
-    assert argv[:6] == ["--data_dir", "/data/birds", "--manifest", str(run_dir / "manifest.json"), "--output_dir", str(run_dir / "outputs")]
+    assert argv[:8] == ["--data_dir", "/data/birds", "--manifest", str(run_dir / "manifest.json"), "--manifest_sha256", MANIFEST["sha256"],
+                        "--output_dir", str(run_dir / "outputs")]  # fmt: skip
     assert argv[argv.index("--init_checkpoint") + 1] == "/models/champion.pt"
     assert argv[argv.index("--num_epochs") + 1] == "1"
     assert (run_dir / "exit_code").read_text().strip() == "0"
@@ -350,6 +351,8 @@ def test_default_commands_use_torchrun_horovodrun_or_plain_python(tmp_path):
     assert command("horovod")[-2:] == ["--distributed", "horovod"]
     assert command("none")[:2] == ["/venv/bin/python", train_py]
     assert "--init_checkpoint" not in command("ddp")
+    ddp = command("ddp")
+    assert ddp[ddp.index("--manifest_sha256") + 1] == MANIFEST["sha256"]  # train.py checks the manifest is the frozen one
 
 
 def test_the_training_environment_is_unbuffered_single_threaded_and_can_import_the_worker(tmp_path, monkeypatch):

@@ -118,3 +118,26 @@ def test_scanning_an_empty_or_missing_directory_is_a_clear_error(tmp_path):
     (tmp_path / "chicken").mkdir()
     with pytest.raises(DataError, match="no images"):
         scan_image_folder(tmp_path)
+
+
+def test_a_manifest_that_is_not_the_one_the_run_was_frozen_with_is_refused(tmp_path):
+    """A manifest rewritten with a recomputed digest is self-consistent; only the digest the run was
+    frozen with, passed by the backend as --manifest_sha256, tells it apart."""
+    images = [ImageRecord(path=f"{c}/{i}.jpg", label=c, split="train" if i else "val") for c in ("a", "b") for i in range(3)]
+    frozen = dump_manifest(["a", "b"], images)
+    tampered = dump_manifest(["a", "b"], images[1:])
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(tampered))
+    assert load_manifest(path).sha256 == tampered["sha256"]  # consistent on its own
+    with pytest.raises(DataError, match="not the manifest the run was planned with"):
+        load_manifest(path, expected_sha256=frozen["sha256"])
+    path.write_text(json.dumps(frozen))
+    assert load_manifest(path, expected_sha256=frozen["sha256"]).sha256 == frozen["sha256"]
+
+
+def test_a_manifest_path_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "manifest.json")
+    with pytest.raises(DataError, match="not a regular file"):
+        load_manifest(tmp_path / "manifest.json")

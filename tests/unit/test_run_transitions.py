@@ -359,3 +359,55 @@ def test_a_run_queued_at_the_backend_counts_against_the_gpu_budget_from_its_subm
     with h.store.read() as tx:
         snapshot = snapshot_of(tx, "birds", h.worker.config, h.clock.now())
     assert snapshot.gpu_hours_24h == 0.5 * h.worker.config.gpus_per_run("birds")
+
+
+def _break_manifest(path, how: str) -> None:
+    import os
+
+    if how == "truncated":  # what a crash in the middle of writing it left before writes were atomic
+        path.write_bytes(path.read_bytes()[:40])
+    elif how == "deleted":
+        path.unlink()
+    elif how == "fifo":  # reading it would have blocked the worker
+        path.unlink()
+        os.mkfifo(path)
+    elif how == "edited":  # another image list under the same name, its own digest recomputed
+        import json
+
+        from shared.manifest_hash import manifest_sha256
+
+        document = json.loads(path.read_text())
+        document["images"] = document["images"][1:]
+        document["sha256"] = manifest_sha256(document["classes"], document["images"])
+        path.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted", "fifo", "edited"])
+def test_a_run_whose_frozen_manifest_cannot_be_used_fails_once_and_its_images_are_planned_again(tmp_path, how):
+    """It used to stay planned for ever, its submission failing with a traceback on every tick."""
+    from shared import events as ev
+    from worker.manifests import manifest_path
+
+    from .worker_harness import make_harness
+
+    h = make_harness(tmp_path)
+    h.backend.fail_next_submit(ConnectionError("the backend is down for a moment"))
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    [run] = h.runs()
+    assert run.state == "planned"
+    _break_manifest(h.worker.manifests.local_path(manifest_path(run.manifest_sha256)), how)
+
+    h.worker.tick()
+    [failed] = h.runs()
+    assert failed.state == "finalized" or failed.outcome == "submit_failed", failed
+    assert "its frozen manifest cannot be used" in failed.detail
+    assert [e.type for e in h.events()].count(ev.RUN_FAILED) == 1
+
+    h.clock.advance(24 * 3600)  # past the failure back-off
+    h.worker.tick()
+    newest = h.runs()[0]
+    assert newest.run_id != failed.run_id
+    assert newest.state == "submitted"  # planned again over the same images, and the manifest rewritten whole
+    assert newest.manifest_sha256 == failed.manifest_sha256

@@ -115,3 +115,27 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(monkeypatc
     with caplog.at_level(logging.INFO, logger="train"):
         lines.epoch_done(row)
     assert "epoch 1/3 train_loss=0.5000" in caplog.text
+
+
+def test_training_refuses_a_manifest_other_than_the_one_the_run_was_frozen_with(tiny_birds, tmp_path):
+    import json
+
+    from manifests import DataError, dump_manifest, scan_image_folder
+
+    scanned = scan_image_folder(tiny_birds)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(dump_manifest(list(scanned.classes), list(scanned.images))))
+    args = [
+        "--data_dir",
+        str(tiny_birds),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--manifest",
+        str(path),
+        "--manifest_sha256",
+        "0" * 64,
+        *TINY,
+    ]
+    with pytest.raises(DataError, match="not the manifest the run was planned with"):
+        run(parse_args(args), Topology(kind="none"))
+    assert not (tmp_path / "out").exists()

@@ -129,14 +129,27 @@ class DirectoryBlobStore(BlobStore):
             return fh.read()
 
     def write_once(self, path: str, data: bytes) -> bool:
+        """Create `path` with `data` if it does not exist; whole or not at all, even across a crash.
+
+        The bytes go to a temporary file first, fsynced, then are linked to the name: link() fails
+        if the name exists (the first writer wins) and a crash mid-write leaves only the temporary
+        file, never a torn blob under the final name (a torn manifest blocked its model forever).
+        """
         target = self.root / path
         target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
         try:
-            with open(target, "xb") as fh:  # exclusive create: the first writer wins
+            with open(tmp, "xb") as fh:
                 fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
             return True
-        except FileExistsError:
-            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def local_path(self, path: str) -> Path | None:
         return self.root / path

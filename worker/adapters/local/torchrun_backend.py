@@ -111,9 +111,12 @@ class LocalTorchrunBackend(TrainingBackend):
                 launcher = [self.python, train_py]
             else:
                 launcher = [self.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={t.nproc}", train_py]
+        digest = spec.tags.get("manifest_sha256") or spec.manifest.get("sha256")
         args = [
             "--data_dir", os.path.abspath(spec.data_dir),
             "--manifest", str(run_dir / MANIFEST_FILE),
+            # train.py refuses a manifest that is not the one the run was frozen with
+            *(["--manifest_sha256", str(digest)] if digest else []),
             "--output_dir", str(run_dir / OUTPUTS_DIR),
             *t.train_py_args(),
         ]  # fmt: skip

@@ -67,6 +67,7 @@ def build_script_run_config(spec: RunSpec, settings: AzureMLSettings, environmen
     arguments = [
         "--data_dir", "$AZUREML_DATAREFERENCE_images",
         "--manifest", f"$AZUREML_DATAREFERENCE_manifests/{spec.tags['manifest_sha256']}.json",
+        "--manifest_sha256", spec.tags["manifest_sha256"],
         "--output_dir", "./outputs",
         *spec.training.train_py_args(),
     ]  # fmt: skip

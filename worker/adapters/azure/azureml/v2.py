@@ -93,6 +93,7 @@ def build_command_job(spec: RunSpec, settings: AzureMLSettings, environment: Any
         "python", "train.py",
         "--data_dir", "${{inputs.images}}",
         "--manifest", "${{inputs.manifest}}",
+        "--manifest_sha256", spec.tags["manifest_sha256"],
         "--output_dir", "${{outputs." + OUTPUT_NAME + "}}",
         *spec.training.train_py_args(),
     ]  # fmt: skip
