@@ -219,7 +219,10 @@ class Completer:
                 "new_images": run.new_image_count,
                 "classes": run.classes,
             },
-            "parent_version": champion.version if champion else None,
+            # The version it was warm-started from, which the gate has checked is the champion; none
+            # for a run that started from scratch.
+            "parent_version": champion.version if champion and metrics.get("init_checkpoint_sha256") == champion.model_sha256 else None,
+            "trained_from_sha256": metrics.get("init_checkpoint_sha256"),
             "metrics": {k: metrics.get(k) for k in SUMMARY_KEYS},
             "gate": gate.as_dict(),
             "onnx": {k: onnx.get(k) for k in ("opset", "max_abs_diff", "tolerance", "argmax_agreement", "onnxruntime_version", "samples")},

@@ -54,12 +54,19 @@ def evaluate_gate(metrics: dict[str, Any], champion: Champion | None, rules: Gat
         return GateResult(True, f"first model: {rules.metric} {value:.4f} meets the minimum {rules.min_value:.4f}", value, None)
     baseline = metrics.get(rules.baseline_metric)
     started_from = metrics.get("init_checkpoint_sha256")
-    if baseline is None or started_from != champion.model_sha256:
-        why = (
-            "the class list changed"
-            if baseline is None and started_from == champion.model_sha256
-            else "the run did not start from the current champion"
+    if started_from is not None and started_from != champion.model_sha256:
+        # The champion changed while the run trained (a rollback or a promotion): its baseline is
+        # another model's, and passing it on the minimum alone would undo the operator's choice.
+        return GateResult(
+            False,
+            f"the champion is v{champion.version} but this run trained from another model (its init checkpoint "
+            f"{str(started_from)[:12]} is not v{champion.version}): the champion changed while it ran, so there is no "
+            "like-for-like comparison; retrain from the current champion (retrain inject --force)",
+            value,
+            None,
         )
+    if baseline is None:
+        why = "the class list changed" if started_from is not None else "the run started from scratch"
         return GateResult(
             True, f"no like-for-like baseline ({why}); {rules.metric} {value:.4f} meets the minimum {rules.min_value:.4f}", value, None
         )

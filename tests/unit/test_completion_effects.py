@@ -118,9 +118,10 @@ def test_the_registered_card_and_event_read_exactly(h):
         for name in ("model.pt", "model.onnx")
     }
     assert set(card) == {
-        "run_id", "backend_run_id", "manifest", "parent_version", "metrics", "gate", "onnx", "artifacts", "config", "code_version",
-        "registered_at", "model", "version",
+        "run_id", "backend_run_id", "manifest", "parent_version", "trained_from_sha256", "metrics", "gate", "onnx", "artifacts", "config",
+        "code_version", "registered_at", "model", "version",
     }  # fmt: skip
+    assert card["trained_from_sha256"] is None  # a first model starts from scratch
     assert (card["model"], card["version"]) == ("birds", 1)  # added by the registry
     assert (card["run_id"], card["backend_run_id"], card["parent_version"]) == (run.run_id, run.backend_run_id, None)
     assert card["manifest"] == {"sha256": run.manifest_sha256, "images": 12, "new_images": 12, "classes": ["chicken", "turkey"]}

@@ -25,7 +25,8 @@ CASES = [
     ("a required margin met", m(0.88, 0.85), CHAMP, GateRules(min_improvement=0.02), True, "beats"),
     ("a tolerated small loss", m(0.84, 0.85), CHAMP, GateRules(min_improvement=-0.02), True, "beats"),
     ("classes changed: no baseline", m(0.8, None), CHAMP, RULES, True, "the class list changed"),
-    ("started from another model", m(0.8, 0.9, init="x" * 64), CHAMP, RULES, True, "did not start from the current champion"),
+    ("started from another model", m(0.8, 0.7, init="x" * 64), CHAMP, RULES, False, "the champion changed while it ran"),
+    ("started from scratch", m(0.8, None, init=None), CHAMP, RULES, True, "the run started from scratch"),
     ("no metric at all", {"baseline_val_acc": 0.5}, CHAMP, RULES, False, "no numeric best_val_acc"),
     ("a boolean is not a metric", m(True), None, RULES, False, "no numeric"),
 ]
@@ -78,7 +79,13 @@ def test_results_carry_the_values_compared_and_read_exactly():
     assert changed.reason == "no like-for-like baseline (the class list changed); best_val_acc 0.8000 meets the minimum 0.6000"
     assert changed.value == 0.8
     elsewhere = evaluate_gate(m(0.8, None, init="x" * 64), CHAMP, RULES)
-    assert elsewhere.reason.startswith("no like-for-like baseline (the run did not start from the current champion)")
+    assert (elsewhere.passed, elsewhere.value, elsewhere.baseline) == (False, 0.8, None)
+    assert elsewhere.reason == (
+        "the champion is v3 but this run trained from another model (its init checkpoint xxxxxxxxxxxx is not v3): the champion "
+        "changed while it ran, so there is no like-for-like comparison; retrain from the current champion (retrain inject --force)"
+    )
+    scratch = evaluate_gate(m(0.8, None, init=None), CHAMP, RULES)
+    assert scratch.reason == "no like-for-like baseline (the run started from scratch); best_val_acc 0.8000 meets the minimum 0.6000"
 
 
 def test_a_broken_baseline_is_quoted_in_the_reason_cut_to_40_characters():

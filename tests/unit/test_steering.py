@@ -270,3 +270,36 @@ def test_a_rollback_restores_the_latest_earlier_champion_that_is_still_registere
         tx.commit()
     effects = control(h, "rollback")
     assert (effects.outcome, h.head().champion_version, h.head().previous_champions) == ("rollback", 1, [])
+
+
+def test_a_run_in_flight_during_a_rollback_cannot_undo_it(tmp_path):
+    """The run warm-started from v2; v2 is rolled back to v1 while it trains. Its baseline is v2's,
+    not v1's: it used to pass on the minimum alone and replace v1 (0.61 over 0.80)."""
+    h = make_harness(tmp_path, cooldown=0)
+    register_two(h)
+    h.uploads(6)
+    h.clock.advance(40)
+    h.worker.tick()
+    third = next(r for r in h.runs() if r.in_flight)
+    assert h.backend.specs[third.backend_run_id].init_checkpoint.endswith("/birds/2/model.pt")  # trained from v2
+    control(h, "rollback", requested_by="alice", reason="v2 misclassifies turkeys")
+    assert h.head().champion_version == 1
+
+    h.succeed(third, best=0.61, baseline=0.55)  # 'beats' v2's score on its set: but v1 is the champion now
+
+    assert h.head().champion_version == 1  # the rollback holds
+    [rejected] = [e.payload["data"] for e in h.events() if e.type == ev.MODEL_REJECTED]
+    assert rejected["run_id"] == third.run_id
+    assert "the champion changed while it ran" in rejected["reason"]
+    assert [v.version for v in h.versions()] == [2, 1]  # nothing registered
+    # The next run trains from v1 and is compared with v1.
+    h.uploads(6)
+    h.clock.advance(40)
+    h.worker.tick()
+    fourth = next(r for r in h.runs() if r.in_flight)
+    assert h.backend.specs[fourth.backend_run_id].init_checkpoint.endswith("/birds/1/model.pt")
+    h.succeed(fourth, best=0.85, baseline=0.8)
+    assert h.head().champion_version == 3
+    card = h.registry.card("birds", 3)
+    assert card["parent_version"] == 1  # the version it was trained from
+    assert card["trained_from_sha256"] == h.versions()[-1].card["artifacts"]["model.pt"]["sha256"]
