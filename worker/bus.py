@@ -359,9 +359,11 @@ class Worker:
         return self.handle(Tick(message_id=f"tick-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}", model=model, occurred_at=now))
 
     def prune_inbox(self) -> int:
-        """Forget processed message ids older than `worker.inbox_retention` (longer than any redelivery)."""
+        """Forget processed message ids older than `worker.inbox_retention` (longer than any redelivery),
+        and events published as long ago (the outbox would otherwise grow for ever)."""
         before = self.clock.now() - dt.timedelta(seconds=self.config.worker.inbox_retention)
-        return sum(self.store.prune_inbox(model, before) for model in [None, *sorted(self.config.models)])
+        pruned = sum(self.store.prune_inbox(model, before) for model in [None, *sorted(self.config.models)])
+        return pruned + self.store.prune_outbox(before)
 
     def relay(self, batch: int = 100) -> int:
         """Publish queued events (oldest first); returns how many were published."""

@@ -401,5 +401,9 @@ class Store(abc.ABC):
     def prune_inbox(self, model: str | None, before: dt.datetime, limit: int = 1000) -> int:
         """Forget processed message ids (and idempotency keys) recorded before `before`; returns how many."""
 
+    @abc.abstractmethod
+    def prune_outbox(self, before: dt.datetime, limit: int = 1000) -> int:
+        """Forget events published before `before` (never an unpublished one); returns how many."""
+
     def close(self) -> None:  # noqa: B027 - optional for adapters without resources
         """Release connections."""

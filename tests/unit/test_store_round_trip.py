@@ -132,6 +132,22 @@ def test_events_read_back_whole_oldest_first_a_hundred_at_a_time_by_default(stor
     assert next(iter(store.all_events())).published_at == published_at, "published once: the first time stays"
 
 
+def test_published_events_older_than_the_cutoff_are_pruned_and_nothing_unpublished_ever_is(store):
+    events = [_event(n) for n in range(6)]
+    with store.transaction() as tx:
+        assert all(tx.enqueue_event(e) for e in events)
+        tx.commit()
+    store.mark_published([e.event_id for e in events[:2]], T0 + dt.timedelta(days=1))
+    store.mark_published([events[2].event_id], T0 + dt.timedelta(days=5))
+    # events[3:] stay unpublished (the broker was down): they are never dropped, however old
+    assert store.prune_outbox(T0 + dt.timedelta(days=3)) == 2
+    assert [e.event_id for e in store.all_events()] == ["ev-002", "ev-003", "ev-004", "ev-005"]
+    assert [e.event_id for e in store.unpublished_events()] == ["ev-003", "ev-004", "ev-005"]
+    assert store.prune_outbox(T0 + dt.timedelta(days=30), limit=0) == 0
+    assert store.prune_outbox(T0 + dt.timedelta(days=30)) == 1
+    assert [e.event_id for e in store.all_events()] == ["ev-003", "ev-004", "ev-005"]
+
+
 def test_a_decision_reads_back_whole(store):
     decision = DecisionRow(model="birds", at=T0, outcome="submit", reason="12 images", run_id="birds-r1", message_id="m-1")
     with store.transaction() as tx:

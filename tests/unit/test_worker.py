@@ -3,6 +3,8 @@
 Every test runs against the in-memory fake store and the real SQLite store.
 """
 
+import datetime as dt
+
 import pytest
 
 from shared import events as ev
@@ -359,3 +361,16 @@ def test_a_run_whose_submission_keeps_failing_says_why_until_it_is_submitted(h):
     [run] = h.runs()
     assert run.state == "submitted"
     assert run.detail == ""
+
+
+def test_the_tick_prunes_events_published_longer_ago_than_the_inbox_retention(h):
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()  # a run: retrain.run.submitted is queued
+    h.worker.relay()
+    assert h.events()
+    assert all(e.published_at is not None for e in h.events())
+    h.clock.advance(h.worker.config.worker.inbox_retention + 60)
+    h.worker.tick()
+    h.worker.relay()
+    assert [e for e in h.events() if e.published_at is not None and e.published_at < h.clock.now() - dt.timedelta(days=1)] == []

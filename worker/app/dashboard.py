@@ -9,9 +9,11 @@ from outside (blob names, reasons, requester ids, run details) goes through `htm
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import html
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ CSP = CSP_META + "; frame-ancestors 'none'"  # frame-ancestors only works as a h
 EVENTS_SHOWN = 30
 RUNS_SHOWN = 200
 CURVES_SHOWN = 6
+CURVE_POINTS = 400  # points per training curve
 
 
 def e(value: Any) -> str:
@@ -61,7 +64,7 @@ def dashboard_data(store: Store, config: RetrainConfig, now: dt.datetime | None 
     decisions = explain_view(store, config, limit=40)
     events = [
         {"time": ev.created_at.isoformat(), "type": ev.type, "subject": ev.subject, "id": ev.event_id}
-        for ev in list(store.all_events())[-EVENTS_SHOWN:]
+        for ev in collections.deque(store.all_events(), maxlen=EVENTS_SHOWN)  # the last N, without holding the rest
     ][::-1]
     out: dict[str, Any] = {"generated_at": now.isoformat(), "models": {}, "events": events}
     for name in sorted(config.models):
@@ -136,12 +139,28 @@ def accuracy_plot(versions: list[Mapping[str, Any]], champion: int | None) -> st
     )
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _thinned(rows: list[Mapping[str, Any]], most: int) -> list[Mapping[str, Any]]:
+    """At most `most` rows, evenly spaced, the first and the last kept: a page stays small whatever
+    a run's metrics.json holds (a million epochs made a 20 MiB page)."""
+    if len(rows) <= most:
+        return rows
+    step = (len(rows) - 1) / (most - 1)
+    return [rows[round(i * step)] for i in range(most)]
+
+
 def curve_plot(history: list[Mapping[str, Any]], title: str) -> str:
     """One run: validation accuracy (line) and training loss (dashed, own scale) per epoch."""
     width, height, pad = 320, 140, 22
-    epochs = [float(r.get("epoch", i + 1)) for i, r in enumerate(history)]
-    acc = [float(r["val_acc"]) if isinstance(r.get("val_acc"), int | float) else 0.0 for r in history]
-    loss = [float(r["train_loss"]) if isinstance(r.get("train_loss"), int | float) else 0.0 for r in history]
+    total = len(history)
+    history = _thinned(history, CURVE_POINTS)
+    # metrics.json is the run's to write: a missing, null or non-finite value is drawn as a default, never raised on
+    epochs = [float(r["epoch"]) if _finite(r.get("epoch")) else float(i + 1) for i, r in enumerate(history)]
+    acc = [float(r["val_acc"]) if _finite(r.get("val_acc")) else 0.0 for r in history]
+    loss = [float(r["train_loss"]) if _finite(r.get("train_loss")) else 0.0 for r in history]
     xs = _scale(epochs, min(epochs), max(max(epochs), min(epochs) + 1), width, pad)
     acc_y = [height - y for y in _scale(acc, 0.0, 1.0, height, pad)]
     loss_y = [height - y for y in _scale(loss, 0.0, max(max(loss), 1e-9), height, pad)]
@@ -151,7 +170,7 @@ def curve_plot(history: list[Mapping[str, Any]], title: str) -> str:
         f'<figure><svg data-plot="curve" role="img" aria-label="training curves of {e(title)}" viewBox="0 0 {width} {height}" width="{width}" height="{height}">'
         f'<polyline points="{acc_line}" fill="none" stroke="#1a9c4b" stroke-width="1.5"/>'
         f'<polyline points="{loss_line}" fill="none" stroke="#b3474a" stroke-dasharray="4 3"/>'
-        f'<text x="4" y="12">val_acc (green), train_loss (red, dashed); {len(history)} epochs</text></svg>'
+        f'<text x="4" y="12">val_acc (green), train_loss (red, dashed); {total} epochs</text></svg>'
         f"<figcaption>{e(title)}</figcaption></figure>"
     )
 

@@ -807,6 +807,25 @@ class TableStore(Store):
         for entity in rows[keep:]:
             self.table.delete_entity(model, entity["RowKey"])
 
+    def prune_outbox(self, before: dt.datetime, limit: int = 1000) -> int:
+        """Published events older than `before`: the outbox entity and its `ev|` marker (a re-enqueue of
+        so old an event id is past every duplicate window: the inbox forgets its message as long ago)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        removed = 0
+        for e in self.query("RowKey ge 'ob|' and RowKey lt 'ob}' and published eq true", {}):
+            if removed >= limit:
+                break
+            doc = _doc_of(e)
+            published_at = _dt(doc.get("published_at"))
+            if published_at is None or published_at >= before:
+                continue
+            for rk in (f"ev|{_k(doc['event_id'])}", e["RowKey"]):
+                with suppress(ResourceNotFoundError):
+                    self.table.delete_entity(e["PartitionKey"], rk)
+            removed += 1
+        return removed
+
     def prune_inbox(self, model: str | None, before: dt.datetime, limit: int = 1000) -> int:
         from azure.core.exceptions import ResourceNotFoundError
 

@@ -570,6 +570,15 @@ class SqliteStore(Store):
             published_at=_dt(r["published_at"]),
         )  # fmt: skip
 
+    def prune_outbox(self, before: dt.datetime, limit: int = 1000) -> int:
+        with self.transaction() as tx:
+            removed = tx.conn.execute(
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE published_at IS NOT NULL AND published_at < ? ORDER BY seq LIMIT ?)",
+                (_ts(before), limit),
+            ).rowcount
+            tx.commit()
+        return removed
+
     def prune_inbox(self, model: str | None, before: dt.datetime, limit: int = 1000) -> int:
         with self.transaction() as tx:
             cut = _ts(before)
