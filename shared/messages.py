@@ -331,6 +331,14 @@ def load_document(raw: bytes | str) -> dict[str, Any]:
     return document
 
 
+def load_checked_document(raw: bytes | str) -> dict[str, Any]:
+    """`load_document` and the shape checks every message passes (depth, NaN/Infinity, lone
+    surrogates): for JSON from outside that is not a message (a simulation history line)."""
+    document = load_document(raw)
+    _check_shape(document)
+    return document
+
+
 def parse_message(raw: bytes | str | dict[str, Any], known_models: Collection[str] | None = None) -> Message:
     """Validate raw input into a message, or raise InvalidMessage with a specific reason."""
     if isinstance(raw, bytes | str):

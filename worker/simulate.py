@@ -17,9 +17,12 @@ outcomes (failed, canceled) apply in the recorded mode only; in the others every
 from __future__ import annotations
 
 import bisect
+import collections
 import datetime as dt
 import json
 import math
+import os
+import stat
 import statistics
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.manifest_hash import stable_split
-from shared.messages import label_of
+from shared.messages import label_of, load_checked_document  # the inbound-JSON checks: depth, numbers, NaN, lone surrogates
+from shared.redact import printable
 from worker.config import ModelConfig
 from worker.policy import DAY, Snapshot, decide, gpu_usage
 from worker.store import DataStats, ModelHead, PendingStats, RequestRow, RunRow
@@ -259,7 +263,11 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
     tick = dt.timedelta(seconds=tick_seconds)
     images = _Images(cfg)
     head = ModelHead(model="simulated")
-    open_requests: list[Request] = []
+    # Open forced requests in arrival order, and those of them that override the GPU budget: the
+    # snapshot reads the first of each in O(1) (a scan of every open request per evaluation made
+    # 100k requests take minutes).
+    open_requests: collections.deque[Request] = collections.deque()
+    overrides: collections.deque[Request] = collections.deque()
     runs: list[SimRun] = []
     flying: SimRun | None = None
     trained_at: list[tuple[int, dt.datetime]] = []  # (watermark, when) of each successful run
@@ -273,7 +281,7 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
             in_flight = RunRow(run_id=f"sim-{flying.index + 1:04d}", model="simulated", seq=flying.index + 1, state="running",
                                manifest_sha256="", image_count=flying.images, new_image_count=flying.new_images, classes=[],
                                created_at=flying.planned_at, watermark=flying.watermark)  # fmt: skip
-        force = next((r for r in open_requests if r.override_budget), None) or next(iter(open_requests), None)
+        force = overrides[0] if overrides else (open_requests[0] if open_requests else None)
         request = None
         if force is not None:
             request = RequestRow(
@@ -297,10 +305,17 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
             head.followup_wanted = True
         elif decision.outcome == "drop" and open_requests:
             open_requests.clear()
+            overrides.clear()
         elif decision.outcome == "submit":
-            forced = next(iter(open_requests), None)
-            consumed = open_requests[:1] if cfg.in_flight == "queue" and forced else list(open_requests)
-            del open_requests[: len(consumed)]
+            forced = open_requests[0] if open_requests else None
+            if cfg.in_flight == "queue" and forced is not None:
+                consumed = [open_requests.popleft()]
+                if overrides and overrides[0] is forced:
+                    overrides.popleft()
+            else:
+                consumed = list(open_requests)
+                open_requests.clear()
+                overrides.clear()
             watermark, base = len(images.times), head.trained_watermark
             new = images.latest_count - images.latest_upto(base)
             count = new if cfg.training_data == "new" else images.latest_count
@@ -388,7 +403,10 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
                     wake = earliest_wake(now, wake)
                     continue
             else:
-                open_requests.append(history.requests[index])
+                request = history.requests[index]
+                open_requests.append(request)
+                if request.override_budget:
+                    overrides.append(request)
             wake = evaluate(now)
             continue
         wake = evaluate(now)  # a tick
@@ -411,9 +429,36 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
 # -- histories ------------------------------------------------------------------------------------
 
 
-def _time(value: str) -> dt.datetime:
+# Bounds of a history file: it may come from anywhere (--events), so nothing in it is trusted.
+MAX_HISTORY_BYTES = 1 << 30  # 1 GiB: about 10 million arrivals
+MAX_LINE_BYTES = 64 * 1024
+MAX_TEXT = 4096  # characters of a path, an id or a name
+EARLIEST, LATEST = dt.datetime(1970, 1, 1, tzinfo=dt.UTC), dt.datetime(2200, 1, 1, tzinfo=dt.UTC)
+MAX_IMAGES = 10**9
+
+
+def _time(value: Any) -> dt.datetime:
+    if not isinstance(value, str):
+        raise ValueError(f"a time is an ISO 8601 string, not {type(value).__name__}")
     at = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+    at = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+    if not EARLIEST <= at < LATEST:  # far-off years overflow the replay's date arithmetic
+        raise ValueError(f"{value[:40]!r} is outside 1970-2199")
+    return at
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is a string, not {type(value).__name__}")
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"{what} is longer than {MAX_TEXT} characters")
+    return value
+
+
+def _count(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_IMAGES:
+        raise ValueError(f"images is a whole number from 0 to {MAX_IMAGES}, not {str(value)[:40]}")
+    return value
 
 
 def read_history(lines: Iterable[str]) -> History:
@@ -423,21 +468,26 @@ def read_history(lines: Iterable[str]) -> History:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-            kind = item["type"]
+            if len(line) > MAX_LINE_BYTES:
+                raise ValueError(f"longer than {MAX_LINE_BYTES} bytes")
+            item = load_checked_document(line)
+            kind = item.get("type")
             if kind == "arrival":
-                history.arrivals.append(Arrival(_time(item["at"]), str(item["path"]), str(item.get("etag", ""))))
+                history.arrivals.append(
+                    Arrival(_time(item.get("at")), _text(item.get("path"), "path"), _text(item.get("etag", ""), "etag"))
+                )
             elif kind == "request":
-                history.requests.append(Request(_time(item["at"]), str(item.get("id", f"req-{number}")), str(item.get("requested_by", "")),
-                                                bool(item.get("override_budget", False))))  # fmt: skip
+                history.requests.append(Request(_time(item.get("at")), _text(item.get("id", f"req-{number}"), "id"),
+                                                _text(item.get("requested_by", ""), "requested_by"),
+                                                item.get("override_budget", False) is True))  # fmt: skip
             elif kind == "run":
                 finished = item.get("finished_at")
-                history.runs.append(RecordedRun(_time(item["planned_at"]), _time(finished) if finished else None, int(item.get("images", 0)),
-                                                str(item.get("outcome", "succeeded"))))  # fmt: skip
+                history.runs.append(RecordedRun(_time(item.get("planned_at")), _time(finished) if finished is not None else None,
+                                                _count(item.get("images", 0)), _text(item.get("outcome", "succeeded"), "outcome")))  # fmt: skip
             else:
-                raise ValueError(f"unknown type {kind!r}")
+                raise ValueError(f"unknown type {printable(kind, limit=40)!r}")
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"line {number}: {exc}") from None
+            raise ValueError(f"line {number}: {printable(exc, limit=300)}") from None
     history.arrivals.sort(key=lambda a: a.at)
     history.requests.sort(key=lambda r: r.at)
     history.runs.sort(key=lambda r: r.planned_at)
@@ -471,5 +521,23 @@ def _outcome(value: str) -> str:
 
 
 def load_history(path: Path) -> History:
-    with open(path, encoding="utf-8") as fh:
-        return read_history(fh)
+    """A history file: a regular file (a FIFO or /dev/zero would block or never end), at most
+    MAX_HISTORY_BYTES, each line at most MAX_LINE_BYTES, read without holding more than a line."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > MAX_HISTORY_BYTES:
+            raise ValueError(f"{info.st_size} bytes; a history holds at most {MAX_HISTORY_BYTES}")
+        os.set_blocking(fd, True)
+        fh = os.fdopen(fd, encoding="utf-8", errors="strict")
+        fd = -1
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    with fh:
+        try:
+            return read_history(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), ""))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not UTF-8 text: {exc}") from None

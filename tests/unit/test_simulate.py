@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +188,72 @@ def test_export_writes_the_ledgers_history_in_the_documented_format(tmp_path):
     SqliteStore(tmp_path / "state2" / "ledger.db").close()
     out = CliRunner().invoke(app, ["simulate", "birds", "--export", "-"], env=env)
     assert (out.exit_code, out.output) == (0, "")
+
+
+HOSTILE_LINES = [
+    ('{"type": "arrival", "at": NaN, "path": "chicken/a.jpg"}', "NaN"),
+    ('{"type": "arrival", "at": null, "path": "chicken/a.jpg"}', "a time is an ISO 8601 string"),
+    ('{"type": "arrival", "at": 1700000000, "path": "chicken/a.jpg"}', "a time is an ISO 8601 string"),
+    ('{"type": "arrival", "at": "9999-12-31T23:59:59+00:00", "path": "chicken/a.jpg"}', "outside 1970-2199"),
+    ('{"type": "run", "planned_at": "2026-01-01T00:00:00+00:00", "images": 1e400}', ""),
+    ('{"type": "run", "planned_at": "2026-01-01T00:00:00+00:00", "images": 10000000000}', "images is a whole number"),
+    ('{"type": "arrival", "at": "2026-01-01T00:00:00+00:00", "path": "' + "[" * 0 + '\\ud800"}', ""),
+    ('{"type": "request", "at": "2026-01-01T00:00:00+00:00", "x": ' + "[" * 5000 + "]" * 5000 + "}", ""),
+    ('{"type": "arrival", "at": "2026-01-01T00:00:00+00:00", "path": ["not", "a", "string"]}', "path is a string"),
+    ("[1, 2]", ""),
+]
+
+
+@pytest.mark.parametrize(("line", "words"), HOSTILE_LINES, ids=[f"line{i}" for i in range(len(HOSTILE_LINES))])
+def test_a_hostile_history_line_is_refused_with_its_line_number_never_a_traceback(tmp_path, line, words):
+    from worker.simulate import load_history
+
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"type": "arrival", "at": "2026-01-01T00:00:00+00:00", "path": "chicken/ok.jpg"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=r"^line 2: ") as caught:
+        load_history(path)
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "fifo"])
+def test_a_history_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path, source):
+    import os
+
+    from worker.simulate import load_history
+
+    if source == "fifo":
+        source = str(tmp_path / "fifo")
+        os.mkfifo(source)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_history(Path(source))
+
+
+def test_a_history_line_without_an_end_is_refused_after_its_limit(tmp_path):
+    from worker.simulate import MAX_LINE_BYTES, load_history
+
+    path = tmp_path / "history.jsonl"
+    path.write_text("x" * (MAX_LINE_BYTES * 3))
+    with pytest.raises(ValueError, match=f"line 1: longer than {MAX_LINE_BYTES} bytes"):
+        load_history(path)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--tick", "0"], "--tick is the seconds between ticks"), (["--tick", "nan"], "--tick"), (["--tick", "inf"], "--tick"),
+    (["--grid", "min_new_images=,,"], "needs at least one value"), (["--run-minutes", "-5"], "--run-minutes"),
+])  # fmt: skip
+def test_absurd_simulate_options_are_one_line_errors(tmp_path, args, words):
+    from typer.testing import CliRunner
+
+    from worker.app.cli import app
+
+    history = tmp_path / "history.jsonl"
+    history.write_text('{"type": "arrival", "at": "2026-01-01T00:00:00+00:00", "path": "chicken/ok.jpg"}\n')
+    env = {
+        "RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"),
+        "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images"),
+        "RETRAIN_CONFIG": "",
+    }
+    result = CliRunner().invoke(app, ["simulate", "birds", "--events", str(history), *args], env=env)
+    assert result.exit_code == 2, result.output
+    assert words in result.output
+    assert "Traceback" not in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,9 @@ class SimulateError(ValueError):
     """Bad settings or an unreadable history; the message says which."""
 
 
+MAX_CONFIGURATIONS = 1000  # one replay each
+
+
 def _pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -29,7 +33,12 @@ def _pair(text: str) -> tuple[str, str]:
 def configurations(base: ModelConfig, sets: list[str], grid: list[str]) -> list[tuple[str, ModelConfig]]:
     """The live configuration with --set applied, once per combination of --grid values."""
     fixed = dict(_pair(s) for s in sets)
-    axes = [(key, [v for v in values.split(",") if v]) for key, values in map(_pair, grid)]
+    axes = [(key, [v.strip() for v in values.split(",") if v.strip()]) for key, values in map(_pair, grid)]
+    for key, values in axes:
+        if not values:
+            raise SimulateError(f"--grid {key}= needs at least one value (e.g. {key}=10,50)")
+    if math.prod(len(values) for _, values in axes) > MAX_CONFIGURATIONS:
+        raise SimulateError(f"--grid makes more than {MAX_CONFIGURATIONS} configurations; narrow it")
     combos = list(itertools.product(*(values for _, values in axes))) or [()]
     found = []
     for combo in combos:
@@ -50,6 +59,10 @@ def run_simulation(
     config: RetrainConfig, model: str, open_store: Callable[[RetrainConfig], Store] | None, sets: list[str], grid: list[str],
     events: Path | None, export: Path | None, run_minutes: float | None, tick: float,
 ) -> dict[str, Any] | None:  # fmt: skip
+    if not (math.isfinite(tick) and 1 <= tick <= 86400):
+        raise SimulateError(f"--tick is the seconds between ticks, from 1 to 86400, not {tick}")
+    if run_minutes is not None and not (math.isfinite(run_minutes) and 0 < run_minutes <= 366 * 24 * 60):
+        raise SimulateError(f"--run-minutes is from 0 to a year of minutes, not {run_minutes}")
     if events is not None:
         try:
             history = load_history(events)
