@@ -400,3 +400,23 @@ def test_marking_events_published_reads_each_event_once_whatever_the_number_of_p
     assert len(reads) == 12  # one read of each event's own entity
     assert store.unpublished_events() == []
     assert {e.published_at for e in store.all_events()} == {at}
+
+
+def test_overwriting_the_image_at_the_pending_floor_counts_only_its_new_version(store, tmp_path):
+    """The image with the run's watermark (the floor) is in the run, not pending: replacing it adds
+    one pending image and takes none away (a boundary that counted it as pending lost one)."""
+    h = make_harness(tmp_path, store=store)
+    h.uploads(6)  # 12 images; the last, turkey/img00012.jpg, gets seq 12
+    h.clock.advance(11)
+    h.worker.tick()
+    [run] = h.runs()
+    assert run.watermark == 12
+    assert run.in_flight
+    h.upload("chicken", name="extra", etag="e1")  # pending is counted again above the new floor (12) and kept on the head
+    h.clock.advance(1)
+    h.worker.tick()
+    h.upload("turkey", name="img00012", etag="e2")  # a new version of the image at the floor
+    h.worker.tick()
+    with store.transaction() as tx:
+        stats = tx.pending_stats("birds")
+    assert (stats.count, stats.per_class) == (2, {"chicken": 1, "turkey": 1})

@@ -300,3 +300,17 @@ def test_a_pause_refuses_forced_requests_as_forced_and_names_its_reason():
     assert (
         dropped.reason == "paused by ops at 2026-01-01 11:00:00 UTC: label audit; forced requests are refused while paused (resume first)"
     )
+
+
+def test_a_pause_outranks_a_run_in_flight_no_follow_up_is_coalesced_and_no_forced_request_queued():
+    """While paused, a run in flight finishes but nothing is lined up behind it: neither images past
+    the threshold nor a forced request become a follow-up that would start the moment it is resumed."""
+    paused = ModelHead("birds", paused={"by": "ops", "at": "2026-01-01T11:00:00+00:00"})
+    busy = decide(snap(pending(12), in_flight=run(), head=paused), NOW, CFG)
+    assert (busy.outcome, busy.forced) == ("wait", False)
+    assert busy.reason.startswith("paused by ops")
+    forced = decide(snap(pending(12), in_flight=run(), head=paused, force=FORCE), NOW, CFG)
+    assert (forced.outcome, forced.forced) == ("drop", True)
+    assert "forced requests are refused while paused" in forced.reason
+    queued = decide(snap(pending(12), in_flight=run(), head=paused), NOW, CFG.model_copy(update={"in_flight": "queue"}))
+    assert queued.outcome == "wait"
