@@ -461,3 +461,20 @@ def test_one_idempotency_key_sent_for_two_models_is_two_requests_each_carried_ou
         assert tx.model_head("fish").paused is not None
         assert tx.model_head("birds").paused is not None
     assert (paused_birds.status_code, paused_fish.status_code) == (202, 202)
+
+
+def test_an_idempotency_key_is_bound_to_the_body_sent_not_to_its_spelling_or_to_what_it_parses_into(h):
+    """The fingerprint is over the body's JSON document: the same fields in another order or spacing
+    are the same request (replayed); a field the body spells out that another leaves to its default
+    is another body (409), though both parse into the same request."""
+    h.uploads(6)
+    first = post({"model": "birds", "force": True}, {"Idempotency-Key": "k-order"})
+    respelled = call("retrain_http", func.HttpRequest(
+        method="POST", url="/api/retrain", headers={"Idempotency-Key": "k-order"}, body=b'{ "force" : true,\n  "model": "birds" }',
+    ))  # fmt: skip
+    assert (first.status_code, respelled.status_code) == (202, 202)
+    assert respelled.headers.get("Idempotent-Replayed") == "true"
+    assert respelled.get_body() == first.get_body()
+    defaulted = post({"model": "birds", "force": True, "reason": ""}, {"Idempotency-Key": "k-order"})
+    assert defaulted.status_code == 409
+    assert len(h.runs()) == 1
