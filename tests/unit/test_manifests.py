@@ -141,3 +141,22 @@ def test_a_manifest_path_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "manifest.json")
     with pytest.raises(DataError, match="not a regular file"):
         load_manifest(tmp_path / "manifest.json")
+
+
+def test_the_digest_covers_the_class_list_so_a_class_added_or_reordered_after_freezing_is_refused(tmp_path):
+    """The class list fixes each label's output index: a manifest whose classes were edited (one
+    added, or two swapped) but whose images were not must not keep the frozen digest."""
+    from shared.manifest_hash import manifest_sha256 as worker_sha256
+
+    images = [ImageRecord(path=f"{c}/{i}.jpg", label=c, split="train" if i else "val") for c in ("a", "b") for i in range(3)]
+    entries = [{"path": r.path, "label": r.label, "split": r.split, "etag": r.etag} for r in images]
+    frozen = manifest_sha256(["a", "b"], images)
+    assert worker_sha256(["a", "b"], entries) == frozen  # the worker and train.py agree
+    for classes in (["a", "b", "c"], ["b", "a"]):
+        assert manifest_sha256(classes, images) != frozen
+        assert worker_sha256(classes, entries) != frozen
+        edited = {"format": "retrain.manifest/v1", "classes": classes, "images": entries, "sha256": frozen}
+        path = tmp_path / "m.json"
+        path.write_text(json.dumps(edited))
+        with pytest.raises(DataError, match="sha256 mismatch|not the manifest"):
+            load_manifest(path)
