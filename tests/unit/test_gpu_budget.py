@@ -79,3 +79,38 @@ def test_exactly_the_budget_is_over_it_and_runs_older_than_a_day_count_nothing()
     hours, frees = gpu_usage(runs, T0 + 4 * hour, 2, budget=4.0)
     assert hours == pytest.approx(4.0, abs=1e-9), "the old run adds nothing, not even a second"
     assert frees == pytest.approx(T0 + 24 * hour, abs=dt.timedelta(seconds=1)), "at the budget: wait until the first run starts leaving"
+
+
+def test_an_azure_ml_run_counts_every_gpu_of_every_node_against_the_budget(tmp_path):
+    """A 2-node x 4-GPU job for half an hour is 4 GPU-hours, whatever the model's local nproc."""
+    from tests.fakes.adapters import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
+    from tests.fakes.backend import FakeTrainingBackend
+    from tests.fakes.memory_store import MemoryStore
+    from worker.adapters.local.registry import LocalModelRegistry
+    from worker.app.bootstrap import build_worker
+    from worker.config import load_config
+    from worker.runs import snapshot_of
+
+    from .worker_harness import Harness, small_config
+
+    local = small_config(tmp_path, training__nproc=3, max_gpu_hours_per_day=100)
+    assert local.gpus_per_run("birds") == 3
+    cfg = local.model_copy(update={
+        "worker": local.worker.model_copy(update={"backend": "azureml"}),
+        "azureml": load_config(None, env={"RETRAIN__AZUREML__NODE_COUNT": "2", "RETRAIN__AZUREML__GPUS_PER_NODE": "4"}).azureml,
+    })  # fmt: skip
+    assert cfg.gpus_per_run("birds") == 8
+    store, backend, clock = MemoryStore(), FakeTrainingBackend(), FakeClock()
+    blobs, registry = FakeBlobStore(), LocalModelRegistry(tmp_path / "registry")
+    worker = build_worker(cfg, store=store, backend=backend, clock=clock, publisher=RecordingPublisher(), blobs={"birds": blobs},
+                          registry=registry, exporter=FakeOnnxExporter())  # fmt: skip
+    h = Harness(worker=worker, store=store, backend=backend, clock=clock, publisher=worker.publisher, blobs=blobs,
+                exporter=FakeOnnxExporter(), registry=registry, root=tmp_path)  # fmt: skip
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    [run] = h.runs()
+    h.clock.advance(1800)
+    h.succeed(run)
+    with store.read() as tx:
+        assert snapshot_of(tx, "birds", cfg, clock.now()).gpu_hours_24h == 4.0
