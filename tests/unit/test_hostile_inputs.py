@@ -656,3 +656,19 @@ def test_a_queue_message_whose_path_escapes_a_lone_surrogate_is_rejected_once_no
     [event] = rejections(h)
     assert event.payload["data"]["reason"] == "schema"
     assert "lone surrogate" in event.payload["data"]["description"]
+
+
+def test_a_symlink_into_a_sibling_folder_whose_name_extends_the_images_folder_is_outside_it(tmp_path):
+    """Containment is by path, not by string prefix: /data/birds-private is not inside /data/birds."""
+    from worker.adapters.local.directory_blobs import DirectoryBlobStore
+
+    root, sibling = tmp_path / "birds", tmp_path / "birds-private"
+    (root / "chicken").mkdir(parents=True)
+    sibling.mkdir()
+    (sibling / "secret.jpg").write_bytes(b"not for training")
+    (root / "chicken" / "inside.jpg").write_bytes(b"an image")
+    (root / "chicken" / "escape.jpg").symlink_to(sibling / "secret.jpg")
+    (root / "chicken" / "alias.jpg").symlink_to(root / "chicken" / "inside.jpg")  # inside: counts
+    store = DirectoryBlobStore(root)
+    assert sorted(b.path for b in store.list()) == ["chicken/alias.jpg", "chicken/inside.jpg"]
+    assert store.info("chicken/escape.jpg") is None
