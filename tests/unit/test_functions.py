@@ -478,3 +478,26 @@ def test_an_idempotency_key_is_bound_to_the_body_sent_not_to_its_spelling_or_to_
     defaulted = post({"model": "birds", "force": True, "reason": ""}, {"Idempotency-Key": "k-order"})
     assert defaulted.status_code == 409
     assert len(h.runs()) == 1
+
+
+def test_the_functions_app_installs_log_redaction_when_it_builds_its_worker(tmp_path):
+    """In a fresh interpreter, as on a cold start: the first invocation builds the worker and from then
+    on every log line is one line with secrets masked."""
+    import os
+
+    from tests.conftest import ROOT
+
+    program = (
+        "import logging, sys\n"
+        "logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='%(name)s %(message)s')\n"
+        "from functions import runtime\n"
+        "runtime.worker()\n"
+        "logging.getLogger('retrain.functions').warning('blob %s', 'x\\nFORGED line AccountKey=c2VjcmV0c2VjcmV0c2VjcmV0==')\n"
+    )
+    env = {**os.environ, "RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"), "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images"),
+           "RETRAIN_CONFIG": "", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "c2VjcmV0c2VjcmV0c2VjcmV0" not in done.stdout
+    assert not any(line.startswith("FORGED") for line in done.stdout.splitlines())
+    assert "retrain.functions blob x\\nFORGED line AccountKey=" in done.stdout
