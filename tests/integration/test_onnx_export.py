@@ -155,10 +155,16 @@ def test_the_worker_exporters_report_parity_for_a_trained_model(trained, tiny_bi
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(trained / "model.pt", out / "model.pt")
-    result = exporter.export(Path(out / "model.pt"), out, data_dir=str(tiny_birds), manifest=None, tolerance=1e-4, samples=8)
+    result = exporter.export(Path(out / "model.pt"), out, data_dir=str(tiny_birds), manifest=None, tolerance=2e-3, samples=4)
     assert result.passed
     assert result.report["max_abs_diff"] < 1e-4
+    assert (result.report["tolerance"], result.report["samples"]) == (2e-3, 4)  # the configured values, not the defaults
     assert result.onnx_path.exists()
+    # A tolerance below the measured difference fails the export: the value reaches the check itself.
+    strict = exporter.export(Path(out / "model.pt"), out, data_dir=str(tiny_birds), manifest=None, tolerance=1e-12, samples=8)
+    assert strict.report["max_abs_diff"] > 1e-12
+    assert strict.passed is False
+    assert strict.report["tolerance"] == 1e-12
 
 
 def test_the_subprocess_exporter_turns_a_broken_model_into_an_export_error(tmp_path):
