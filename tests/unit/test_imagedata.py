@@ -197,3 +197,17 @@ def test_auto_loader_workers_stay_inline_on_small_cpus_and_scale_on_gpus(monkeyp
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert loader_workers(-1, 1, torch.device("cuda", 0)) == 8
     assert loader_workers(-1, 1, torch.device("cpu")) == 4
+
+
+def test_ranks_sharing_a_cache_folder_spill_validation_images_apart(split_birds, tmp_path):
+    """Each rank holds another shard of the validation set, indexed from 0: in one spill folder,
+    rank 1 would read rank 0's image number i as its own."""
+    manifest = scan_image_folder(split_birds)
+    common = {"image_size": 32, "batch_size": 2, "workers": 0, "world_size": 2, "seed": 0, "pin_memory": False}
+    spilled = {r: build_data(split_birds, manifest, {}, rank=r, cache_bytes=1, cache_dir=tmp_path / "cache", **common) for r in (0, 1)}
+    inline = {r: build_data(split_birds, manifest, {}, rank=r, **common) for r in (0, 1)}
+    for _ in range(2):  # the first pass spills, the second reads back
+        for rank in (0, 1):
+            got = [images for images, _ in spilled[rank].val_loader]
+            want = [images for images, _ in inline[rank].val_loader]
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), f"rank {rank}"
