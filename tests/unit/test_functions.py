@@ -501,3 +501,22 @@ def test_the_functions_app_installs_log_redaction_when_it_builds_its_worker(tmp_
     assert "c2VjcmV0c2VjcmV0c2VjcmV0" not in done.stdout
     assert not any(line.startswith("FORGED") for line in done.stdout.splitlines())
     assert "retrain.functions blob x\\nFORGED line AccountKey=" in done.stdout
+
+
+def test_the_workspace_topic_is_compared_without_regard_to_case(h, monkeypatch):
+    """Azure resource ids are case-insensitive: Event Grid may send the workspace's id in another
+    case than the app setting holds (the template writes it from resourceId())."""
+    from functions.eventgrid_runs import status_message
+    from shared.messages import RunStatusChanged
+
+    monkeypatch.setenv("RETRAIN_AML_WORKSPACE_TOPIC", TOPIC.lower())
+    message, why = status_message(
+        eg("e1", "Microsoft.MachineLearningServices.RunCompleted", {"runId": "birds-0001-abcdef12-a1"}, topic=TOPIC.upper())
+    )
+    assert why is None
+    assert isinstance(message, RunStatusChanged)
+    monkeypatch.setenv("RETRAIN_AML_WORKSPACE_TOPIC", TOPIC.upper())
+    _, foreign = status_message(
+        eg("e2", "Microsoft.MachineLearningServices.RunCompleted", {"runId": "birds-0001-abcdef12-a1"}, topic=TOPIC + "2")
+    )
+    assert foreign == "event from another workspace"
