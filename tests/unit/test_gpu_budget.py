@@ -114,3 +114,31 @@ def test_an_azure_ml_run_counts_every_gpu_of_every_node_against_the_budget(tmp_p
     h.succeed(run)
     with store.read() as tx:
         assert snapshot_of(tx, "birds", cfg, clock.now()).gpu_hours_24h == 4.0
+
+
+def test_the_simulator_runs_a_forced_request_that_overrides_the_budget_at_once_and_makes_one_that_does_not_wait():
+    from worker.simulate import Request
+
+    arrivals = [Arrival(T0 + dt.timedelta(seconds=i), f"{'a' if i % 2 else 'b'}/{i:05d}.jpg") for i in range(40)]
+    cfg = ModelConfig(min_new_images=20, quiet_period=0, max_wait=None, cooldown=0, min_per_class=1, max_gpu_hours_per_day=1.0)
+    at = T0 + dt.timedelta(hours=2)  # the first run (1 h x 4 GPUs) used the day's budget
+
+    def second_run_start(override: bool) -> dt.datetime:
+        history = History(arrivals=arrivals, requests=[Request(at, "req-1", "ops", override)])
+        result = simulate(history, cfg, durations=DurationModel("fixed", minutes=60), gpus_per_run=4, until=T0 + dt.timedelta(days=2))
+        assert len(result.runs) >= 2
+        return result.runs[1].planned_at
+
+    assert second_run_start(True) - at < dt.timedelta(minutes=2)
+    assert second_run_start(False) - at > dt.timedelta(hours=20)
+
+
+def test_the_simulator_finds_an_overriding_request_behind_one_that_does_not_override():
+    from worker.simulate import Request
+
+    arrivals = [Arrival(T0 + dt.timedelta(seconds=i), f"{'a' if i % 2 else 'b'}/{i:05d}.jpg") for i in range(40)]
+    cfg = ModelConfig(min_new_images=20, quiet_period=0, max_wait=None, cooldown=0, min_per_class=1, max_gpu_hours_per_day=1.0)
+    waiting, overriding = T0 + dt.timedelta(hours=2), T0 + dt.timedelta(hours=3)
+    history = History(arrivals=arrivals, requests=[Request(waiting, "req-wait", "ops", False), Request(overriding, "req-now", "ops", True)])
+    result = simulate(history, cfg, durations=DurationModel("fixed", minutes=60), gpus_per_run=4, until=T0 + dt.timedelta(days=2))
+    assert result.runs[1].planned_at - overriding < dt.timedelta(minutes=2)
