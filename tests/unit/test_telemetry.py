@@ -165,3 +165,17 @@ def test_each_received_message_is_a_span_with_its_model_id_and_outcome(tmp_path,
     assert len(every_model) == 1, "a tick for every model names none"
     one_model = [s for s in finished if s.name == "retrain.receive tick" and s.attributes["model"] == "birds"]
     assert one_model[0].attributes["message_id"] == every_model[0].attributes["message_id"] + ".birds"
+
+
+@pytest.mark.parametrize("flags", ["01", "00"])
+def test_a_span_continuing_a_recorded_trace_keeps_its_trace_id_and_its_sampling_flag(exported, flags):
+    """A traceparent is version-trace-span-flags: the run's spans and events continue the trace the
+    run recorded, sampled or not as it was (an unsampled trace must not come back sampled)."""
+    trace_id, parent_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with telemetry.span("retrain.submit", parent=f"00-{trace_id}-{parent_span}-{flags}"):
+        current = telemetry.current_traceparent()
+    assert current is not None
+    version, trace, span_id, got_flags = current.split("-")
+    assert (version, trace, got_flags) == ("00", trace_id, flags)
+    assert span_id != parent_span  # a child span of its own
+    assert len(span_id) == 16
