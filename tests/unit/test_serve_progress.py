@@ -33,3 +33,37 @@ def test_epoch_lines_are_logged_once_each_and_a_line_being_written_waits(tmp_pat
         f"{run.backend_run_id}: 12:00:17 [train] epoch 2/2 train_loss=0.5",
         f"{run.backend_run_id}: 12:00:18 [train] best_val_acc=0.9100 (epoch 2); wrote outputs",
     ]
+
+
+def test_an_inbox_message_is_kept_until_it_is_handled_and_handled_on_the_next_cycle_after_a_failure(tmp_path):
+    """The file is the only copy of the request: removed after the worker handled it, never before
+    (a ledger that is busy or down for one cycle must not lose it)."""
+    from shared.messages import RetrainRequested
+    from worker.adapters.local.inbox import LocalInbox
+    from worker.app.serve import LocalService
+
+    from .worker_harness import make_harness
+
+    h = make_harness(tmp_path)
+    inbox = LocalInbox(h.worker.config.worker.state_dir / "inbox")
+    request = RetrainRequested(message_id="req-1", model="birds", force=True, reason="backfill")
+    inbox.put(request.message_id, request.model_dump(mode="json", exclude_none=True))
+    [path] = list(inbox.pending())
+    service = LocalService(h.worker, settle_seconds=0)
+    real_handle = h.worker.handle
+    calls: list[str] = []
+
+    def failing_once(message, *args, **kwargs):
+        if getattr(message, "message_id", "") == "req-1" and not calls:
+            calls.append("failed")
+            raise ConnectionError("the ledger is unreachable for a moment")
+        return real_handle(message, *args, **kwargs)
+
+    h.worker.handle = failing_once
+    with pytest.raises(ConnectionError):
+        service.cycle()
+    assert path.exists()  # still there: nothing was done with it
+    service.cycle()
+    assert not path.exists()
+    with h.store.transaction() as tx:
+        assert [r.request_id for r in tx.open_requests("birds")] == ["req-1"]
