@@ -158,5 +158,5 @@ def test_the_digest_covers_the_class_list_so_a_class_added_or_reordered_after_fr
         edited = {"format": "retrain.manifest/v1", "classes": classes, "images": entries, "sha256": frozen}
         path = tmp_path / "m.json"
         path.write_text(json.dumps(edited))
-        with pytest.raises(DataError, match="sha256 mismatch|not the manifest"):
+        with pytest.raises(DataError, match=r"sha256 mismatch|not the manifest"):
             load_manifest(path)
