@@ -189,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="rank 0 also writes model.onnx and onnx_report.json (parity on this run's validation images) before metrics.json",
     )
-    out.add_argument("--onnx_tolerance", type=float, default=1e-4, help="with --export_onnx: the parity tolerance recorded in the report")
+    out.add_argument(
+        "--onnx_tolerance", type=float, default=1e-4, help="with --export_onnx: the largest |PyTorch - onnxruntime| that passes"
+    )
+    out.add_argument("--onnx_samples", type=int, default=32, help="with --export_onnx: validation images in the parity check")
     out.add_argument("--log_every", type=int, default=20, help="steps between progress updates with a loss value")
 
     d = p.add_argument_group("distributed")
@@ -714,7 +717,7 @@ def save_outputs(
     assert result.best_state is not None, "rank 0 keeps the best epoch's weights (num_epochs >= 1)"
     onnx = None
     if args.export_onnx:
-        onnx = {"data_dir": args.data_dir, "manifest": args.manifest, "tolerance": args.onnx_tolerance, "samples": 32}
+        onnx = {"data_dir": args.data_dir, "manifest": args.manifest, "tolerance": args.onnx_tolerance, "samples": args.onnx_samples}
     write_outputs(Path(args.output_dir), model.arch, result.best_state, class_names, args.image_size, metrics, manifest_sha256, onnx)
     output_dir = Path(args.output_dir)
     tracking.finish(metrics, [output_dir / "metrics.json", output_dir / "onnx_report.json"])

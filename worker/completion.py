@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,12 @@ class Completer:
             if not gate.passed:
                 return self._finalize_rejected(run, champion, gate.reason, metrics, gate)
             started = time.perf_counter()
-            export = self._exported_in_run(outputs, metrics) or self.exporter.export(
+            in_run = self._exported_in_run(outputs, metrics)
+            if in_run is not None:
+                short = self._short_of_the_gate(in_run.report, metrics, run.model)
+                if short:
+                    return self._finalize_rejected(run, champion, short, metrics, gate)
+            export = in_run or self.exporter.export(
                 outputs / "model.pt",
                 outputs,
                 data_dir=str(self.config.images_dir(run.model)),
@@ -193,6 +199,19 @@ class Completer:
             log.warning("ignoring the run's own ONNX export in %s: it does not match model.pt", outputs)
             return None
         return ExportResult(onnx_path, report_path, report)
+
+    def _short_of_the_gate(self, report: dict[str, Any], metrics: dict[str, Any], model: str) -> str | None:
+        """Why the run's own parity check does not meet the configured gate, or None. The run's
+        `passed` is not trusted: it checked at whatever tolerance it was given; the figures are."""
+        g = self.config.model(model).gate
+        diff, samples = report.get("max_abs_diff"), report.get("samples")
+        if not isinstance(diff, int | float) or isinstance(diff, bool) or not math.isfinite(diff) or diff > g.onnx_tolerance:
+            return f"ONNX parity failed: max |PyTorch - onnxruntime| {diff} > the configured tolerance {g.onnx_tolerance:g} (the run checked at {report.get('tolerance')})"
+        available = metrics.get("num_val")
+        needed = min(g.onnx_samples, available) if isinstance(available, int) and available > 0 else g.onnx_samples
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < needed:
+            return f"ONNX parity checked on {samples} images; the gate asks for {needed} (onnx_samples {g.onnx_samples})"
+        return None
 
     def _manifest_file(self, run: RunRow, outputs: Path) -> Path:
         """The run's frozen manifest as a local file (the exporter checks parity on its validation images)."""

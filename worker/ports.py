@@ -31,6 +31,8 @@ class TrainingArgs:
     distributed: str = "ddp"  # ddp | horovod | none
     arch: str = "resnet18"
     extra: tuple[str, ...] = ()  # more train.py arguments, passed through verbatim
+    onnx_tolerance: float = 1e-4  # the model's gate.onnx_tolerance: a run that exports ONNX checks parity at it
+    onnx_samples: int = 32  # the model's gate.onnx_samples: validation images in that check
 
     def train_py_args(self) -> list[str]:
         args = [
@@ -39,6 +41,8 @@ class TrainingArgs:
             "--image_size", str(self.image_size),
             "--learning_rate", repr(self.learning_rate),
             "--arch", self.arch,
+            "--onnx_tolerance", repr(self.onnx_tolerance),
+            "--onnx_samples", str(self.onnx_samples),
         ]  # fmt: skip
         if self.distributed == "horovod":
             args += ["--distributed", "horovod"]

@@ -36,6 +36,8 @@ def training_args(config: RetrainConfig, run: RunRow) -> TrainingArgs:
         distributed=t.distributed,
         arch=t.arch,
         extra=tuple(t.extra),
+        onnx_tolerance=config.model(run.model).gate.onnx_tolerance,
+        onnx_samples=config.model(run.model).gate.onnx_samples,
     )
 
 

@@ -580,3 +580,18 @@ def test_a_worker_built_while_azure_ml_is_unreachable_still_ingests_ticks_and_se
     assert "Failed to resolve 'management.azure.com'" in run.detail  # why, where `retrain runs` and the status view show it
     view = status_view(worker.store, worker.config, "birds")
     assert json.dumps(view, default=str)  # the status endpoint's answer
+
+
+def test_the_configured_onnx_tolerance_and_samples_reach_the_job_and_the_v1_run():
+    from worker.adapters.azure.azureml.v1 import build_environment as v1_environment
+    from worker.adapters.azure.azureml.v1 import build_script_run_config, serialized_run_config
+
+    strict = RunSpec(backend_run_id="birds-0003-abcd1234-a1", model="birds", manifest={}, data_dir="",
+                     training=TrainingArgs(onnx_tolerance=1e-6, onnx_samples=7), tags={"model": "birds", "manifest_sha256": SHA})  # fmt: skip
+    command = job_document(build_command_job(strict, SETTINGS, build_environment(SETTINGS)))["command"].split()
+    assert command[command.index("--onnx_tolerance") + 1] == "1e-06"
+    assert command[command.index("--onnx_samples") + 1] == "7"
+    assert "--export_onnx" in command
+    v1 = serialized_run_config(build_script_run_config(strict, SETTINGS, v1_environment(SETTINGS)))["arguments"]
+    assert v1[v1.index("--onnx_tolerance") + 1] == "1e-06"
+    assert v1[v1.index("--onnx_samples") + 1] == "7"

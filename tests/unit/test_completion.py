@@ -189,13 +189,51 @@ def test_an_onnx_export_made_by_the_run_itself_is_used_when_it_matches(h):
     outputs.mkdir(parents=True)
     weights, onnx = b"weights of run 2", b"onnx exported on the cluster"
     (outputs / "model.onnx").write_bytes(onnx)
-    report = {"passed": True, "max_abs_diff": 1e-6, "tolerance": 1e-4, "opset": 17}
+    report = {"passed": True, "max_abs_diff": 1e-6, "tolerance": 1e-4, "opset": 17, "samples": 32}
     report.update(onnx_sha256=hashlib.sha256(onnx).hexdigest(), model_sha256=hashlib.sha256(weights).hexdigest())
     (outputs / "onnx_report.json").write_text(_json.dumps(report))
     h.succeed(run, best=0.95, baseline=0.9, model_bytes=weights)
     assert h.runs()[0].outcome == "registered"
     assert len(h.exporter.calls) == 1, "the worker did not export again"
     assert h.registry.card("birds", 2)["onnx"]["max_abs_diff"] == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("figures", "why"),
+    [
+        (
+            {"max_abs_diff": 5e-5, "samples": 32},
+            "max |PyTorch - onnxruntime| 5e-05 > the configured tolerance 1e-06 (the run checked at 0.0001)",
+        ),
+        ({"max_abs_diff": float("nan"), "samples": 32}, "max |PyTorch - onnxruntime| nan > the configured tolerance 1e-06"),
+        ({"max_abs_diff": 1e-7, "samples": 4}, "ONNX parity checked on 4 images; the gate asks for 20 (onnx_samples 20)"),
+    ],
+)
+def test_a_runs_own_onnx_check_is_held_to_the_configured_gate_whatever_the_run_says(tmp_path, figures, why):
+    """On Azure ML the run checks parity itself: its `passed` reflects the tolerance it was given,
+    so completion compares the figures with gate.onnx_tolerance and gate.onnx_samples."""
+    import hashlib
+    import json as _json
+
+    from .worker_harness import make_harness
+
+    h = make_harness(tmp_path, gate__onnx_tolerance=1e-6, gate__onnx_samples=20)
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    [run] = h.runs()
+    outputs = h.root / "outputs" / run.backend_run_id
+    outputs.mkdir(parents=True)
+    weights, onnx = b"weights of run 1", b"onnx exported on the cluster"
+    (outputs / "model.onnx").write_bytes(onnx)
+    report = {"passed": True, "tolerance": 1e-4, "opset": 17, **figures}
+    report.update(onnx_sha256=hashlib.sha256(onnx).hexdigest(), model_sha256=hashlib.sha256(weights).hexdigest())
+    (outputs / "onnx_report.json").write_text(_json.dumps(report))
+    h.succeed(run, best=0.95, model_bytes=weights, num_val=40)
+    [done] = h.runs()
+    assert done.outcome == "rejected"
+    assert why in done.detail
+    assert h.versions() == []
 
 
 def test_an_onnx_export_for_another_model_file_is_ignored_and_redone(h):

@@ -353,6 +353,7 @@ def test_default_commands_use_torchrun_horovodrun_or_plain_python(tmp_path):
     assert "--init_checkpoint" not in command("ddp")
     ddp = command("ddp")
     assert ddp[ddp.index("--manifest_sha256") + 1] == MANIFEST["sha256"]  # train.py checks the manifest is the frozen one
+    assert ddp[ddp.index("--onnx_tolerance") + 1] == "0.0001"  # the gate's tolerance reaches a run that exports in place
 
 
 def test_the_training_environment_is_unbuffered_single_threaded_and_can_import_the_worker(tmp_path, monkeypatch):

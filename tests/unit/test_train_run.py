@@ -139,3 +139,24 @@ def test_training_refuses_a_manifest_other_than_the_one_the_run_was_frozen_with(
     with pytest.raises(DataError, match="not the manifest the run was planned with"):
         run(parse_args(args), Topology(kind="none"))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_in_the_run_checks_parity_at_the_tolerance_and_samples_it_is_given(tiny_birds, tmp_path):
+    out = tmp_path / "out"
+    args = [
+        "--data_dir",
+        str(tiny_birds),
+        "--output_dir",
+        str(out),
+        "--export_onnx",
+        "--onnx_tolerance",
+        "1e-12",
+        "--onnx_samples",
+        "3",
+        *TINY,
+    ]
+    metrics = run(parse_args(args), Topology(kind="none"))
+    report = json.loads((out / "onnx_report.json").read_text())
+    assert (report["tolerance"], report["samples"]) == (1e-12, 3)
+    assert metrics["onnx"]["tolerance"] == 1e-12
+    assert report["passed"] is (report["max_abs_diff"] <= 1e-12)

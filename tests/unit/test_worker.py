@@ -374,3 +374,18 @@ def test_the_tick_prunes_events_published_longer_ago_than_the_inbox_retention(h)
     h.worker.tick()
     h.worker.relay()
     assert [e for e in h.events() if e.published_at is not None and e.published_at < h.clock.now() - dt.timedelta(days=1)] == []
+
+
+def test_the_models_onnx_gate_reaches_every_runs_training_arguments(tmp_path):
+    from .worker_harness import make_harness
+
+    h = make_harness(tmp_path, gate__onnx_tolerance=1e-6, gate__onnx_samples=7)
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    [run] = h.runs()
+    training = h.backend.specs[run.backend_run_id].training
+    assert (training.onnx_tolerance, training.onnx_samples) == (1e-6, 7)
+    args = training.train_py_args()
+    assert args[args.index("--onnx_tolerance") + 1] == "1e-06"
+    assert args[args.index("--onnx_samples") + 1] == "7"
