@@ -128,6 +128,10 @@ class Launch:
             self.proc.stdout.close()
 
 
+# The limits in these tests (20 s) leave room for the two ranks to start and meet on a loaded
+# 2-core machine (importing torch, the rendezvous, the screening): every phase counts, not only training.
+
+
 def stall_rank_one_mid_training(launch: Launch) -> int:
     """SIGSTOP rank 1 once rank 0 reports that training starts: rank 0 is then left waiting for it."""
     launch.wait_for_line(r"\[train\] training resnet18", timeout=180)
@@ -138,7 +142,7 @@ def stall_rank_one_mid_training(launch: Launch) -> int:
 
 def test_a_stalled_rank_makes_the_run_fail_with_the_watchdog_naming_the_phase(tiny_birds, tmp_path):
     args = ["--data_dir", str(tiny_birds), "--output_dir", str(tmp_path / "out"), "--num_epochs", "200", "--workers", "0", *SMALL,
-            "--stall_timeout", "8", "--collective_timeout", "600"]  # fmt: skip
+            "--stall_timeout", "20", "--collective_timeout", "600"]  # fmt: skip
     launch = Launch(args)
     try:
         rank1 = stall_rank_one_mid_training(launch)
@@ -149,7 +153,7 @@ def test_a_stalled_rank_makes_the_run_fail_with_the_watchdog_naming_the_phase(ti
         launch.close()
     assert launch.proc.returncode != 0
     assert re.search(
-        r"no progress for \d+ s \(limit 8 s\) in phase '(training, epoch \d+|wrapping the model|evaluation, epoch \d+|averaging)", stalled
+        r"no progress for \d+ s \(limit 20 s\) in phase '(training, epoch \d+|wrapping the model|evaluation, epoch \d+|averaging)", stalled
     ), stalled
     assert "exitcode: 124" in launch.output or "exitcode  : 124" in launch.output, launch.output[-3000:]  # torchrun's summary
     assert 'File "' in launch.output  # the stack of every thread of the stalled rank, for the post-mortem
@@ -158,7 +162,7 @@ def test_a_stalled_rank_makes_the_run_fail_with_the_watchdog_naming_the_phase(ti
 
 def test_a_collective_that_waits_past_its_timeout_fails_the_rank_with_one_line(tiny_birds, tmp_path):
     args = ["--data_dir", str(tiny_birds), "--output_dir", str(tmp_path / "out"), "--num_epochs", "200", "--workers", "0", *SMALL,
-            "--stall_timeout", "0", "--collective_timeout", "5"]  # fmt: skip
+            "--stall_timeout", "0", "--collective_timeout", "20"]  # fmt: skip
     launch = Launch(args)
     try:
         rank1 = stall_rank_one_mid_training(launch)
@@ -168,5 +172,5 @@ def test_a_collective_that_waits_past_its_timeout_fails_the_rank_with_one_line(t
     finally:
         launch.close()
     assert launch.proc.returncode != 0
-    assert "--collective_timeout 5 s" in failed
+    assert "--collective_timeout 20 s" in failed
     assert re.search(r"in phase '[^']+'", failed), failed
