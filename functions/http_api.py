@@ -21,7 +21,7 @@ import uuid
 
 import azure.functions as func
 
-from functions import runtime
+from functions import auth, runtime
 
 bp = func.Blueprint()
 log = logging.getLogger("retrain.functions.http")
@@ -61,6 +61,10 @@ def _accept(req: func.HttpRequest, cls: type, fixed: dict, empty_body_ok: bool =
 
     if req.method.upper() != "POST":
         return func.HttpResponse(status_code=405, headers={"Allow": "POST"})
+    try:
+        who = auth.caller(req.headers, "control" if cls.__name__ == "ModelControl" else "request")
+    except auth.Refused as exc:
+        return _error(exc.status, exc.reason, exc.description)
     key = req.headers.get("Idempotency-Key")
     body = req.get_body() or b""
     try:
@@ -70,7 +74,8 @@ def _accept(req: func.HttpRequest, cls: type, fixed: dict, empty_body_ok: bool =
     if key is not None and not (1 <= len(key) <= 200 and key.isprintable() and " " not in key):
         return _error(400, "schema", "Idempotency-Key must be 1-200 printable characters without spaces")
     document.update(fixed)
-    document.setdefault("requested_by", "http")
+    # The actor is who the platform says called (or "function key"); what the body claims is a note.
+    document["requested_by"] = auth.recorded_by(who.actor, document.get("requested_by"))
     # A key is scoped to its endpoint and model: the same key sent for another model (or as another
     # kind of request) is another request, carried out on its own; it used to share the first one's
     # message id and be dropped as its duplicate. The id holds none of the key's characters.
@@ -107,6 +112,10 @@ def _accept(req: func.HttpRequest, cls: type, fixed: dict, empty_body_ok: bool =
 def status_http(req: func.HttpRequest) -> func.HttpResponse:
     from worker.views import status_view
 
+    try:
+        auth.caller(req.headers, "read")
+    except auth.Refused as exc:
+        return _error(exc.status, exc.reason, exc.description)
     model = req.route_params.get("model", "")
     worker = runtime.worker()
     if model not in worker.config.models:
@@ -120,6 +129,10 @@ def dashboard_http(req: func.HttpRequest) -> func.HttpResponse:
     """The same read-only page `retrain dashboard` serves, behind the function key."""
     from worker.app.dashboard import CSP, page
 
+    try:
+        auth.caller(req.headers, "read")
+    except auth.Refused as exc:
+        return _error(exc.status, exc.reason, exc.description)
     worker = runtime.worker()
     headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
     return func.HttpResponse(page(worker.store, worker.config), status_code=200, mimetype="text/html", charset="utf-8", headers=headers)

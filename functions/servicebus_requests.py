@@ -37,12 +37,18 @@ def request_from(msg: func.ServiceBusMessage):
     """(message, None) for a valid request, or (None, InvalidMessage) for a permanently bad one."""
     from shared.errors import InvalidMessage
     from shared.messages import ModelControl, RetrainRequested, load_document, parse_as
+    from shared.redact import printable
 
     kinds: dict[str, Any] = {"retrain.requested": RetrainRequested, "model.control": ModelControl}
     try:
         document = load_document(msg.get_body() or b"")
         document.setdefault("message_id", delivery_id(msg))
         document.setdefault("kind", "retrain.requested")
+        # Anyone with Data Sender on the queue can send: the queue is the door, the name is a claim.
+        claimed = document.get("requested_by")
+        queue = runtime.setting("RETRAIN_REQUESTS_QUEUE", "requests")
+        who = printable(claimed, limit=80) if isinstance(claimed, str) and claimed.strip() else "unknown"
+        document["requested_by"] = f"queue {printable(queue, limit=60)}: {who} (unverified)"[:200]
         if document["kind"] not in kinds:
             raise InvalidMessage("schema", f"kind must be 'retrain.requested' or 'model.control', got {str(document['kind'])[:50]!r}")
         return parse_as(kinds[document["kind"]], document, known_models=runtime.worker().config.models), None

@@ -93,6 +93,9 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'RETRAIN_SERVICEBUS__clientId', value: appIdentityClientId }
         { name: 'RETRAIN_REQUESTS_QUEUE', value: requestsQueue }
         { name: 'RETRAIN_EVENTS_TOPIC', value: eventsTopic }
+        // Who may call the HTTP functions: function keys until App Service Authentication (Entra ID) is
+        // configured for the app; then 'entra' (app roles Retrain.Reader/Requester/Operator: docs/azure.md).
+        { name: 'RETRAIN_AUTH', value: 'function_key' }
         // Only this workspace's run events are applied.
         { name: 'RETRAIN_AML_WORKSPACE_TOPIC', value: workspaceId }
         // The worker's configuration (RETRAIN__<SECTION>__<KEY>).

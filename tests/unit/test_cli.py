@@ -27,7 +27,9 @@ def test_inject_queues_a_valid_request_in_the_local_inbox(env, tmp_path):
     result = invoke(env, "inject", "--model", "birds", "--force", "--epochs", "3", "--request-id", "req-1", "--json")
     assert result.exit_code == 0, result.output
     body = json.loads((tmp_path / "state" / "inbox" / "req-1.json").read_text())
-    assert (body["force"], body["overrides"]["epochs"], body["requested_by"]) == (True, 3, "cli")
+    import getpass
+
+    assert (body["force"], body["overrides"]["epochs"], body["requested_by"]) == (True, 3, getpass.getuser())  # the OS user asked
     assert invoke(env, "inject", "--model", "birds", "--force", "--epochs", "3", "--request-id", "req-1").exit_code == 0  # same again: fine
     conflict = invoke(env, "inject", "--model", "birds", "--force", "--epochs", "4", "--request-id", "req-1")
     assert conflict.exit_code == 2
@@ -233,3 +235,15 @@ def test_text_from_outside_cannot_drive_the_terminal_in_status_explain_and_runs(
     assert "\\u001b]0;owned" in invoke(env, "explain", "birds").output  # shown, escaped, not swallowed
     json_out = invoke(env, "explain", "birds", "--json").output
     assert "\x1b" not in json_out  # JSON escapes it itself
+
+
+def test_the_operating_system_user_is_the_actor_of_a_command_and_by_is_a_note(env, tmp_path):
+    import getpass
+
+    user = getpass.getuser()
+    assert invoke(env, "pause", "birds", "--reason", "audit", "--by", "ceo@contoso.com").exit_code == 0
+    status = json.loads(invoke(env, "status", "birds", "--json").output)
+    assert status["birds"]["paused"]["by"] == f"{user} (on behalf of ceo@contoso.com)"
+    invoke(env, "resume", "birds")
+    assert invoke(env, "pause", "birds").exit_code == 0
+    assert json.loads(invoke(env, "status", "birds", "--json").output)["birds"]["paused"]["by"] == user

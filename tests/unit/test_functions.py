@@ -403,7 +403,7 @@ def test_pause_and_resume_over_http_are_recorded_with_who_asked_and_replayed_by_
     paused = control("pause", {"reason": "labelling fix", "requested_by": "ops"}, {"Idempotency-Key": "p-1"})
     assert paused.status_code == 202
     assert json.loads(paused.get_body())["outcome"] == "paused"
-    assert h.head().paused["by"] == "ops"
+    assert h.head().paused["by"] == "function key (on behalf of ops)"  # the actor is who holds the key; the body's name a note
     again = control("pause", {"reason": "labelling fix", "requested_by": "ops"}, {"Idempotency-Key": "p-1"})
     assert (again.status_code, again.headers.get("Idempotent-Replayed")) == (202, "true")
     assert control("resume").status_code == 202  # an empty body is fine for a control
@@ -520,3 +520,67 @@ def test_the_workspace_topic_is_compared_without_regard_to_case(h, monkeypatch):
         eg("e2", "Microsoft.MachineLearningServices.RunCompleted", {"runId": "birds-0001-abcdef12-a1"}, topic=TOPIC + "2")
     )
     assert foreign == "event from another workspace"
+
+
+# --- who may do what (App Service Authentication with Entra ID, or a function key) -------------
+
+
+def principal(object_id="11111111-2222-3333-4444-555555555555", name="Ada Ops", roles=("Retrain.Operator",)) -> str:
+    import base64
+
+    claims = [{"typ": "http://schemas.microsoft.com/identity/claims/objectidentifier", "val": object_id}, {"typ": "name", "val": name}]
+    claims += [{"typ": "roles", "val": role} for role in roles]
+    body = {"auth_typ": "aad", "claims": claims, "name_typ": "name", "role_typ": "roles"}
+    return base64.b64encode(json.dumps(body).encode()).decode()
+
+
+def test_a_principal_header_while_the_platforms_authentication_is_off_is_refused_as_forged(h, monkeypatch):
+    monkeypatch.delenv("WEBSITE_AUTH_ENABLED", raising=False)
+    forged = {"X-MS-CLIENT-PRINCIPAL": principal(name="ceo@contoso.com")}
+    for response in (control("pause", {"reason": "x"}, forged), post({"model": "birds", "force": True}, forged),
+                     call("status_http", func.HttpRequest(method="GET", url="/api/status/birds", headers=forged, body=b"",
+                                                          route_params={"model": "birds"}))):  # fmt: skip
+        assert response.status_code == 401
+        assert json.loads(response.get_body())["error"] == "forged_principal"
+    assert h.head().paused is None
+
+
+def test_with_entra_the_signed_in_principal_is_the_actor_and_its_app_roles_decide(h, monkeypatch):
+    monkeypatch.setenv("RETRAIN_AUTH", "entra")
+    monkeypatch.setenv("WEBSITE_AUTH_ENABLED", "True")
+    reader = {"X-MS-CLIENT-PRINCIPAL": principal(object_id="r-1", name="Rita Reader", roles=("Retrain.Reader",))}
+    operator = {"X-MS-CLIENT-PRINCIPAL": principal(object_id="o-1", name="Otto Operator", roles=("Retrain.Operator",))}
+    assert control("pause", {"reason": "x"}).status_code == 401  # not signed in
+    refused = control("pause", {"reason": "x"}, reader)
+    assert refused.status_code == 403
+    assert "Rita Reader has none of the app roles ['Retrain.Operator'] needed to control" in json.loads(refused.get_body())["description"]
+    assert post({"model": "birds", "force": True}, reader).status_code == 403  # a reader may not request a run
+    status = call(
+        "status_http", func.HttpRequest(method="GET", url="/api/status/birds", headers=reader, body=b"", route_params={"model": "birds"})
+    )
+    assert status.status_code == 200
+    paused = control("pause", {"reason": "label audit", "requested_by": "ceo@contoso.com"}, operator)
+    assert paused.status_code == 202
+    assert h.head().paused["by"] == "entra:o-1 (Otto Operator) (on behalf of ceo@contoso.com)"
+    [event] = [e.payload["data"] for e in h.events() if e.type == "retrain.model.paused"]
+    assert event["requested_by"].startswith("entra:o-1 (Otto Operator)")
+    assert h.decisions()[0].reason.startswith("paused by entra:o-1 (Otto Operator)")
+
+
+def test_entra_mode_without_the_platforms_authentication_is_a_configuration_error_not_an_open_door(h, monkeypatch):
+    monkeypatch.setenv("RETRAIN_AUTH", "entra")
+    monkeypatch.delenv("WEBSITE_AUTH_ENABLED", raising=False)
+    response = control("pause", {"reason": "x"})
+    assert response.status_code == 500
+    assert json.loads(response.get_body())["error"] == "misconfigured"
+    assert h.head().paused is None
+
+
+def test_a_queue_message_records_the_queue_as_the_door_and_its_requester_as_an_unverified_claim(h, monkeypatch):
+    monkeypatch.setenv("RETRAIN_REQUESTS_QUEUE", "retrain-requests")
+    h.uploads(6)
+    body = json.dumps({"model": "birds", "force": True, "requested_by": "ceo@contoso.com"}).encode()
+    call("retrain_requested", sb(body, message_id="m-actor"))
+    with h.store.transaction() as tx:
+        requests = [r for r in tx.all_requests("birds") if r.request_id == "sb-m-actor"]
+    assert [r.requested_by for r in requests] == ["queue retrain-requests: ceo@contoso.com (unverified)"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -37,6 +38,22 @@ def _plain(view, markup: bool = True):
     if isinstance(view, list | tuple):
         return [_plain(v, markup) for v in view]
     return view
+
+
+def _actor(claimed: str | None) -> str:
+    """requested_by for a command run here: the operating-system user is the actor; a name given
+    with --by / --requested-by is kept as a note ("on behalf of"), never as the actor."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container)
+        user = f"uid {os.getuid()}"
+    if not claimed or claimed == user:
+        return user[:200]
+    from shared.redact import printable
+
+    return f"{user} (on behalf of {printable(claimed, limit=80)})"[:200]
 
 
 def _is_version(text: str) -> bool:
@@ -131,7 +148,7 @@ def inject(
     batch_size: Annotated[int | None, typer.Option(help="override the batch size")] = None,
     image_size: Annotated[int | None, typer.Option(help="override the image size")] = None,
     request_id: Annotated[str | None, typer.Option(help="idempotency key (default: a new UUID)")] = None,
-    requested_by: Annotated[str, typer.Option(help="who asks")] = "cli",
+    requested_by: Annotated[str, typer.Option(help="on whose behalf (the operating-system user is recorded as who asked)")] = "",
     reason: Annotated[str, typer.Option(help="why")] = "",
     to: Annotated[str, typer.Option(help="local (the serve loop's inbox) or servicebus (RETRAIN_REQUESTS_QUEUE)")] = "local",
     json_out: JsonOption = False,
@@ -149,7 +166,7 @@ def inject(
         "message_id": request_id or f"req-{uuid.uuid4().hex}",
         "model": model,
         "force": force,
-        "requested_by": requested_by,
+        "requested_by": _actor(requested_by),
         "reason": reason,
     }
     if prefix is not None:
@@ -344,12 +361,11 @@ def cancel(run_id: Annotated[str, typer.Argument(help="the run to stop")], confi
 
 
 ReasonOption = Annotated[str, typer.Option(help="why (recorded in the ledger and the event)")]
-ByOption = Annotated[str, typer.Option("--by", help="who asks (default: $USER)")]
+ByOption = Annotated[str, typer.Option("--by", help="on whose behalf (the operating-system user is recorded as who asked)")]
 
 
 def _control(config: Path | None, model: str, action: str, json_out: bool, **fields) -> None:
     """Apply an operator's control message through the worker (recorded, announced, idempotent by id)."""
-    import os
 
     from shared.errors import InvalidMessage
     from shared.messages import ModelControl, parse_as
@@ -357,7 +373,7 @@ def _control(config: Path | None, model: str, action: str, json_out: bool, **fie
 
     cfg = _config(config)
     _known(cfg, model)
-    fields["requested_by"] = fields.get("requested_by") or os.environ.get("USER") or "cli"
+    fields["requested_by"] = _actor(fields.get("requested_by"))
     body = {"message_id": fields.pop("request_id", None) or f"ctl-{uuid.uuid4().hex}", "model": model, "action": action, **fields}
     try:
         message = parse_as(ModelControl, body, known_models=cfg.models)
