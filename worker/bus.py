@@ -36,6 +36,7 @@ from worker.store import ConcurrencyConflict, DecisionRow, Store, Tx, retry_lost
 from worker.submission import Submitter
 
 log = logging.getLogger("retrain.worker")
+AUDITED_EVENTS = frozenset({ev.MODEL_PROMOTED, ev.MODEL_PAUSED, ev.MODEL_RESUMED})
 T = TypeVar("T")
 COMPLETION_ATTEMPTS = 5  # completions of one run that raised before the run is failed for good
 DRAIN_ROUNDS = 1000  # folds per model and tick (about 28 images each)
@@ -363,7 +364,7 @@ class Worker:
         and events published as long ago (the outbox would otherwise grow for ever)."""
         before = self.clock.now() - dt.timedelta(seconds=self.config.worker.inbox_retention)
         pruned = sum(self.store.prune_inbox(model, before) for model in [None, *sorted(self.config.models)])
-        return pruned + self.store.prune_outbox(before)
+        return pruned + self.store.prune_outbox(before, keep=AUDITED_EVENTS)  # the operators' controls are the audit trail: kept
 
     def relay(self, batch: int = 100) -> int:
         """Publish queued events (oldest first); returns how many were published."""

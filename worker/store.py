@@ -402,8 +402,9 @@ class Store(abc.ABC):
         """Forget processed message ids (and idempotency keys) recorded before `before`; returns how many."""
 
     @abc.abstractmethod
-    def prune_outbox(self, before: dt.datetime, limit: int = 1000) -> int:
-        """Forget events published before `before` (never an unpublished one); returns how many."""
+    def prune_outbox(self, before: dt.datetime, limit: int = 1000, keep: frozenset[str] = frozenset()) -> int:
+        """Forget events published before `before` (never an unpublished one, never one of the types
+        in `keep`); returns how many."""
 
     def close(self) -> None:  # noqa: B027 - optional for adapters without resources
         """Release connections."""

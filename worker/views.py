@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from shared import events as ev
 from worker.config import RetrainConfig
 from worker.policy import decide
 from worker.runs import snapshot_of
@@ -135,3 +136,43 @@ def runs_view(store: Store, config: RetrainConfig, model: str | None = None, lim
                 rows.append(row)
             out[name] = rows
     return out
+
+
+def door_of(actor: str) -> tuple[str, bool]:
+    """(the door a request came through, whether who asked was verified), read from how the actor
+    was recorded (functions/auth.py, the queue trigger, the command line)."""
+    if actor.startswith("entra:"):
+        return "http (Entra ID)", True
+    if actor.startswith("function key"):
+        return "http (function key)", False
+    if actor.startswith("queue "):
+        return "queue", False
+    return "local", False
+
+
+def audit_view(store: Store, config: RetrainConfig, model: str | None = None, limit: int = 100) -> dict[str, list[dict[str, Any]]]:
+    """Per model, newest first: every control (promote, rollback, pause, resume) and every request
+    (forced run or backfill), with who asked, when, through which door, and whether it was verified."""
+    controls = {ev.MODEL_PROMOTED, ev.MODEL_PAUSED, ev.MODEL_RESUMED}
+    names = [model] if model else sorted(config.models)
+    entries: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for event in store.all_events():
+        data = event.payload.get("data") or {}
+        name = data.get("model")
+        if event.type in controls and name in entries:
+            action = data.get("action") or event.type.rsplit(".", 1)[-1]
+            entries[name].append({"at": event.created_at, "action": action, "actor": data.get("requested_by", ""),
+                                  "reason": data.get("reason", ""), "request_id": data.get("request_id"),
+                                  "version": data.get("version")})  # fmt: skip
+    with store.read() as tx:
+        for name in names:
+            for r in tx.all_requests(name):
+                action = "forced run" if r.force else "backfill"
+                entries[name].append({"at": r.created_at, "action": action, "actor": r.requested_by, "reason": r.reason,
+                                      "request_id": r.request_id, "state": r.state})  # fmt: skip
+    view = {}
+    for name, rows in entries.items():
+        rows.sort(key=lambda row: row["at"], reverse=True)
+        view[name] = [{**row, "at": row["at"].isoformat(), "door": door_of(row["actor"])[0], "verified": door_of(row["actor"])[1]}
+                      for row in rows[:limit]]  # fmt: skip
+    return view

@@ -249,9 +249,9 @@ class MemoryStore(Store):
         with self._lock:
             yield from list(self._state.outbox)
 
-    def prune_outbox(self, before: dt.datetime, limit: int = 1000) -> int:
+    def prune_outbox(self, before: dt.datetime, limit: int = 1000, keep: frozenset[str] = frozenset()) -> int:
         with self._lock:
-            old = {e.event_id for e in self._state.outbox if e.published_at is not None and e.published_at < before}
+            old = {e.event_id for e in self._state.outbox if e.published_at is not None and e.published_at < before and e.type not in keep}
             old = set(sorted(old)[:limit]) if len(old) > limit else old
             self._state.outbox = [e for e in self._state.outbox if e.event_id not in old]
             return len(old)

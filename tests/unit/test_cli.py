@@ -27,9 +27,10 @@ def test_inject_queues_a_valid_request_in_the_local_inbox(env, tmp_path):
     result = invoke(env, "inject", "--model", "birds", "--force", "--epochs", "3", "--request-id", "req-1", "--json")
     assert result.exit_code == 0, result.output
     body = json.loads((tmp_path / "state" / "inbox" / "req-1.json").read_text())
-    import getpass
+    import os
+    import pwd
 
-    assert (body["force"], body["overrides"]["epochs"], body["requested_by"]) == (True, 3, getpass.getuser())  # the OS user asked
+    assert (body["force"], body["overrides"]["epochs"], body["requested_by"]) == (True, 3, pwd.getpwuid(os.getuid()).pw_name)  # the OS user
     assert invoke(env, "inject", "--model", "birds", "--force", "--epochs", "3", "--request-id", "req-1").exit_code == 0  # same again: fine
     conflict = invoke(env, "inject", "--model", "birds", "--force", "--epochs", "4", "--request-id", "req-1")
     assert conflict.exit_code == 2
@@ -238,12 +239,46 @@ def test_text_from_outside_cannot_drive_the_terminal_in_status_explain_and_runs(
 
 
 def test_the_operating_system_user_is_the_actor_of_a_command_and_by_is_a_note(env, tmp_path):
-    import getpass
+    import os
+    import pwd
 
-    user = getpass.getuser()
-    assert invoke(env, "pause", "birds", "--reason", "audit", "--by", "ceo@contoso.com").exit_code == 0
+    user = pwd.getpwuid(os.getuid()).pw_name  # the account, not $USER (anyone can set it)
+    assert (
+        invoke(
+            {**env, "USER": "someone-else", "LOGNAME": "someone-else"}, "pause", "birds", "--reason", "audit", "--by", "ceo@contoso.com"
+        ).exit_code
+        == 0
+    )
     status = json.loads(invoke(env, "status", "birds", "--json").output)
     assert status["birds"]["paused"]["by"] == f"{user} (on behalf of ceo@contoso.com)"
     invoke(env, "resume", "birds")
     assert invoke(env, "pause", "birds").exit_code == 0
     assert json.loads(invoke(env, "status", "birds", "--json").output)["birds"]["paused"]["by"] == user
+
+
+def test_audit_says_who_did_what_through_which_door_and_whether_it_was_verified(env, tmp_path):
+    import os
+    import pwd
+
+    from shared.messages import ModelControl, RetrainRequested
+    from worker.adapters.local.sqlite_store import SqliteStore
+    from worker.app.bootstrap import build_worker
+    from worker.config import load_config
+
+    user = pwd.getpwuid(os.getuid()).pw_name
+    assert invoke(env, "pause", "birds", "--reason", "label audit", "--by", "ceo@contoso.com").exit_code == 0
+    worker = build_worker(load_config(None, env=env), store=SqliteStore(tmp_path / "state" / "ledger.db"))
+    worker.handle(ModelControl(message_id="h-1", model="birds", action="resume", requested_by="entra:o-1 (Otto Operator)"))
+    worker.handle(
+        RetrainRequested(message_id="q-1", model="birds", force=True, requested_by="queue retrain-requests: pipeline (unverified)")
+    )
+    view = json.loads(invoke(env, "audit", "birds", "--json").output)["birds"]
+    assert [(r["action"], r["door"], r["verified"]) for r in view] == [
+        ("forced run", "queue", False),
+        ("resumed", "http (Entra ID)", True),
+        ("paused", "local", False),
+    ]
+    assert view[2]["actor"] == f"{user} (on behalf of ceo@contoso.com)"
+    assert view[2]["reason"] == "label audit"
+    text = invoke(env, "audit", "birds").output
+    assert f"paused      by {user} (on behalf of ceo@contoso.com) via local (claimed): label audit" in text

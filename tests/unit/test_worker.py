@@ -389,3 +389,20 @@ def test_the_models_onnx_gate_reaches_every_runs_training_arguments(tmp_path):
     args = training.train_py_args()
     assert args[args.index("--onnx_tolerance") + 1] == "1e-06"
     assert args[args.index("--onnx_samples") + 1] == "7"
+
+
+def test_pruning_keeps_the_operators_controls_they_are_the_audit_trail(h):
+    from shared.messages import ModelControl
+
+    h.worker.handle(ModelControl(message_id="p-1", model="birds", action="pause", requested_by="ops"))
+    h.worker.handle(ModelControl(message_id="r-1", model="birds", action="resume", requested_by="ops"))
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    h.worker.relay()
+    h.clock.advance(h.worker.config.worker.inbox_retention + 60)
+    h.worker.tick()
+    assert sorted(e.type for e in h.events() if e.published_at is not None and e.published_at < h.clock.now() - dt.timedelta(days=1)) == [
+        ev.MODEL_PAUSED,
+        ev.MODEL_RESUMED,
+    ]

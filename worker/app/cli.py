@@ -43,11 +43,11 @@ def _plain(view, markup: bool = True):
 def _actor(claimed: str | None) -> str:
     """requested_by for a command run here: the operating-system user is the actor; a name given
     with --by / --requested-by is kept as a note ("on behalf of"), never as the actor."""
-    import getpass
+    import pwd
 
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no name for this uid (a bare container)
+    try:  # the account the process runs as (not $USER, which anyone can set)
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # no name for this uid (a bare container)
         user = f"uid {os.getuid()}"
     if not claimed or claimed == user:
         return user[:200]
@@ -476,6 +476,33 @@ def runs(
                 r["run_id"], r["state"], r["outcome"] or "", f"{r['images']} ({r['new_images']})", duration, acc, r["reason"] or ""
             )
         Console(highlight=False).print(table)
+
+
+@app.command()
+def audit(
+    model: Annotated[str | None, typer.Argument(help="one model (default: all)")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_LIMIT, help="how many entries per model")] = 50,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Who did what, when, through which door (HTTP with Entra ID or a function key, queue, local), verified or claimed."""
+    from worker.views import audit_view
+
+    cfg = _config(config)
+    _known(cfg, model)
+    view = audit_view(_store(cfg), cfg, model, limit)
+    if json_out:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    for name, rows in _plain(view, markup=False).items():
+        typer.echo(f"{name}:")
+        for r in rows:
+            what = r["action"] + (f" v{r['version']}" if r.get("version") else "")
+            checked = "verified" if r["verified"] else "claimed"
+            why = f": {r['reason']}" if r["reason"] else ""
+            typer.echo(f"  {r['at'][:19]}  {what:<11} by {r['actor']} via {r['door']} ({checked}){why}")
+        if not rows:
+            typer.echo("  nothing yet")
 
 
 @app.command()

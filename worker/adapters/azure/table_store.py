@@ -807,7 +807,7 @@ class TableStore(Store):
         for entity in rows[keep:]:
             self.table.delete_entity(model, entity["RowKey"])
 
-    def prune_outbox(self, before: dt.datetime, limit: int = 1000) -> int:
+    def prune_outbox(self, before: dt.datetime, limit: int = 1000, keep: frozenset[str] = frozenset()) -> int:
         """Published events older than `before`: the outbox entity and its `ev|` marker (a re-enqueue of
         so old an event id is past every duplicate window: the inbox forgets its message as long ago)."""
         from azure.core.exceptions import ResourceNotFoundError
@@ -818,7 +818,7 @@ class TableStore(Store):
                 break
             doc = _doc_of(e)
             published_at = _dt(doc.get("published_at"))
-            if published_at is None or published_at >= before:
+            if published_at is None or published_at >= before or doc.get("type") in keep:
                 continue
             for rk in (f"ev|{_k(doc['event_id'])}", e["RowKey"]):
                 with suppress(ResourceNotFoundError):

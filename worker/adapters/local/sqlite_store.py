@@ -570,11 +570,13 @@ class SqliteStore(Store):
             published_at=_dt(r["published_at"]),
         )  # fmt: skip
 
-    def prune_outbox(self, before: dt.datetime, limit: int = 1000) -> int:
+    def prune_outbox(self, before: dt.datetime, limit: int = 1000, keep: frozenset[str] = frozenset()) -> int:
+        kept = sorted(keep) or [""]
         with self.transaction() as tx:
             removed = tx.conn.execute(
-                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE published_at IS NOT NULL AND published_at < ? ORDER BY seq LIMIT ?)",
-                (_ts(before), limit),
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE published_at IS NOT NULL AND published_at < ? "
+                f"AND type NOT IN ({','.join('?' * len(kept))}) ORDER BY seq LIMIT ?)",
+                (_ts(before), *kept, limit),
             ).rowcount
             tx.commit()
         return removed
