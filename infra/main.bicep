@@ -39,6 +39,9 @@ param gpusPerNode int = 1
 @description('The training environment: an image in the workspace registry built from training/environment (docs/azure.md), e.g. "<acr>.azurecr.io/retrain-training:2.14.1-hvd0.28.1". Empty: Azure ML builds training/requirements.txt on its base image (DDP only: no Horovod).')
 param trainingImage string = ''
 
+@description('Client id of the Entra ID app registration for sign-in and app roles (docs/azure.md, "Who may do what"). Empty: function keys only.')
+param authClientId string = ''
+
 var token = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName))
 var tags = { 'azd-env-name': environmentName, application: 'retrain' }
 
@@ -99,6 +102,7 @@ module app 'modules/functionapp.bicep' = {
     nodesPerJob: nodesPerJob
     gpusPerNode: gpusPerNode
     trainingImage: trainingImage
+    authClientId: authClientId
   }
 }
 

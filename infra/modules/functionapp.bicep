@@ -20,6 +20,8 @@ param modelName string
 param nodesPerJob int
 param gpusPerNode int
 param trainingImage string
+@description('Client id of the Entra ID app registration with the app roles Retrain.Reader/Requester/Operator (docs/azure.md); empty: function keys only.')
+param authClientId string = ''
 
 var blobSuffix = environment().suffixes.storage
 
@@ -95,7 +97,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'RETRAIN_EVENTS_TOPIC', value: eventsTopic }
         // Who may call the HTTP functions: function keys until App Service Authentication (Entra ID) is
         // configured for the app; then 'entra' (app roles Retrain.Reader/Requester/Operator: docs/azure.md).
-        { name: 'RETRAIN_AUTH', value: 'function_key' }
+        { name: 'RETRAIN_AUTH', value: empty(authClientId) ? 'function_key' : 'entra' }
         // Only this workspace's run events are applied.
         { name: 'RETRAIN_AML_WORKSPACE_TOPIC', value: workspaceId }
         // The worker's configuration (RETRAIN__<SECTION>__<KEY>).
@@ -117,6 +119,41 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'RETRAIN__MODELS__${toUpper(replace(modelName, '-', '_'))}__MIN_NEW_IMAGES', value: '200' }
       ]
     }
+  }
+}
+
+// App Service Authentication with Entra ID: every HTTP call signs in; the platform passes the
+// principal (with its app roles) to the app in X-MS-CLIENT-PRINCIPAL. Event Grid delivers through the
+// runtime's own webhook path, which stays reachable (it has its system key).
+resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = if (!empty(authClientId)) {
+  // checkov reads every sites/config resource as the site's general config; these checks are about other settings:
+  // checkov:skip=CKV_AZURE_13: this resource is App Service Authentication (authsettingsV2, platform.enabled); the check reads the older authsettings schema.
+  // checkov:skip=CKV_AZURE_222: public network access is a property of the site, skipped there with its reason; this resource has none.
+  // checkov:skip=CKV_AZURE_63: HTTP logging is a logs-config setting; a Function App's logs go to Application Insights.
+  // checkov:skip=CKV_AZURE_65: detailed error pages are a logs-config setting of web apps; functions answer JSON errors themselves.
+  // checkov:skip=CKV_AZURE_66: failed request tracing is a logs-config setting of web apps; requests are traced in Application Insights.
+  // checkov:skip=CKV_AZURE_80: a Python app: no .NET Framework version applies.
+  // checkov:skip=CKV_AZURE_88: Flex Consumption deploys from a blob container with the identity; no Azure Files content share is used.
+  parent: site
+  name: 'authsettingsV2'
+  properties: {
+    platform: { enabled: true }
+    globalValidation: {
+      requireAuthentication: true
+      unauthenticatedClientAction: 'Return401'
+      excludedPaths: ['/runtime/webhooks/eventgrid']
+    }
+    identityProviders: {
+      azureActiveDirectory: {
+        enabled: true
+        registration: {
+          clientId: authClientId
+          openIdIssuer: '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
+        }
+        validation: { allowedAudiences: ['api://${authClientId}', authClientId] }
+      }
+    }
+    login: { tokenStore: { enabled: false } }
   }
 }
 

@@ -47,10 +47,10 @@ def app_settings() -> dict[str, str]:
     block = text[text.index("appSettings: [") : text.index("]", text.index("appSettings: ["))]
     samples = {"trainingImage": "", "nodesPerJob": "1", "gpusPerNode": "1"}
     settings = {}
-    for name, value in re.findall(r"\{ name: '([^']+)', value: ('[^']*'|[^'}]+?) \}", block):
+    for name, value in re.findall(r"^\s*\{ name: '([^']+)', value: (.+?) \}\s*(?://.*)?$", block, re.M):
         name = re.sub(r"\$\{[^}]+\}", "BIRDS", name)
         value = value.strip()
-        if value.startswith("'"):
+        if re.fullmatch(r"'[^']*'", value):
             value = re.sub(r"\$\{[^}]+\}", "sample", value.strip("'"))
         else:
             inner = re.fullmatch(r"string\((\w+)\)", value)
@@ -213,3 +213,14 @@ def test_the_azd_template_provisions_infra_deploys_the_worker_and_then_subscribe
     for module in (blob_images, eventgrid_runs):
         [name] = re.findall(r'@bp\.function_name\("(\w+)"\)', Path(module.__file__).read_text())
         assert f"/functions/{name}'" in events, f"events.bicep does not deliver to {name}"
+
+
+def test_sign_in_is_wired_for_the_app_roles_the_code_checks_and_keeps_event_grid_reachable():
+    from functions import auth
+
+    roles = {r["value"] for r in json.loads((INFRA / "app-roles.json").read_text())}
+    assert roles == {auth.READER, auth.REQUESTER, auth.OPERATOR}
+    app = APP_BICEP.read_text()
+    assert "{ name: 'RETRAIN_AUTH', value: empty(authClientId) ? 'function_key' : 'entra' }" in app
+    assert "requireAuthentication: true" in app
+    assert "excludedPaths: ['/runtime/webhooks/eventgrid']" in app  # Event Grid's deliveries carry the system key, not a sign-in
