@@ -23,6 +23,7 @@ import azure.functions as func
 from functions import runtime
 
 bp = func.Blueprint()
+QUEUE_CONTROLS_SETTING = "RETRAIN_QUEUE_CONTROLS"  # "true": the requests queue also takes model controls
 log = logging.getLogger("retrain.functions.servicebus")
 
 
@@ -51,6 +52,14 @@ def request_from(msg: func.ServiceBusMessage):
         document["requested_by"] = f"queue {printable(queue, limit=60)}: {who} (unverified)"[:200]
         if document["kind"] not in kinds:
             raise InvalidMessage("schema", f"kind must be 'retrain.requested' or 'model.control', got {str(document['kind'])[:50]!r}")
+        if document["kind"] == "model.control" and runtime.setting(QUEUE_CONTROLS_SETTING, "false").strip().lower() != "true":
+            # Anyone with Data Sender on the queue could promote or pause: controls need a verified
+            # operator (HTTP with Retrain.Operator, or the command line) unless the deployment opts in.
+            raise InvalidMessage(
+                "forbidden",
+                f"model controls are not accepted on the requests queue (its senders are not verified); use HTTP with the "
+                f"Retrain.Operator role or the command line, or set {QUEUE_CONTROLS_SETTING}=true",
+            )
         return parse_as(kinds[document["kind"]], document, known_models=runtime.worker().config.models), None
     except InvalidMessage as exc:
         return None, exc

@@ -98,6 +98,8 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         // Who may call the HTTP functions: function keys until App Service Authentication (Entra ID) is
         // configured for the app; then 'entra' (app roles Retrain.Reader/Requester/Operator: docs/azure.md).
         { name: 'RETRAIN_AUTH', value: empty(authClientId) ? 'function_key' : 'entra' }
+        // Model controls only from verified operators (HTTP with Retrain.Operator, or the CLI), not from the requests queue.
+        { name: 'RETRAIN_QUEUE_CONTROLS', value: 'false' }
         // Only this workspace's run events are applied.
         { name: 'RETRAIN_AML_WORKSPACE_TOPIC', value: workspaceId }
         // The worker's configuration (RETRAIN__<SECTION>__<KEY>).

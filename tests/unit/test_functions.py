@@ -420,9 +420,17 @@ def test_control_over_http_refuses_what_the_ledger_refuses_and_what_does_not_val
     assert control("pause", method="GET").status_code == 405
 
 
-def test_a_control_message_on_the_requests_queue_is_applied(h):
-    call("retrain_requested", sb(json.dumps({"kind": "model.control", "model": "birds", "action": "pause", "reason": "incident"}).encode()))
+def test_a_control_message_on_the_requests_queue_is_refused_unless_the_deployment_opts_in(h, monkeypatch):
+    """Anyone with Data Sender on the queue could pause or promote: controls need a verified operator."""
+    pause = json.dumps({"kind": "model.control", "model": "birds", "action": "pause", "reason": "incident"}).encode()
+    call("retrain_requested", sb(pause, message_id="m-0"))
+    assert h.head().paused is None
+    assert rejections(h)[-1].payload["data"]["reason"] == "forbidden"
+    assert "RETRAIN_QUEUE_CONTROLS=true" in rejections(h)[-1].payload["data"]["description"]
+    monkeypatch.setenv("RETRAIN_QUEUE_CONTROLS", "true")
+    call("retrain_requested", sb(pause, message_id="m-1"))
     assert h.head().paused["reason"] == "incident"
+    assert h.head().paused["by"] == "queue requests: unknown (unverified)"
     call("retrain_requested", sb(json.dumps({"kind": "model.purge", "model": "birds"}).encode(), message_id="m-2"))
     assert rejections(h)[-1].payload["data"]["reason"] == "schema"
 
