@@ -124,15 +124,23 @@ def status_http(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.function_name("dashboard_http")
-@bp.route(route="dashboard", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+@bp.route(route="dashboard", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def dashboard_http(req: func.HttpRequest) -> func.HttpResponse:
-    """The same read-only page `retrain dashboard` serves, behind the function key."""
+    """The same read-only page `retrain dashboard` serves, for people signed in with Entra ID.
+
+    A browser page must not carry a function key in its URL (it ends up in history and proxy logs),
+    so this route takes no key and serves only a signed-in principal with a Retrain role; with
+    function keys only (`RETRAIN_AUTH=function_key`) it is off: use `retrain dashboard` locally.
+    """
     from worker.app.dashboard import CSP, page
 
     try:
-        auth.caller(req.headers, "read")
+        who = auth.caller(req.headers, "read")
     except auth.Refused as exc:
         return _error(exc.status, exc.reason, exc.description)
+    if not who.verified:
+        return _error(403, "sign_in_required", "the dashboard is served to people signed in with Entra ID (RETRAIN_AUTH=entra); "
+                      "locally, `retrain dashboard`")  # fmt: skip
     worker = runtime.worker()
     headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
     return func.HttpResponse(page(worker.store, worker.config), status_code=200, mimetype="text/html", charset="utf-8", headers=headers)

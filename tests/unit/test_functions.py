@@ -592,3 +592,25 @@ def test_a_queue_message_records_the_queue_as_the_door_and_its_requester_as_an_u
     with h.store.transaction() as tx:
         requests = [r for r in tx.all_requests("birds") if r.request_id == "sb-m-actor"]
     assert [r.requested_by for r in requests] == ["queue retrain-requests: ceo@contoso.com (unverified)"]
+
+
+def dashboard(headers=None):
+    return call("dashboard_http", func.HttpRequest(method="GET", url="/api/dashboard", headers=headers or {}, body=b""))
+
+
+def test_the_deployed_dashboard_needs_a_signed_in_reader_and_never_a_key_in_its_url(h, monkeypatch):
+    """The route takes no function key (a key in a page's URL ends up in history and proxy logs):
+    it serves a principal with a Retrain role, and nobody when only function keys are in use."""
+    monkeypatch.delenv("WEBSITE_AUTH_ENABLED", raising=False)
+    off = dashboard()
+    assert off.status_code == 403
+    assert json.loads(off.get_body())["error"] == "sign_in_required"
+    monkeypatch.setenv("RETRAIN_AUTH", "entra")
+    monkeypatch.setenv("WEBSITE_AUTH_ENABLED", "True")
+    assert dashboard().status_code == 401
+    assert dashboard({"X-MS-CLIENT-PRINCIPAL": principal(roles=())}).status_code == 403
+    page = dashboard({"X-MS-CLIENT-PRINCIPAL": principal(roles=("Retrain.Reader",))})
+    assert page.status_code == 200
+    assert page.mimetype == "text/html"
+    function = app_functions()["dashboard_http"]
+    assert "anonymous" in str(function.get_bindings()[0].auth_level).lower()  # no key in the URL
