@@ -367,6 +367,41 @@ MUTATIONS = [
         "    if False:\n",
         ("tests/unit/test_manifests.py", "tests/unit/test_train_run.py"),
     ),
+    Mutation(
+        "a principal header is trusted while the platform's authentication is off",
+        "functions/auth.py",
+        "    if header and not platform_on:\n",
+        "    if False:\n",
+        ("tests/unit/test_functions.py",),
+    ),
+    Mutation(
+        "the body's requested_by is recorded as the actor",
+        "functions/http_api.py",
+        '    document["requested_by"] = auth.recorded_by(who.actor, document.get("requested_by"))\n',
+        '    document.setdefault("requested_by", who.actor)\n',
+        ("tests/unit/test_functions.py",),
+    ),
+    Mutation(
+        "a reader may control a model",
+        "functions/auth.py",
+        '    "control": frozenset({OPERATOR}),\n',
+        '    "control": frozenset({READER, REQUESTER, OPERATOR}),\n',
+        ("tests/unit/test_functions.py",),
+    ),
+    Mutation(
+        "model controls are accepted on the requests queue by default",
+        "functions/servicebus_requests.py",
+        '        if document["kind"] == "model.control" and runtime.setting(QUEUE_CONTROLS_SETTING, "false").strip().lower() != "true":\n',
+        "        if False:\n",
+        ("tests/unit/test_functions.py",),
+    ),
+    Mutation(
+        "the command line records $USER",
+        "worker/app/cli.py",
+        "        user = pwd.getpwuid(os.getuid()).pw_name\n",
+        '        user = os.environ.get("USER", "cli")\n',
+        ("tests/unit/test_cli.py",),
+    ),
 ]
 
 
