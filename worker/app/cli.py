@@ -43,10 +43,14 @@ def _plain(view, markup: bool = True):
 def _actor(claimed: str | None) -> str:
     """requested_by for a command run here: the operating-system user is the actor; a name given
     with --by / --requested-by is kept as a note ("on behalf of"), never as the actor."""
-    import pwd
-
     try:  # the account the process runs as (not $USER, which anyone can set)
+        import pwd
+
         user = pwd.getpwuid(os.getuid()).pw_name
+    except ImportError:  # Windows: no uid; the logon name is what there is
+        import getpass
+
+        user = getpass.getuser()
     except KeyError:  # no name for this uid (a bare container)
         user = f"uid {os.getuid()}"
     if not claimed or claimed == user:
