@@ -77,9 +77,16 @@ def evaluate_gate(metrics: dict[str, Any], champion: Champion | None, rules: Gat
     passed = gain > 0 if rules.min_improvement == 0 else gain >= rules.min_improvement
     verdict = "beats" if passed else "does not beat"
     need = "strictly better" if rules.min_improvement == 0 else f"needs {rules.min_improvement:+.4f}"
+    # A perfect champion cannot be beaten strictly: say so, or every retrain is rejected without a hint.
+    hint = (
+        "; the champion is already perfect on this validation set, so nothing beats it strictly: accept ties with "
+        "gate.min_improvement below 0, or validate on more images"
+        if not passed and baseline >= 1.0 and rules.min_improvement >= 0
+        else ""
+    )
     return GateResult(
         passed,
-        f"{rules.metric} {value:.4f} {verdict} champion v{champion.version} at {baseline:.4f} on the same validation set ({gain:+.4f}; {need})",
+        f"{rules.metric} {value:.4f} {verdict} champion v{champion.version} at {baseline:.4f} on the same validation set ({gain:+.4f}; {need}){hint}",
         value,
         baseline,
     )

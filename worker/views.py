@@ -126,9 +126,12 @@ def runs_view(store: Store, config: RetrainConfig, model: str | None = None, lim
     with store.read() as tx:
         for name in models:
             metrics = {v.run_id: v.metrics for v in tx.model_versions(name)}
+            asked = {r.request_id: r.reason for r in tx.all_requests(name) if r.reason}
             rows = []
             for run in tx.runs(name, limit=limit):
                 row = _run(run)
+                # Why someone asked for it (the requests it carried out), beside why the policy started it.
+                row["request_reasons"] = [asked[i] for i in run.request_ids if i in asked]
                 began = run.started_at or run.submitted_at
                 row["duration_s"] = round((run.finished_at - began).total_seconds(), 1) if run.finished_at and began else None
                 row["version_metrics"] = metrics.get(run.run_id)

@@ -92,3 +92,14 @@ def test_a_broken_baseline_is_quoted_in_the_reason_cut_to_40_characters():
     assert evaluate_gate(m(0.9, float("nan")), CHAMP, RULES).reason == "baseline_val_acc is nan, not a finite number: no fair comparison"
     long = "x" * 60
     assert evaluate_gate(m(0.9, long), CHAMP, RULES).reason == f"baseline_val_acc is {'x' * 40}, not a finite number: no fair comparison"
+
+
+def test_a_perfect_champion_gets_a_hint_instead_of_a_bare_not_strictly_better():
+    stuck = evaluate_gate(m(1.0, 1.0), CHAMP, RULES)
+    assert stuck.passed is False
+    assert stuck.reason.endswith(
+        "; the champion is already perfect on this validation set, so nothing beats it strictly: accept ties with "
+        "gate.min_improvement below 0, or validate on more images"
+    )
+    assert "perfect" not in evaluate_gate(m(0.9, 0.95), CHAMP, RULES).reason
+    assert evaluate_gate(m(1.0, 1.0), CHAMP, GateRules(min_improvement=-0.01)).passed is True

@@ -303,3 +303,25 @@ def test_a_run_in_flight_during_a_rollback_cannot_undo_it(tmp_path):
     card = h.registry.card("birds", 3)
     assert card["parent_version"] == 1  # the version it was trained from
     assert card["trained_from_sha256"] == h.versions()[-1].card["artifacts"]["model.pt"]["sha256"]
+
+
+def test_runs_say_why_a_run_started_who_asked_why_and_why_it_was_rejected(tmp_path):
+    from typer.testing import CliRunner
+
+    from worker.adapters.local.sqlite_store import SqliteStore
+    from worker.app.cli import app
+
+    h = make_harness(tmp_path, store=SqliteStore(tmp_path / "state" / "ledger.db"), cooldown=0)
+    h.uploads(6)
+    h.worker.handle(RetrainRequested(message_id="req-why", model="birds", force=True, reason="new camera in barn 2"))
+    [run] = h.runs()
+    h.succeed(run, best=0.5)  # below the minimum: rejected
+    [row] = runs_view(h.store, h.worker.config, "birds")["birds"]
+    assert row["request_reasons"] == ["new camera in barn 2"]
+    assert row["outcome"] == "rejected"
+    assert "below the minimum" in row["detail"]
+    env = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"), "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images"), "RETRAIN_CONFIG": "",
+           "COLUMNS": "400"}  # fmt: skip
+    text = CliRunner().invoke(app, ["runs", "birds"], env=env).output
+    assert "asked: new camera in barn 2" in text
+    assert "below the minimum" in text

@@ -471,14 +471,14 @@ def runs(
 
     for name, rows in _plain(view).items():
         table = Table(title=f"runs of {name}", title_justify="left")
-        for column in ("run", "state", "outcome", "images (new)", "duration", "best_val_acc", "reason"):
+        for column in ("run", "state", "outcome", "images (new)", "duration", "best_val_acc", "why it started", "how it ended"):
             table.add_column(column)
         for r in rows:
             duration = f"{r['duration_s']:.0f}s" if r["duration_s"] is not None else ""
             acc = f"{r['best_val_acc']:.3f}" if isinstance(r.get("best_val_acc"), int | float) else ""
-            table.add_row(
-                r["run_id"], r["state"], r["outcome"] or "", f"{r['images']} ({r['new_images']})", duration, acc, r["reason"] or ""
-            )
+            started = "; ".join([r["reason"] or "", *(f"asked: {why}" for why in r.get("request_reasons", []))]).strip("; ")
+            ended = r["detail"] if r["outcome"] not in (None, "registered", "succeeded") else ""  # the gate's or the failure's reason
+            table.add_row(r["run_id"], r["state"], r["outcome"] or "", f"{r['images']} ({r['new_images']})", duration, acc, started, ended)
         Console(highlight=False).print(table)
 
 
