@@ -282,3 +282,37 @@ def test_audit_says_who_did_what_through_which_door_and_whether_it_was_verified(
     assert view[2]["reason"] == "label audit"
     text = invoke(env, "audit", "birds").output
     assert f"paused      by {user} (on behalf of ceo@contoso.com) via local (claimed): label audit" in text
+
+
+def test_a_misconfiguration_met_at_run_time_is_one_line_not_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RETRAIN__WORKER__STORE": "table", "RETRAIN_TABLES": "DefaultEndpointsProtocol=https;AccountName=x;AccountKey=c2VjcmV0c2VjcmV0",
+           "RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"), "RETRAIN_CONFIG": ""}  # fmt: skip
+    env.pop("RETRAIN_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "worker", "status"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")  # (here: the account cannot be resolved)
+    assert lines[0].endswith("(RETRAIN_DEBUG=1 shows the traceback)")
+    assert "c2VjcmV0c2VjcmV0" not in done.stderr
+
+
+def test_a_missing_package_says_which_extra_to_install(monkeypatch, capsys):
+    from worker.app import cli
+
+    def needs_torch():
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(cli, "app", needs_torch)
+    monkeypatch.delenv("RETRAIN_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: torch is not installed here: pip install 'retrain[train]' (RETRAIN_DEBUG=1 shows the traceback)"
+    )

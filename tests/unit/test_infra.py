@@ -38,6 +38,7 @@ NOT_APP_SETTINGS = {
     "RETRAIN_CRASH_AT": "tests only: the crash points of the SIGKILL tests",
     "RETRAIN_RUN_ID": "set by the backend for each training run, not on the app",
     "RETRAIN_TRAINING_DIR": "local runs only: where train.py is",
+    "RETRAIN_DEBUG": "the command line only: show a traceback instead of one line",
 }
 
 

@@ -644,6 +644,22 @@ def demo(
         raise typer.Exit(1)
 
 
+# What to do about a package that is not installed, by the top-level module that was missing.
+_EXTRAS = {"torch": "retrain[train]", "torchvision": "retrain[train]", "onnx": "retrain[train]", "onnxruntime": "retrain[train]",
+           "azure": "retrain[azure]", "azureml": "retrain[azure]", "mlflow": "retrain[tracking]"}  # fmt: skip
+
+
+def _one_line(exc: BaseException) -> str:
+    """An unexpected error as one line a person can act on (secrets masked, text from outside escaped)."""
+    from shared.redact import printable, redact
+
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.split(".")[0]
+        return f"{exc.name} is not installed here: pip install '{_EXTRAS.get(top, exc.name)}'"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return printable(redact(f"{type(exc).__name__}: {first}" if first else type(exc).__name__), limit=400)
+
+
 def main() -> None:
     from shared.errors import ConfigError
 
@@ -653,6 +669,11 @@ def main() -> None:
         for line in str(exc).splitlines():
             typer.echo(f"error: {line}", err=True)
         sys.exit(2)
+    except Exception as exc:  # a misconfiguration met at run time: one line, not a page of traceback
+        if os.environ.get("RETRAIN_DEBUG"):
+            raise
+        typer.echo(f"error: {_one_line(exc)} (RETRAIN_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover
