@@ -7,6 +7,7 @@ from typing import Any
 
 from shared import events as ev
 from worker.config import RetrainConfig
+from worker.manifests import load
 from worker.policy import decide
 from worker.runs import snapshot_of
 from worker.store import IN_FLIGHT_STATES, RunRow, Store
@@ -178,4 +179,33 @@ def audit_view(store: Store, config: RetrainConfig, model: str | None = None, li
         rows.sort(key=lambda row: row["at"], reverse=True)
         view[name] = [{**row, "at": row["at"].isoformat(), "door": door_of(row["actor"])[0], "verified": door_of(row["actor"])[1]}
                       for row in rows[:limit]]  # fmt: skip
+    return view
+
+
+def manifest_view(store: Store, manifests: Any, run_id: str, diff_parent: bool = False) -> dict[str, Any]:
+    """What a run trained on: its frozen manifest's images, counted per split and class; with
+    `diff_parent`, the images added and removed since the last registered run before it (by path
+    and etag: an overwritten image counts as removed and added)."""
+    with store.read() as tx:
+        run = tx.get_run(run_id)
+        if run is None:
+            raise KeyError(f"no run {run_id!r} in the ledger")
+        earlier = [r for r in tx.runs(run.model) if r.seq < run.seq and r.outcome == "registered"]
+    document = load(manifests, run.manifest_sha256)
+    images = document["images"]
+    counts: dict[str, dict[str, int]] = {}
+    for image in images:
+        per_class = counts.setdefault(image["split"], {})
+        per_class[image["label"]] = per_class.get(image["label"], 0) + 1
+    view: dict[str, Any] = {"run_id": run.run_id, "model": run.model, "manifest_sha256": run.manifest_sha256,
+                            "classes": document["classes"], "images": len(images), "per_split": counts}  # fmt: skip
+    if not diff_parent:
+        view["paths"] = [{"path": i["path"], "label": i["label"], "split": i["split"]} for i in images]
+        return view
+    parent = max(earlier, key=lambda r: r.seq, default=None)
+    before = {(i["path"], i["etag"]): i for i in load(manifests, parent.manifest_sha256)["images"]} if parent else {}
+    now = {(i["path"], i["etag"]): i for i in images}
+    view["parent_run_id"] = parent.run_id if parent else None
+    view["added"] = [{"path": i["path"], "label": i["label"], "split": i["split"]} for key, i in sorted(now.items()) if key not in before]
+    view["removed"] = [{"path": i["path"], "label": i["label"], "split": i["split"]} for key, i in sorted(before.items()) if key not in now]
     return view

@@ -325,3 +325,29 @@ def test_runs_say_why_a_run_started_who_asked_why_and_why_it_was_rejected(tmp_pa
     text = CliRunner().invoke(app, ["runs", "birds"], env=env).output
     assert "asked: new camera in barn 2" in text
     assert "below the minimum" in text
+
+
+def test_a_runs_manifest_lists_what_it_trained_on_and_what_was_added_since_its_parent(tmp_path):
+    from typer.testing import CliRunner
+
+    from worker.adapters.local.sqlite_store import SqliteStore
+    from worker.app.cli import app
+
+    h = make_harness(tmp_path, store=SqliteStore(tmp_path / "state" / "ledger.db"), cooldown=0)
+    register_two(h)
+    first, second = sorted((r for r in h.runs()), key=lambda r: r.seq)
+    env = {
+        "RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"),
+        "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images"),
+        "RETRAIN_CONFIG": "",
+    }
+    whole = json.loads(CliRunner().invoke(app, ["manifest", first.run_id, "--json"], env=env).output)
+    assert whole["images"] == first.image_count == len(whole["paths"])
+    assert sum(sum(c.values()) for c in whole["per_split"].values()) == first.image_count
+    diff = json.loads(CliRunner().invoke(app, ["manifest", second.run_id, "--diff-parent", "--json"], env=env).output)
+    assert diff["parent_run_id"] == first.run_id
+    assert len(diff["added"]) == second.new_image_count == 12
+    assert diff["removed"] == []
+    text = CliRunner().invoke(app, ["manifest", second.run_id, "--diff-parent"], env=env).output
+    assert f"since {first.run_id}: 12 added, 0 removed" in text
+    assert CliRunner().invoke(app, ["manifest", "birds-9999-00000000"], env=env).exit_code == 1

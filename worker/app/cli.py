@@ -483,6 +483,46 @@ def runs(
 
 
 @app.command()
+def manifest(
+    run_id: Annotated[str, typer.Argument(help="the run whose frozen manifest to show")],
+    diff_parent: Annotated[
+        bool, typer.Option("--diff-parent", help="only the images added and removed since the last registered run")
+    ] = False,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """What a run trained on: images per split and class, and the paths (or what changed since its parent)."""
+    from worker.adapters.local.directory_blobs import DirectoryBlobStore
+    from worker.app.bootstrap import artifacts_store
+    from worker.views import manifest_view
+
+    cfg = _config(config)
+    manifests = artifacts_store(os.environ) or DirectoryBlobStore(cfg.worker.state_dir, images_only=False)
+    try:
+        view = manifest_view(_store(cfg), manifests, run_id, diff_parent)
+    except KeyError as exc:
+        typer.echo(f"error: {exc.args[0]}", err=True)
+        raise typer.Exit(1) from exc
+    if json_out:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    view = _plain(view, markup=False)
+    typer.echo(f"{view['run_id']}: {view['images']} images, manifest {view['manifest_sha256'][:12]}")
+    for split, per_class in sorted(view["per_split"].items()):
+        typer.echo(f"  {split}: " + ", ".join(f"{label} {n}" for label, n in sorted(per_class.items())))
+    if diff_parent:
+        typer.echo(
+            f"since {view['parent_run_id'] or 'nothing (no registered run before it)'}: {len(view['added'])} added, {len(view['removed'])} removed"
+        )
+        for sign, key in (("+", "added"), ("-", "removed")):
+            for image in view[key]:
+                typer.echo(f"  {sign} {image['path']} ({image['label']}, {image['split']})")
+        return
+    for image in view["paths"]:
+        typer.echo(f"  {image['path']} ({image['label']}, {image['split']})")
+
+
+@app.command()
 def audit(
     model: Annotated[str | None, typer.Argument(help="one model (default: all)")] = None,
     limit: Annotated[int, typer.Option(min=1, max=MAX_LIMIT, help="how many entries per model")] = 50,
