@@ -1,10 +1,33 @@
-"""Writing a file so that readers see the old file or the whole new one, never a half-written one."""
+"""Files from outside and files shared between processes: reading one without ever blocking on a
+FIFO or a device, and writing one so that readers see the old file or the whole new one."""
 
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from pathlib import Path
+from typing import BinaryIO
+
+from shared.redact import printable
+
+
+class NotRegularFileError(OSError):
+    """The path is a FIFO, device, socket or folder: reading it could block forever or never end."""
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open a regular file for reading (binary) without ever blocking on a FIFO or a device: the
+    open does not wait for a writer, and anything but a regular file is refused before a read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(f"{printable(path)[:200]} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

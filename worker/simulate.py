@@ -19,16 +19,17 @@ from __future__ import annotations
 import bisect
 import collections
 import datetime as dt
+import io
 import json
 import math
 import os
-import stat
 import statistics
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.files import NotRegularFileError, open_regular
 from shared.manifest_hash import stable_split
 from shared.messages import label_of, load_checked_document  # the inbound-JSON checks: depth, numbers, NaN, lone surrogates
 from shared.redact import printable
@@ -523,20 +524,14 @@ def _outcome(value: str) -> str:
 def load_history(path: Path) -> History:
     """A history file: a regular file (a FIFO or /dev/zero would block or never end), at most
     MAX_HISTORY_BYTES, each line at most MAX_LINE_BYTES, read without holding more than a line."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_size > MAX_HISTORY_BYTES:
-            raise ValueError(f"{info.st_size} bytes; a history holds at most {MAX_HISTORY_BYTES}")
-        os.set_blocking(fd, True)
-        fh = os.fdopen(fd, encoding="utf-8", errors="strict")
-        fd = -1
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    with fh:
+        raw = open_regular(path)
+    except NotRegularFileError:
+        raise ValueError("not a regular file") from None
+    with io.TextIOWrapper(raw, encoding="utf-8", errors="strict") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_HISTORY_BYTES:
+            raise ValueError(f"{size} bytes; a history holds at most {MAX_HISTORY_BYTES}")
         try:
             return read_history(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), ""))
         except UnicodeDecodeError as exc:

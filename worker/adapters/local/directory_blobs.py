@@ -14,28 +14,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from shared.files import NotRegularFileError, open_regular
 from shared.messages import IMAGE_EXTENSIONS
 from shared.redact import printable
 from worker.ports import BlobInfo, BlobStore
 
 log = logging.getLogger("retrain.blobs")
-
-
-class NotRegularFileError(OSError):
-    """The path is a FIFO, device or socket: reading it could block forever or never end."""
-
-
-def open_regular(path: str | Path):
-    """Open a regular file for reading without ever blocking on a FIFO or a device."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat_module.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFileError(f"{printable(path)[:200]} is not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class DirectoryBlobStore(BlobStore):

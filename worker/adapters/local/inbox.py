@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shared.errors import InvalidMessage
-from shared.files import atomic_write_text
+from shared.files import atomic_write_text, open_regular
 from shared.messages import ID_PATTERN, MAX_MESSAGE_BYTES
 from shared.redact import printable
-from worker.adapters.local.directory_blobs import open_regular
 
 
 class LocalInbox:
