@@ -22,7 +22,6 @@ import math
 import multiprocessing
 import os
 import random
-import stat
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from manifests import DataError, ImageRecord, Manifest
+from manifests import DataError, ImageRecord, Manifest, NotARegularFileError, open_regular_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,23 +53,9 @@ DEFAULT_WORKER_START_METHOD = "forkserver"
 FORKSERVER_PRELOAD = ["numpy", "torch", "torchvision.transforms.functional", "PIL.Image"]
 
 
-class NotARegularFileError(OSError):
-    """A FIFO, device, socket or folder where an image file was expected."""
-
-
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode an image fully and return it as RGB; raises on anything unreadable."""
-    # O_NONBLOCK and the fstat: a FIFO or a device named like an image would block the reader
-    # forever (a stalled screening or loader), so only regular files are read.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotARegularFileError(f"not a regular file: {path}")
-        file = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with warnings.catch_warnings(), file:
+    with warnings.catch_warnings(), open_regular_file(path) as file:
         # A decompression-bomb-sized image is treated as bad data, not a warning.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(file) as img:

@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 MANIFEST_FORMAT = "retrain.manifest/v1"
 SPLITS = ("train", "val")
@@ -132,18 +132,28 @@ def parse_manifest(document: Any) -> Manifest:
     return Manifest(classes=tuple(classes), images=images, sha256=digest)
 
 
-def _read_regular_file(path: str | Path) -> str:
-    """The file's text; a FIFO or device (which would block the reader) is refused, not read."""
+class NotARegularFileError(OSError):
+    """A FIFO, device, socket or folder where a data file was expected."""
+
+
+def open_regular_file(path: str | Path) -> BinaryIO:
+    """Open a regular file for reading (binary). O_NONBLOCK and the fstat: a FIFO or a device named
+    like an image or a manifest would block the reader forever (a stalled screening, loader or
+    run), so anything but a regular file is refused before it is read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        with os.fdopen(fd, "rb") as fh:
-            fd = -1
-            return fh.read().decode("utf-8")
-    finally:
-        if fd >= 0:
-            os.close(fd)
+            raise NotARegularFileError(f"not a regular file: {path}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_regular_file(path: str | Path) -> str:
+    with open_regular_file(path) as fh:
+        return fh.read().decode("utf-8")
 
 
 def load_manifest(path: str | Path, expected_sha256: str | None = None) -> Manifest:
