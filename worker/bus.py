@@ -348,6 +348,7 @@ class Worker:
     def tick(self, model: str | None = None) -> Effects:
         self.poll()
         self.prune_inbox()
+        self.prune_outbox()
         if self.completer is not None:
             for name in [model] if model else sorted(self.config.models):
                 try:
@@ -360,11 +361,15 @@ class Worker:
         return self.handle(Tick(message_id=f"tick-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}", model=model, occurred_at=now))
 
     def prune_inbox(self) -> int:
-        """Forget processed message ids older than `worker.inbox_retention` (longer than any redelivery),
-        and events published as long ago (the outbox would otherwise grow for ever)."""
+        """Forget processed message ids older than `worker.inbox_retention` (longer than any redelivery)."""
         before = self.clock.now() - dt.timedelta(seconds=self.config.worker.inbox_retention)
-        pruned = sum(self.store.prune_inbox(model, before) for model in [None, *sorted(self.config.models)])
-        return pruned + self.store.prune_outbox(before, keep=AUDITED_EVENTS)  # the operators' controls are the audit trail: kept
+        return sum(self.store.prune_inbox(model, before) for model in [None, *sorted(self.config.models)])
+
+    def prune_outbox(self) -> int:
+        """Forget events published longer ago than `worker.inbox_retention` (the outbox would
+        otherwise grow for ever); the operators' controls are kept: they are the audit trail."""
+        before = self.clock.now() - dt.timedelta(seconds=self.config.worker.inbox_retention)
+        return self.store.prune_outbox(before, keep=AUDITED_EVENTS)
 
     def relay(self, batch: int = 100) -> int:
         """Publish queued events (oldest first); returns how many were published."""

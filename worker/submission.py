@@ -25,7 +25,7 @@ log = logging.getLogger("retrain.submit")
 
 
 def training_args(config: RetrainConfig, run: RunRow) -> TrainingArgs:
-    t = config.model(run.model).training
+    t, gate = config.model(run.model).training, config.model(run.model).gate
     o = run.overrides
     return TrainingArgs(
         epochs=o.get("epochs", t.epochs),
@@ -36,8 +36,8 @@ def training_args(config: RetrainConfig, run: RunRow) -> TrainingArgs:
         distributed=t.distributed,
         arch=t.arch,
         extra=tuple(t.extra),
-        onnx_tolerance=config.model(run.model).gate.onnx_tolerance,
-        onnx_samples=config.model(run.model).gate.onnx_samples,
+        onnx_tolerance=gate.onnx_tolerance,
+        onnx_samples=gate.onnx_samples,
     )
 
 

@@ -686,7 +686,7 @@ def demo(
 
 # What to do about a package that is not installed, by the top-level module that was missing.
 _EXTRAS = {"torch": "retrain[train]", "torchvision": "retrain[train]", "onnx": "retrain[train]", "onnxruntime": "retrain[train]",
-           "azure": "retrain[azure]", "azureml": "retrain[azure]", "mlflow": "retrain[tracking]"}  # fmt: skip
+           "azure": "retrain[azure]", "azureml": "retrain[azureml-v1]", "mlflow": "retrain[tracking]"}  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:

@@ -45,16 +45,10 @@ def status_code(exc: BaseException) -> int | None:
 def _network_error_types() -> tuple[type[BaseException], ...]:
     """Errors raised when a request got no answer: the service may answer the next one."""
     from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+    from requests.exceptions import ConnectionError as RequestsConnectionError  # azureml-core (SDK v1) talks through requests
+    from requests.exceptions import Timeout
 
-    types: list[type[BaseException]] = [ServiceRequestError, ServiceResponseError, TimeoutError, ConnectionError]
-    try:  # azureml-core (SDK v1) talks through requests
-        from requests.exceptions import ConnectionError as RequestsConnectionError
-        from requests.exceptions import Timeout
-
-        types += [RequestsConnectionError, Timeout]
-    except ImportError:  # pragma: no cover - requests comes with both SDKs
-        pass
-    return tuple(types)
+    return (ServiceRequestError, ServiceResponseError, TimeoutError, ConnectionError, RequestsConnectionError, Timeout)
 
 
 def error_from(what: str, exc: BaseException) -> AzureMLError:
