@@ -160,3 +160,39 @@ def test_an_export_in_the_run_checks_parity_at_the_tolerance_and_samples_it_is_g
     assert (report["tolerance"], report["samples"]) == (1e-12, 3)
     assert metrics["onnx"]["tolerance"] == 1e-12
     assert report["passed"] is (report["max_abs_diff"] <= 1e-12)
+
+
+def test_every_phase_and_every_step_reports_progress_to_the_watchdog(tiny_birds, tmp_path):
+    """The watchdog only sees a stall if progress is reported as it happens: each screened image,
+    each training step, each evaluation batch, and the phases between them."""
+    from stall_watchdog import Watchdog
+
+    class Recording(Watchdog):
+        def __init__(self) -> None:
+            super().__init__(0)  # off: only the reports are kept
+            self.phases: list[str] = []
+            self.beats: list[str] = []
+
+        def phase(self, name: str) -> None:
+            super().phase(name)
+            self.phases.append(name)
+
+        def beat(self, where: str = "") -> None:
+            super().beat(where)
+            self.beats.append(f"{self.current_phase}: {where}")
+
+    dog = Recording()
+    args = ["--data_dir", str(tiny_birds), "--output_dir", str(tmp_path / "out"), *TINY, "--num_epochs", "2"]
+    run(parse_args(args), Topology(kind="none"), dog)
+    for phase in (
+        "screening images",
+        "training, epoch 1",
+        "evaluation, epoch 1",
+        "training, epoch 2",
+        "evaluation, epoch 2",
+        "writing the outputs",
+    ):
+        assert phase in dog.phases, phase
+    for beat in ("screening images: image 1 of", "training, epoch 2: step 1/", "training, epoch 2: waiting for batch 1 of",
+                 "evaluation, epoch 2: batch 1", "training, epoch 1: summing the epoch over the ranks"):  # fmt: skip
+        assert any(b.startswith(beat) for b in dog.beats), beat
