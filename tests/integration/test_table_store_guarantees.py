@@ -420,3 +420,20 @@ def test_overwriting_the_image_at_the_pending_floor_counts_only_its_new_version(
     with store.transaction() as tx:
         stats = tx.pending_stats("birds")
     assert (stats.count, stats.per_class) == (2, {"chicken": 1, "turkey": 1})
+
+
+def test_an_instance_that_did_not_list_the_events_still_marks_them_published(store):
+    """The relay of one Functions instance may mark events another listed: the event's own entity
+    is found by its marker, in one query."""
+    import datetime as dt
+
+    from worker.store import OutboxRow
+
+    at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with store.transaction() as tx:
+        tx.enqueue_event(OutboxRow("ev-other", "t", "s", {"id": "ev-other", "type": "t", "data": {"model": "m7"}}, at))
+        tx.commit()
+    other = TableStore(store.table)  # same table, nothing listed yet
+    other.mark_published(["ev-other"], at)
+    assert store.unpublished_events() == []
+    assert [e.published_at for e in store.all_events()] == [at]
