@@ -338,6 +338,16 @@ class Inputs:
         return x, labels.to(self.device, non_blocking=True)
 
 
+@dataclass
+class Evaluation:
+    """One pass over the validation set: rows of `confusion` are true classes, columns predicted."""
+
+    loss: float
+    accuracy: float
+    images: int
+    confusion: list[list[int]]
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -345,15 +355,18 @@ def evaluate(
     topo: Topology,
     inputs: Inputs,
     watchdog: Watchdog | None = None,
-) -> tuple[float, float, int]:
-    """(mean loss, accuracy, images) over the whole validation set, identical on every rank.
+    num_classes: int = 0,
+) -> Evaluation:
+    """Loss, accuracy and (with `num_classes`) the confusion matrix over the whole validation set,
+    identical on every rank.
 
     Runs on the bare model, not the DDP wrapper: ranks hold different numbers of validation
     batches and DDP's forward may issue collectives.
     """
     watchdog = watchdog or Watchdog(0)
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=topo.device)  # loss sum, correct, count
+    # loss sum, correct, count, then confusion[true][predicted] flattened: one all-reduce for all
+    sums = torch.zeros(3 + num_classes * num_classes, dtype=torch.float64, device=topo.device)
     watchdog.beat("waiting for batch 1")
     for batch, (images, labels) in enumerate(loader, start=1):
         watchdog.beat(f"batch {batch}")
@@ -361,16 +374,26 @@ def evaluate(
         with torch.autocast(topo.device.type, dtype=inputs.amp_dtype, enabled=inputs.amp_dtype is not None):
             logits = model(x)
         valid = y != IGNORE_LABEL
+        predicted = logits.argmax(dim=1)
         sums[0] += F.cross_entropy(logits.float(), y, ignore_index=IGNORE_LABEL, reduction="sum")
-        sums[1] += ((logits.argmax(dim=1) == y) & valid).sum()
+        sums[1] += ((predicted == y) & valid).sum()
         sums[2] += valid.sum()
+        if num_classes:
+            cells = y[valid] * num_classes + predicted[valid]
+            sums[3:] += torch.bincount(cells, minlength=num_classes * num_classes).to(sums.dtype)
         watchdog.beat(f"waiting for batch {batch + 1}")
     watchdog.beat("summing over the ranks")
     sums = topo.all_reduce_sum(sums)
     count = int(sums[2].item())
+    confusion = sums[3:].round().to(torch.int64).view(num_classes, num_classes).tolist() if num_classes else []
     if count == 0:
-        return float("nan"), 0.0, 0
-    return float(sums[0] / count), float(sums[1] / count), count
+        return Evaluation(float("nan"), 0.0, 0, confusion)
+    return Evaluation(float(sums[0] / count), float(sums[1] / count), count, confusion)
+
+
+def per_class_accuracy(confusion: list[list[int]], class_names: list[str]) -> dict[str, float | None]:
+    """Each class's recall on the validation set (None for a class with no validation image)."""
+    return {name: (row[i] / sum(row) if sum(row) else None) for i, (name, row) in enumerate(zip(class_names, confusion, strict=True))}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -569,6 +592,7 @@ class Fit:
     best_val_acc: float = -1.0
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
+    best_confusion: list[list[int]] = field(default_factory=list)  # the best epoch's, on the validation set
     train_images: int = 0
     train_seconds: float = 0.0
 
@@ -578,7 +602,7 @@ def measure_baseline(model: Model, data: DataBundle, topo: Topology, inputs: Inp
     if not model.baseline_comparable:
         return None
     watchdog.phase("evaluating the init checkpoint (baseline)")
-    _, baseline_val_acc, _ = evaluate(model.net, data.val_loader, topo, inputs, watchdog)
+    baseline_val_acc = evaluate(model.net, data.val_loader, topo, inputs, watchdog).accuracy
     if topo.is_writer:
         log.info("baseline (init checkpoint) val_acc=%.4f on %d images", baseline_val_acc, data.num_val)
     return baseline_val_acc
@@ -620,13 +644,14 @@ def fit(
         watchdog.phase(f"averaging BatchNorm statistics, epoch {epoch}")
         average_buffers(model.net, topo)
         watchdog.phase(f"evaluation, epoch {epoch}")
-        val_loss, val_acc, _ = evaluate(model.net, data.val_loader, topo, inputs, watchdog)
-        row = epoch_row(epoch, trained, val_loss, val_acc, lr, time.perf_counter() - epoch_start)
+        judged = evaluate(model.net, data.val_loader, topo, inputs, watchdog, num_classes=len(data.class_names))
+        val_acc = judged.accuracy
+        row = epoch_row(epoch, trained, judged.loss, val_acc, lr, time.perf_counter() - epoch_start)
         result.history.append(row)
         progress.epoch_done(row)
         tracking.epoch(row)
         if val_acc > result.best_val_acc:  # strictly better, as the reference keeps the first best
-            result.best_val_acc, result.best_epoch = val_acc, epoch
+            result.best_val_acc, result.best_epoch, result.best_confusion = val_acc, epoch, judged.confusion
             if topo.is_writer:
                 result.best_state = cpu_state_dict(model.net)
     return result, effective_lr
@@ -670,6 +695,9 @@ def run(args: argparse.Namespace, topo: Topology, watchdog: Watchdog | None = No
         "best_val_acc": result.best_val_acc,
         "best_epoch": result.best_epoch,
         "final_val_acc": history[-1]["val_acc"],
+        # The best epoch (the weights saved) on this run's validation set: rows true, columns predicted.
+        "confusion_matrix": result.best_confusion,
+        "per_class_val_acc": per_class_accuracy(result.best_confusion, data.class_names),
         "history": history,
         "images_per_s": round(result.train_images / max(result.train_seconds, 1e-9), 2),
         "data_wait_fraction": round(sum(r["data_wait_s"] for r in history) / max(result.train_seconds, 1e-9), 4),

@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import TRAINING, child_env, read_metrics, run_ranks_on_a_free_port, run_train
 from tests.processes import run_supervised
+from tests.unit.test_train_run import assert_confusion_matches_accuracy
 
 from synthetic_birds import write_corrupt
 
@@ -40,6 +41,7 @@ def test_torchrun_with_two_ranks_writes_a_loadable_model_and_sane_metrics(tiny_b
     assert m["skipped_images"] == 2
     assert m["num_train"] + m["num_val"] == 40
     assert m["effective_learning_rate"] == pytest.approx(0.002)  # linear scaling by world size
+    assert_confusion_matches_accuracy(m)  # summed over both ranks' validation shards
     checkpoint = torch.load(out / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in checkpoint["state_dict"])
     assert checkpoint["class_names"] == ["chicken", "turkey"]
@@ -178,6 +180,7 @@ def test_horovod_over_gloo_with_two_ranks_trains_and_agrees_with_one_process(spl
     m = read_metrics(out)
     assert (m["distributed"], m["world_size"], m["backend"]) == ("horovod", 2, "horovod")
     assert m["effective_learning_rate"] == pytest.approx(0.1)
+    assert_confusion_matches_accuracy(m)  # Horovod's sum over the ranks' validation shards
     one, two = _weights(tmp_path / "one" / "model.pt"), _weights(out / "model.pt")
     worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
     moved = max((one[k].float() - _fresh_init(3)[k].float()).abs().max().item() for k in one if k.endswith("weight"))

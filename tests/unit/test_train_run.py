@@ -25,6 +25,19 @@ def test_rank_zero_writes_model_and_metrics_atomically(tiny_birds, tmp_path):
     checkpoint = torch.load(out / "model.pt", weights_only=True)
     assert checkpoint["metrics"]["best_val_acc"] == metrics["best_val_acc"]
     assert checkpoint["manifest_sha256"] == written["manifest_sha256"]
+    assert_confusion_matches_accuracy(written)
+
+
+def assert_confusion_matches_accuracy(metrics):
+    """The best epoch's confusion matrix covers every validation image once and agrees with its accuracy."""
+    confusion, names = metrics["confusion_matrix"], metrics["class_names"]
+    assert len(confusion) == len(names) and all(len(row) == len(names) for row in confusion)
+    assert sum(map(sum, confusion)) == metrics["num_val"]
+    diagonal = sum(confusion[i][i] for i in range(len(names)))
+    assert diagonal / metrics["num_val"] == pytest.approx(metrics["best_val_acc"])
+    for i, name in enumerate(names):
+        row = confusion[i]
+        assert metrics["per_class_val_acc"][name] == (pytest.approx(row[i] / sum(row)) if sum(row) else None)
 
 
 def test_other_ranks_write_nothing(tiny_birds, tmp_path):
