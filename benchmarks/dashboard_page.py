@@ -1,9 +1,9 @@
-"""How long the dashboard takes to build and render for a model with 200 runs and 200 versions.
+"""How long the console's pages take to build and render for a model with 200 runs and 200 versions.
 
     python benchmarks/dashboard_page.py [--runs 200]
 
-A real SQLite ledger filled directly (runs, versions with metrics, decisions, events), then
-`dashboard_data` + `render` timed over several calls. Target: well under a second.
+A real SQLite ledger filled directly (runs, versions with metrics, decisions, events), then the
+overview, the model page and a run page (`respond`) timed over several calls. Target: well under a second.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from worker.adapters.local.sqlite_store import SqliteStore
-from worker.app.dashboard import dashboard_data, render
+from worker.app.dashboard import respond
 from worker.config import load_config
 from worker.store import DecisionRow, ModelVersionRow, OutboxRow, RunRow
 
@@ -50,15 +50,16 @@ def main() -> None:
             head.champion_version = args.runs
             tx.save_model_head(head)
             tx.commit()
-        times, size = [], 0
-        for _ in range(10):
-            t0 = time.perf_counter()
-            page = render(dashboard_data(store, config))
-            times.append(time.perf_counter() - t0)
-            size = len(page.encode())
-        print(
-            f"dashboard for {args.runs} runs/versions: median {statistics.median(times) * 1000:.0f} ms, worst {max(times) * 1000:.0f} ms, page {size / 1024:.0f} KiB"
-        )
+        for name, query in (("overview", {}), ("model page", {"model": "birds"}), ("run page", {"run": f"birds-{args.runs:04d}-{args.runs:08x}"})):
+            times, size = [], 0
+            for _ in range(10):
+                t0 = time.perf_counter()
+                status, _, page = respond(query, store, config)
+                times.append(time.perf_counter() - t0)
+                size = len(page.encode())
+            assert status == 200, (name, status)
+            print(f"{name} for {args.runs} runs/versions: median {statistics.median(times) * 1000:.0f} ms, "
+                  f"worst {max(times) * 1000:.0f} ms, page {size / 1024:.0f} KiB")  # fmt: skip
 
 
 if __name__ == "__main__":

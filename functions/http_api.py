@@ -9,7 +9,7 @@ POST /api/retrain          body: RetrainRequested (message_id optional); header 
 POST /api/models/{model}/{promote|rollback|pause|resume}   body {version, reason, requested_by, cancel}; same
   answers, plus 409 {"error": "rejected"} when the ledger refuses it (no such version, nothing to roll back to)
 GET /api/status/{model}    the status view (pending per class, runs in flight, champion, ...)
-GET /api/dashboard         the read-only page (worker.app.dashboard)
+GET /api/dashboard         the read-only console (worker.app.dashboard): ?model=, ?run=, ?run=&images=
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def dashboard_http(req: func.HttpRequest) -> func.HttpResponse:
     so this route takes no key and serves only a signed-in principal with a Retrain role; with
     function keys only (`RETRAIN_AUTH=function_key`) it is off: use `retrain dashboard` locally.
     """
-    from worker.app.dashboard import CSP, page
+    from worker.app.dashboard import CSP, respond
 
     try:
         who = auth.caller(req.headers, "read")
@@ -142,5 +142,7 @@ def dashboard_http(req: func.HttpRequest) -> func.HttpResponse:
         return _error(403, "sign_in_required", "the dashboard is served to people signed in with Entra ID (RETRAIN_AUTH=entra); "
                       "locally, `retrain dashboard`")  # fmt: skip
     worker = runtime.worker()
+    status, kind, body = respond(dict(req.params), worker.store, worker.config, worker.manifests)
     headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
-    return func.HttpResponse(page(worker.store, worker.config), status_code=200, mimetype="text/html", charset="utf-8", headers=headers)
+    mimetype, _, charset = kind.partition("; charset=")
+    return func.HttpResponse(body, status_code=status, mimetype=mimetype, charset=charset or "utf-8", headers=headers)

@@ -35,7 +35,7 @@ def snapshot_of(tx: Tx, model: str, config: RetrainConfig, now: dt.datetime, req
     hours, frees_at = 0.0, None
     budget = config.model(model).max_gpu_hours_per_day
     if budget is not None:
-        intervals = [(_gpu_start(r), r.finished_at) for r in tx.runs(model, limit=RUNS_IN_A_DAY) if r.submitted_at or r.started_at]
+        intervals = [(gpu_held_since(r), r.finished_at) for r in tx.runs(model, limit=RUNS_IN_A_DAY) if r.submitted_at or r.started_at]
         hours, frees_at = gpu_usage([i for i in intervals if i[1] is None or i[1] > now - DAY], now, config.gpus_per_run(model), budget)
     return Snapshot(
         pending=tx.pending_stats(model),
@@ -49,7 +49,7 @@ def snapshot_of(tx: Tx, model: str, config: RetrainConfig, now: dt.datetime, req
     )
 
 
-def _gpu_start(run: RunRow) -> dt.datetime:
+def gpu_held_since(run: RunRow) -> dt.datetime:
     """When a run began to hold its GPUs: when the backend said it was running, or (if that was never
     seen: a run whose end came first) when it was submitted."""
     if run.started_at is not None and (run.finished_at is None or run.started_at < run.finished_at):

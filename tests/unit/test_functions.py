@@ -594,8 +594,10 @@ def test_a_queue_message_records_the_queue_as_the_door_and_its_requester_as_an_u
     assert [r.requested_by for r in requests] == ["queue retrain-requests: ceo@contoso.com (unverified)"]
 
 
-def dashboard(headers=None):
-    return call("dashboard_http", func.HttpRequest(method="GET", url="/api/dashboard", headers=headers or {}, body=b""))
+def dashboard(headers=None, params=None):
+    return call(
+        "dashboard_http", func.HttpRequest(method="GET", url="/api/dashboard", headers=headers or {}, params=params or {}, body=b"")
+    )
 
 
 def test_the_deployed_dashboard_needs_a_signed_in_reader_and_never_a_key_in_its_url(h, monkeypatch):
@@ -614,3 +616,12 @@ def test_the_deployed_dashboard_needs_a_signed_in_reader_and_never_a_key_in_its_
     assert page.mimetype == "text/html"
     function = app_functions()["dashboard_http"]
     assert "anonymous" in str(function.get_bindings()[0].auth_level).lower()  # no key in the URL
+    reader = {"X-MS-CLIENT-PRINCIPAL": principal(roles=("Retrain.Reader",))}
+    assert dashboard(reader, {"model": "birds"}).status_code == 200  # the console's other pages, by query
+    missing = dashboard(reader, {"run": "birds-0404", "format": "json"})
+    assert (missing.status_code, missing.mimetype, json.loads(missing.get_body())) == (
+        404,
+        "application/json",
+        {"error": "no run 'birds-0404' in the ledger"},
+    )
+    assert "script-src 'sha256-" in page.headers["Content-Security-Policy"]

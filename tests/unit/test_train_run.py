@@ -31,7 +31,8 @@ def test_rank_zero_writes_model_and_metrics_atomically(tiny_birds, tmp_path):
 def assert_confusion_matches_accuracy(metrics):
     """The best epoch's confusion matrix covers every validation image once and agrees with its accuracy."""
     confusion, names = metrics["confusion_matrix"], metrics["class_names"]
-    assert len(confusion) == len(names) and all(len(row) == len(names) for row in confusion)
+    assert len(confusion) == len(names)
+    assert all(len(row) == len(names) for row in confusion)
     assert sum(map(sum, confusion)) == metrics["num_val"]
     diagonal = sum(confusion[i][i] for i in range(len(names)))
     assert diagonal / metrics["num_val"] == pytest.approx(metrics["best_val_acc"])

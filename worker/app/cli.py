@@ -89,6 +89,14 @@ def _store(config):
         raise typer.Exit(1) from exc
 
 
+def _manifests(config):
+    """Where frozen manifests are read: the artifacts container when configured, else the state folder."""
+    from worker.adapters.local.directory_blobs import DirectoryBlobStore
+    from worker.app.bootstrap import artifacts_store
+
+    return artifacts_store(os.environ) or DirectoryBlobStore(config.worker.state_dir, images_only=False)
+
+
 def _version(value: bool) -> None:
     if value:
         from worker import __version__
@@ -492,14 +500,11 @@ def manifest(
     json_out: JsonOption = False,
 ) -> None:
     """What a run trained on: images per split and class, and the paths (or what changed since its parent)."""
-    from worker.adapters.local.directory_blobs import DirectoryBlobStore
-    from worker.app.bootstrap import artifacts_store
     from worker.views import manifest_view
 
     cfg = _config(config)
-    manifests = artifacts_store(os.environ) or DirectoryBlobStore(cfg.worker.state_dir, images_only=False)
     try:
-        view = manifest_view(_store(cfg), manifests, run_id, diff_parent)
+        view = manifest_view(_store(cfg), _manifests(cfg), run_id, diff_parent)
     except KeyError as exc:
         typer.echo(f"error: {exc.args[0]}", err=True)
         raise typer.Exit(1) from exc
@@ -574,12 +579,14 @@ def dashboard(
     port: Annotated[int, typer.Option(help="the port (0: any free one)")] = 8765,
     config: ConfigOption = None,
 ) -> None:
-    """Serve a read-only page: champions, accuracy per version, training curves, pending, decisions, events."""
+    """Serve the read-only console: models, runs (curves, per-class accuracy, confusion matrix, manifest, cost), decisions, events."""
     from worker.app.dashboard_server import serve_dashboard
 
     cfg = _config(config)
     store = _store(cfg)
-    serve_dashboard(store, cfg, host, port, announce=lambda url: typer.echo(f"dashboard on {url} (Ctrl-C stops it)"))
+    serve_dashboard(
+        store, cfg, host, port, manifests=_manifests(cfg), announce=lambda url: typer.echo(f"dashboard on {url} (Ctrl-C stops it)")
+    )
 
 
 @app.command()

@@ -1,17 +1,21 @@
-"""`retrain dashboard`: the page and its data over HTTP on this machine (read-only; no login)."""
+"""`retrain dashboard`: the console's pages and their data over HTTP on this machine (read-only; no login)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
-from worker.app.dashboard import CSP, dashboard_data, render
+from worker.app.dashboard import CSP, respond
 from worker.config import RetrainConfig
 from worker.store import Store
 
+MAX_URL = 4096
 
-def make_server(store: Store, config: RetrainConfig, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+
+def make_server(store: Store, config: RetrainConfig, host: str = "127.0.0.1", port: int = 0, manifests: Any = None) -> ThreadingHTTPServer:
+    """The console on `host:port` (0: a free port); `manifests` is where frozen manifests are read."""
     allowed_hosts: set[str] = set()
 
     class Handler(BaseHTTPRequestHandler):
@@ -21,18 +25,23 @@ def make_server(store: Store, config: RetrainConfig, host: str = "127.0.0.1", po
             if self.headers.get("Host", "").lower() not in allowed_hosts:
                 self.send_error(421, "Misdirected Request: this dashboard answers only to its own address")
                 return
-            if self.path in ("/", "/index.html"):
-                body, kind = render(dashboard_data(store, config)).encode(), "text/html; charset=utf-8"
-            elif self.path == "/favicon.ico":
+            if len(self.path) > MAX_URL:
+                self.send_error(414)
+                return
+            url = urlsplit(self.path)
+            query = dict(parse_qsl(url.query, keep_blank_values=True))
+            if url.path == "/favicon.ico":
                 self.send_response(204)
                 self.end_headers()
                 return
-            elif self.path == "/dashboard.json":
-                body, kind = json.dumps(dashboard_data(store, config), default=str).encode(), "application/json"
-            else:
+            if url.path == "/dashboard.json":  # the overview's data (kept for scripts that read it)
+                query = {**query, "format": "json"}
+            elif url.path not in ("/", "/index.html"):
                 self.send_error(404)
                 return
-            self.send_response(200)
+            status, kind, text = respond(query, store, config, manifests)
+            body = text.encode()
+            self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Security-Policy", CSP)
             self.send_header("X-Content-Type-Options", "nosniff")
@@ -51,8 +60,10 @@ def make_server(store: Store, config: RetrainConfig, host: str = "127.0.0.1", po
     return server
 
 
-def serve_dashboard(store: Store, config: RetrainConfig, host: str, port: int, announce: Callable[[str], None]) -> None:
-    server = make_server(store, config, host, port)
+def serve_dashboard(
+    store: Store, config: RetrainConfig, host: str, port: int, announce: Callable[[str], None], manifests: Any = None
+) -> None:
+    server = make_server(store, config, host, port, manifests)
     announce(f"http://{host}:{server.server_address[1]}/")
     try:
         server.serve_forever()
