@@ -50,7 +50,11 @@ def main() -> None:
             head.champion_version = args.runs
             tx.save_model_head(head)
             tx.commit()
-        for name, query in (("overview", {}), ("model page", {"model": "birds"}), ("run page", {"run": f"birds-{args.runs:04d}-{args.runs:08x}"})):
+        for name, query in (
+            ("overview", {}),
+            ("model page", {"model": "birds"}),
+            ("run page", {"run": f"birds-{args.runs:04d}-{args.runs:08x}"}),
+        ):
             times, size = [], 0
             for _ in range(10):
                 t0 = time.perf_counter()

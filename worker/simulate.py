@@ -1,7 +1,9 @@
 """`retrain simulate`: replay a model's history through the real policy with a virtual clock.
 
-The history is image arrivals (when each version was first seen), forced requests, and the runs
-that were recorded (when planned, how long, how they ended). The simulator keeps the few numbers
+The history is image arrivals (when each version was first seen), forced requests, pauses and
+resumes, the runs that were recorded (when planned, how long, how they ended), and when the record
+ends (the ledger's now when it was read): the replay stops there, as the worker had, and a run not
+finished by then is reported in flight, not as trained. The simulator keeps the few numbers
 the policy reads (pending images per class and their oldest/newest arrival, the data per class and
 split, the head: follow-up, last finish, failures and back-off, the run in flight, open forced
 requests, the GPU-hours of the last 24 h), builds the same `Snapshot` the worker builds and calls
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared import events as ev
 from shared.files import NotRegularFileError, open_regular
 from shared.manifest_hash import stable_split
 from shared.messages import label_of, load_checked_document  # the inbound-JSON checks: depth, numbers, NaN, lone surrogates
@@ -56,6 +59,14 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Control:
+    """An operator's pause or resume: while paused no run starts and forced requests are refused."""
+
+    at: dt.datetime
+    action: str  # pause | resume
+
+
+@dataclass(frozen=True)
 class RecordedRun:
     planned_at: dt.datetime
     finished_at: dt.datetime | None
@@ -72,6 +83,8 @@ class History:
     arrivals: list[Arrival] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
     runs: list[RecordedRun] = field(default_factory=list)
+    controls: list[Control] = field(default_factory=list)
+    observed_until: dt.datetime | None = None  # when the record ends; None: at its last event
 
     @property
     def start(self) -> dt.datetime | None:
@@ -81,8 +94,9 @@ class History:
     @property
     def end(self) -> dt.datetime | None:
         times = (
-            [a.at for a in self.arrivals[-1:]] + [r.at for r in self.requests[-1:]] + [r.finished_at for r in self.runs if r.finished_at]
-        )
+            [a.at for a in self.arrivals[-1:]] + [r.at for r in self.requests[-1:]] + [c.at for c in self.controls[-1:]]
+            + [r.finished_at for r in self.runs if r.finished_at]
+        )  # fmt: skip
         return max(times) if times else None
 
 
@@ -111,15 +125,21 @@ class DurationModel:
             return f"fitted to {len(self.recorded)} recorded runs: {self.base:.0f} s + {self.per_image:.3f} s per image"
         return f"fixed: {self.fixed / 60:g} minutes"
 
-    def run(self, index: int, images: int) -> tuple[float, str]:
-        """(seconds, outcome) of the index-th simulated run (0-based) with `images` images."""
+    def run(self, index: int, images: int) -> tuple[float | None, str]:
+        """(seconds, outcome) of the index-th simulated run (0-based) with `images` images; replaying,
+        (None, "in flight") for a recorded run that had not finished when the record ends."""
+        if self.kind == "recorded" and index < len(self.recorded) and self.recorded[index].finished_at is None:
+            return None, "in flight"
         if self.kind == "recorded" and index < len(self.recorded) and self.recorded[index].seconds is not None:
             recorded = self.recorded[index]
             outcome = recorded.outcome if recorded.outcome in ("failed", "canceled") else "succeeded"
             return float(recorded.seconds or 0.0), outcome
         if self.kind == "fixed":
             return self.fixed, "succeeded"
-        return self.base + self.per_image * images, "succeeded"
+        return self.estimate(images), "succeeded"
+
+    def estimate(self, images: int) -> float:
+        return self.fixed if self.kind == "fixed" else self.base + self.per_image * images
 
 
 @dataclass
@@ -150,9 +170,17 @@ class Result:
     staleness_s: list[float]
     untrained: int
     duration_model: str
+    ended_at: dt.datetime | None = None  # the end of the record, when it has one
 
     def summary(self) -> dict[str, Any]:
         s = sorted(self.staleness_s)
+        flying = sum(1 for r in self.runs if r.outcome == "in flight")
+        warnings = []
+        if not s:
+            warnings.append("no image reached a trained model in this replay: staleness is undefined"
+                            + (f" ({self.untrained} images never trained)" if self.untrained else ""))  # fmt: skip
+        if flying:
+            warnings.append(f"{flying} run still in flight when the record ends: its images count as never trained")
 
         def pct(q: float) -> float | None:
             return round(s[min(len(s) - 1, math.ceil(q * len(s)) - 1)] / 3600, 2) if s else None
@@ -164,7 +192,10 @@ class Result:
             "images_per_run": round(statistics.fmean(r.images for r in self.runs), 1) if self.runs else 0,
             "staleness_hours": {"median": pct(0.5), "p95": pct(0.95), "max": round(s[-1] / 3600, 2) if s else None},
             "images_never_trained": self.untrained,
+            "in_flight_at_end": flying,
+            "ended_at": self.ended_at.isoformat() if self.ended_at else None,
             "durations": self.duration_model,
+            "warnings": warnings,
         }
 
 
@@ -255,12 +286,15 @@ class _Images:
 def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, durations: DurationModel, gpus_per_run: int = 1,
              label: str = "live", until: dt.datetime | None = None, keep_paths: bool = False,
              every_arrival: bool = False) -> Result:  # fmt: skip
-    """Replay `history` through `decide` under `cfg`. `every_arrival` evaluates every arrival even when
-    the policy can only wait (the tests check that skipping those changes nothing)."""
+    """Replay `history` through `decide` under `cfg`, up to `until` (else the record's end; a history
+    without one runs until a tick after its last event and its last run's end). `every_arrival`
+    evaluates every arrival even when the policy can only wait (the tests check that skipping those
+    changes nothing)."""
     start = history.start
+    cutoff = until or history.observed_until
     if start is None:
-        return Result(label, [], 0.0, [], 0, durations.describe())
-    end = until or history.end or start
+        return Result(label, [], 0.0, [], 0, durations.describe(), cutoff)
+    end = cutoff or history.end or start
     tick = dt.timedelta(seconds=tick_seconds)
     images = _Images(cfg)
     head = ModelHead(model="simulated")
@@ -272,7 +306,8 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
     runs: list[SimRun] = []
     flying: SimRun | None = None
     trained_at: list[tuple[int, dt.datetime]] = []  # (watermark, when) of each successful run
-    events = sorted([(a.at, 0, i) for i, a in enumerate(history.arrivals)] + [(r.at, 1, i) for i, r in enumerate(history.requests)])
+    events = sorted([(a.at, 0, i) for i, a in enumerate(history.arrivals)] + [(r.at, 1, i) for i, r in enumerate(history.requests)]
+                    + [(c.at, 2, i) for i, c in enumerate(history.controls)])  # fmt: skip
     position = 0
     now = start
 
@@ -322,8 +357,13 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
             count = new if cfg.training_data == "new" else images.latest_count
             paths = images.in_range(base, watermark, cfg.training_data == "new") if keep_paths else []
             seconds, outcome = durations.run(len(runs), count)
-            flying = SimRun(len(runs), at, decision.reason, watermark, base, count, new, paths,
-                            at + dt.timedelta(seconds=seconds), outcome, [r.request_id for r in consumed])  # fmt: skip
+            if seconds is None:  # recorded as still running when the record ends: so it is here
+                ends_at = max(at, end) + tick if cutoff is not None else at + dt.timedelta(seconds=durations.estimate(count))
+                outcome = "in flight" if cutoff is not None else "succeeded"
+            else:
+                ends_at = at + dt.timedelta(seconds=seconds)
+            flying = SimRun(len(runs), at, decision.reason, watermark, base, count, new, paths, ends_at, outcome,
+                            [r.request_id for r in consumed])  # fmt: skip
             runs.append(flying)
             head.followup_wanted = False
             images.move_floor(max(head.trained_watermark, watermark))
@@ -334,6 +374,8 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
         nothing the policy acts on, and evaluating it can be skipped (a big saving on busy histories)."""
         if open_requests or cfg.max_gpu_hours_per_day is not None:
             return False
+        if head.paused is not None:
+            return True
         if flying is not None:
             return head.followup_wanted or cfg.in_flight == "drop"
         if head.followup_wanted:
@@ -381,15 +423,15 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
 
     wake: dt.datetime | None = None
     while True:
-        candidates = [end + tick] if now < end + tick else []  # the last look, after the history ends
+        candidates = [end + tick] if cutoff is None and now < end + tick else []  # without a recorded end: a last look after it
         if position < len(events):
             candidates.append(events[position][0])
         if flying is not None:
             candidates.append(flying.ends_at)
         if wake is not None:
             candidates.append(wake if (wake - start) % tick == dt.timedelta(0) else next_tick(wake))
-        if not candidates:
-            break
+        if not candidates or (cutoff is not None and min(candidates) > cutoff):
+            break  # the record ends here: what is in flight stays in flight
         now = max(now, min(candidates))
         if flying is not None and flying.ends_at <= now:
             finish(flying)
@@ -403,6 +445,12 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
                 if not every_arrival and certainly_waits(now):
                     wake = earliest_wake(now, wake)
                     continue
+            elif kind == 2:
+                control = history.controls[index]
+                if control.action == "pause":
+                    head.paused = {"by": "an operator", "at": now.isoformat()}
+                    continue  # a pause starts nothing; the worker evaluates again on resume
+                head.paused = None
             else:
                 request = history.requests[index]
                 open_requests.append(request)
@@ -413,8 +461,11 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
         wake = evaluate(now)  # a tick
         if wake is not None and wake <= now:
             wake = now + tick
-        if now > end and flying is None:
+        if cutoff is None and now > end and flying is None:
             break
+    if flying is not None and cutoff is not None and flying.ends_at > cutoff:
+        flying.outcome = "in flight"  # the record ends with it running: not trained, its GPUs counted to the end
+        flying.ends_at = cutoff
     gpu_hours = sum((r.ends_at - r.planned_at).total_seconds() for r in runs) * gpus_per_run / 3600
     watermarks = [w for w, _ in trained_at]
     staleness, untrained = [], 0
@@ -424,7 +475,7 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
             staleness.append((trained_at[first][1] - arrived).total_seconds())
         else:
             untrained += 1
-    return Result(label, runs, gpu_hours, staleness, untrained, durations.describe())
+    return Result(label, runs, gpu_hours, staleness, untrained, durations.describe(), cutoff)
 
 
 # -- histories ------------------------------------------------------------------------------------
@@ -481,6 +532,10 @@ def read_history(lines: Iterable[str]) -> History:
                 history.requests.append(Request(_time(item.get("at")), _text(item.get("id", f"req-{number}"), "id"),
                                                 _text(item.get("requested_by", ""), "requested_by"),
                                                 item.get("override_budget", False) is True))  # fmt: skip
+            elif kind in ("pause", "resume"):
+                history.controls.append(Control(_time(item.get("at")), kind))
+            elif kind == "end":
+                history.observed_until = _time(item.get("at"))
             elif kind == "run":
                 finished = item.get("finished_at")
                 history.runs.append(RecordedRun(_time(item.get("planned_at")), _time(finished) if finished is not None else None,
@@ -492,6 +547,7 @@ def read_history(lines: Iterable[str]) -> History:
     history.arrivals.sort(key=lambda a: a.at)
     history.requests.sort(key=lambda r: r.at)
     history.runs.sort(key=lambda r: r.planned_at)
+    history.controls.sort(key=lambda c: c.at)
     return history
 
 
@@ -504,16 +560,33 @@ def history_lines(history: History) -> Iterator[str]:
     for run in history.runs:
         yield json.dumps({"type": "run", "planned_at": run.planned_at.isoformat(), "finished_at": run.finished_at.isoformat() if run.finished_at else None,
                           "images": run.images, "outcome": run.outcome})  # fmt: skip
+    for c in history.controls:
+        yield json.dumps({"type": c.action, "at": c.at.isoformat()})
+    if history.observed_until is not None:
+        yield json.dumps({"type": "end", "at": history.observed_until.isoformat()})
 
 
-def ledger_history(tx: Any, model: str) -> History:
+def ledger_history(store: Any, model: str) -> History:
     """The model's recorded history from the ledger: every image version's arrival, the forced
-    requests, and the runs (planned at, finished at, images, how they ended)."""
+    requests, the runs (planned at, finished at, images, how they ended), the pauses and resumes
+    (their events are kept when the outbox is pruned), and the record's end: the worker's last
+    recorded decision or the last event, whichever is later. A decision is recorded whenever the
+    verdict changes, so the worker started no run after it; replaying further would start runs
+    the worker never had the chance to (it may have been stopped)."""
     history = History()
-    history.arrivals = [Arrival(i.first_seen_at, i.path, i.etag) for i in tx.image_arrivals(model) if i.first_seen_at]
-    runs = sorted(tx.runs(model), key=lambda r: r.seq)
-    history.requests = [Request(r.created_at, r.request_id, r.requested_by, r.override_budget) for r in tx.all_requests(model) if r.force]
+    with store.read() as tx:
+        history.arrivals = [Arrival(i.first_seen_at, i.path, i.etag) for i in tx.image_arrivals(model) if i.first_seen_at]
+        runs = sorted(tx.runs(model), key=lambda r: r.seq)
+        requests = tx.all_requests(model)
+        last_decision = next((d.at for d in tx.decisions(model, 1)), None)
+    history.requests = [Request(r.created_at, r.request_id, r.requested_by, r.override_budget) for r in requests if r.force]
     history.runs = [RecordedRun(r.created_at, r.finished_at, r.image_count, _outcome(r.outcome or r.state)) for r in runs]
+    actions = {ev.MODEL_PAUSED: "pause", ev.MODEL_RESUMED: "resume"}
+    history.controls = [Control(e.created_at, actions[e.type]) for e in store.all_events()
+                        if e.type in actions and (e.payload.get("data") or {}).get("model") == model]  # fmt: skip
+    history.controls.sort(key=lambda c: c.at)
+    ends = [t for t in (last_decision, history.end) if t is not None]
+    history.observed_until = max(ends) if ends else None
     return history
 
 

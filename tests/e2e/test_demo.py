@@ -65,6 +65,14 @@ def test_demo_runs_the_whole_loop_and_leaves_a_champion_onnx_that_loads(tmp_path
     logits = session.run(["logits"], {"image": np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)})[0]
     assert logits.shape == (2, 2)
     assert "champion ONNX" in out
+    # The settings it ran with are in the workspace: replaying its history with them plans its two runs.
+    config = tmp_path / "ws" / "retrain.toml"
+    assert f"retrain simulate birds --tick 1 -c {config}" in out
+    replay = subprocess.run([sys.executable, "-m", "worker", "simulate", "birds", "--tick", "1", "--json", "-c", str(config)], capture_output=True,
+                            text=True, timeout=120, env=child_env(PYTHONPATH=str(ROOT)), check=False, cwd=tmp_path)  # fmt: skip
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    result = json.loads(replay.stdout)["results"][0]
+    assert (result["runs"], result["in_flight_at_end"], result["warnings"]) == (2, 0, [])
 
 
 def test_running_the_demo_again_starts_clean_and_reuses_the_data(tmp_path):

@@ -1,4 +1,5 @@
-"""`retrain simulate` replays history through the real policy (issue 16)."""
+"""`retrain simulate` replays history through the real policy: the runs the worker planned, a pause
+and the forced request it refused, and a run still in flight when the record ends."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.messages import ImageUploaded, RetrainRequested
+from shared.messages import ImageUploaded, ModelControl, RetrainRequested
 from worker.simulate import Arrival, DurationModel, History, RecordedRun, Request, history_lines, ledger_history, read_history, simulate
 
 from .worker_harness import make_harness
@@ -19,13 +20,14 @@ TICK = 5  # seconds between the worker's ticks, in the recorded history and in t
 
 
 def produce_history(tmp_path):
-    """The worker itself, ticking every TICK seconds through uploads in bursts, a forced request and
-    a failed run: quiet periods, max waits and cooldowns all decide something along the way."""
+    """The worker itself, ticking every TICK seconds through uploads in bursts, a forced request, a
+    failed run, a pause with a forced request refused during it, and a last run still in flight
+    when the record ends: quiet periods, max waits and cooldowns all decide something along the way."""
     h = make_harness(tmp_path, quiet_period=20, max_wait=120, cooldown=60, max_attempts=1, min_new_images=8, min_per_class=2)
     start = h.clock.now()
     uploads: dict[int, list[str]] = {}
     n = 0
-    for burst_at, count in [(0, 10), (40, 3), (300, 12), (330, 2), (700, 4), (1200, 9), (1500, 1)]:
+    for burst_at, count in [(0, 10), (40, 3), (300, 12), (330, 2), (700, 4), (1030, 8), (1200, 9), (1500, 1), (2250, 10)]:
         for i in range(count):
             uploads.setdefault(burst_at + 2 * i, []).append(f"{'chicken' if (n + i) % 2 else 'turkey'}/{n + i:04d}.jpg")
         n += count
@@ -38,10 +40,17 @@ def produce_history(tmp_path):
             h.worker.handle(ImageUploaded.of("birds", path, "e1", 100))
         if second == forced_at:
             h.worker.handle(RetrainRequested(message_id="force-1", model="birds", force=True, requested_by="ops"))
+        if second == 1000:
+            h.worker.handle(ModelControl(message_id="pause-1", model="birds", action="pause", requested_by="ops", reason="labels audit"))
+        if second == 1060:  # refused: the model is paused
+            h.worker.handle(RetrainRequested(message_id="force-2", model="birds", force=True, requested_by="ops"))
+        if second == 1100:
+            h.worker.handle(ModelControl(message_id="resume-1", model="birds", action="resume", requested_by="ops"))
         for run in h.runs():
             if run.in_flight and run.run_id not in finishing:
                 index = len(finishing)
-                finishing[run.run_id] = second + durations[index % len(durations)]
+                # the run planned after the last burst outlives the record
+                finishing[run.run_id] = second + (10_000 if second > 2250 else durations[index % len(durations)])
             if run.in_flight and finishing.get(run.run_id) == second:
                 if list(finishing).index(run.run_id) == fail_index:
                     h.status(run.backend_run_id, "failed", detail="out of memory")
@@ -58,8 +67,11 @@ def test_replaying_the_live_configuration_reproduces_the_runs_the_worker_planned
     assert len(real) >= 5
     assert any(r.outcome == "failed" for r in real)
     assert any(r.request_ids == ["force-1"] for r in real)
-    with h.store.read() as tx:
-        history = ledger_history(tx, "birds")
+    assert not any("force-2" in r.request_ids for r in real)  # refused during the pause
+    assert real[-1].in_flight  # the record ends with a run going
+    history = ledger_history(h.store, "birds")
+    assert [c.action for c in history.controls] == ["pause", "resume"]
+    assert history.observed_until is not None
     cfg = h.worker.config.model("birds")
     result = simulate(history, cfg, tick_seconds=TICK, durations=DurationModel("recorded", history.runs), gpus_per_run=2, keep_paths=True)
     assert len(result.runs) == len(real)
@@ -68,6 +80,28 @@ def test_replaying_the_live_configuration_reproduces_the_runs_the_worker_planned
         assert simulated.paths == sorted(i["path"] for i in h.manifest(run))
         assert simulated.new_images == run.new_image_count
     assert result.runs[[r.request_ids for r in result.runs].index(["force-1"])] is not None
+    assert not any("force-2" in r.request_ids for r in result.runs)
+    assert [r.outcome for r in result.runs][-1] == "in flight"
+    summary = result.summary()
+    assert summary["in_flight_at_end"] == 1
+    assert summary["images_never_trained"] >= 10  # the last burst: its run had not finished
+
+
+def test_the_replay_stops_where_the_record_ends_not_at_the_last_arrival(tmp_path):
+    """The worker waits out a quiet period after the last image and then trains: a replay that
+    stopped at the last arrival planned one run too few (the demo: 2 real runs, 1 replayed)."""
+    h = make_harness(tmp_path, quiet_period=60, max_wait=3600, cooldown=0, min_new_images=8, min_per_class=1)
+    for _ in range(2):
+        h.uploads(6)
+        for _ in range(14):
+            h.clock.advance(5)
+            h.worker.tick()
+        h.succeed(next(r for r in h.runs() if r.in_flight))
+    assert len(h.runs()) == 2
+    history = ledger_history(h.store, "birds")
+    result = simulate(history, h.worker.config.model("birds"), tick_seconds=5, durations=DurationModel("recorded", history.runs))
+    assert len(result.runs) == 2
+    assert result.summary()["warnings"] == []
 
 
 def test_a_higher_threshold_makes_fewer_bigger_runs_and_reports_staleness(tmp_path):
@@ -177,12 +211,11 @@ def test_export_writes_the_ledgers_history_in_the_documented_format(tmp_path):
     from worker.adapters.local.sqlite_store import SqliteStore
     from worker.app.cli import app
 
-    with h.store.read() as tx:
-        history = ledger_history(tx, "birds")
+    history = ledger_history(h.store, "birds")
     path = tmp_path / "export.jsonl"
     path.write_text("\n".join(history_lines(history)) + "\n")
     assert read_history(path.read_text().splitlines()) == history
-    assert {json.loads(line)["type"] for line in path.read_text().splitlines()} == {"arrival", "request", "run"}
+    assert {json.loads(line)["type"] for line in path.read_text().splitlines()} == {"arrival", "request", "run", "pause", "resume", "end"}
     # The command reads the ledger the configuration names.
     env = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state2"), "RETRAIN_CONFIG": ""}
     SqliteStore(tmp_path / "state2" / "ledger.db").close()

@@ -633,10 +633,17 @@ def simulate(
     for title, key in rows:
         table.add_row(title, *(str(r[key]) for r in report["results"]))
     for title, key in [("staleness median (h)", "median"), ("staleness p95 (h)", "p95"), ("staleness max (h)", "max")]:
-        table.add_row(title, *(str(r["staleness_hours"][key]) for r in report["results"]))
+        table.add_row(title, *("n/a" if r["staleness_hours"][key] is None else str(r["staleness_hours"][key]) for r in report["results"]))
     table.add_row("images never trained", *(str(r["images_never_trained"]) for r in report["results"]))
+    table.add_row("runs in flight at the end", *(str(r["in_flight_at_end"]) for r in report["results"]))
     console = Console(highlight=False)
     console.print(table)
+    ended = report["results"][0]["ended_at"] if report["results"] else None
+    console.print(f"replayed until {ended[:19].replace('T', ' ')} UTC (the record's end)" if ended else "replayed until a tick after the last event",
+                  markup=False)  # fmt: skip
+    for result in report["results"]:
+        for warning in result["warnings"]:
+            typer.echo(f"warning: {result['config']}: {warning}", err=True)
     console.print(f"run durations: {report['results'][0]['durations']}; GPUs per run: {report['gpus_per_run']}")
     for result in report["results"]:
         shown = result["simulated_runs"][:show_runs]

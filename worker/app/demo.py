@@ -48,6 +48,7 @@ class DemoResult:
     events: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    config_file: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -58,28 +59,31 @@ class DemoError(RuntimeError):
     """A demo step failed; the message says which and where its log is."""
 
 
-def _config(cfg: DemoConfig, state: Path, images: Path):
+def _config(cfg: DemoConfig, state: Path, images: Path, workspace: Path):
+    """The demo's configuration, written to <workspace>/retrain.toml and loaded from there: the
+    commands that inspect the demo afterwards (runs, dashboard, simulate) read the same settings."""
     from worker.config import load_config
 
     threshold = max(4, int(cfg.per_class * 2 * 0.5 * 0.8))  # crossed by round one's last batch
-    env = {
-        "RETRAIN__WORKER__STATE_DIR": str(state),
-        "RETRAIN__WORKER__IMAGES_ROOT": str(images),
-        "RETRAIN__WORKER__TICK_SECONDS": "0.5",
-        "RETRAIN__MODELS__BIRDS__MIN_NEW_IMAGES": str(threshold),
-        "RETRAIN__MODELS__BIRDS__MIN_PER_CLASS": "4",
-        "RETRAIN__MODELS__BIRDS__QUIET_PERIOD": str(cfg.quiet_period),
-        "RETRAIN__MODELS__BIRDS__COOLDOWN": "0",
-        "RETRAIN__MODELS__BIRDS__VAL_FRACTION": "0.25",
-        "RETRAIN__MODELS__BIRDS__TRAINING__EPOCHS": str(cfg.epochs),
-        "RETRAIN__MODELS__BIRDS__TRAINING__IMAGE_SIZE": str(cfg.image_size),
-        "RETRAIN__MODELS__BIRDS__TRAINING__BATCH_SIZE": str(cfg.batch_size),
-        "RETRAIN__MODELS__BIRDS__TRAINING__LEARNING_RATE": str(cfg.learning_rate),
-        "RETRAIN__MODELS__BIRDS__TRAINING__NPROC": str(cfg.nproc),
-        "RETRAIN__MODELS__BIRDS__TRAINING__EXTRA": json.dumps(["--step_size", str(max(1, cfg.epochs * 3 // 4))]),
-        "RETRAIN__MODELS__BIRDS__GATE__MIN_VALUE": str(cfg.min_value),
-    }
-    return load_config(None, env=env)
+    sections: dict[str, dict[str, Any]] = {
+        "worker": {"state_dir": str(state), "images_root": str(images), "tick_seconds": 0.5},
+        "models.birds": {"min_new_images": threshold, "min_per_class": 4, "quiet_period": cfg.quiet_period, "cooldown": 0,
+                         "val_fraction": 0.25},
+        "models.birds.training": {"epochs": cfg.epochs, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+                                  "learning_rate": cfg.learning_rate, "nproc": cfg.nproc,
+                                  "extra": ["--step_size", str(max(1, cfg.epochs * 3 // 4))]},
+        "models.birds.gate": {"min_value": cfg.min_value},
+    }  # fmt: skip
+    lines = ["# written by `retrain demo`: the settings it ran with (retrain status|runs|dashboard|simulate -c this file)"]
+    for section, values in sections.items():
+        lines += [
+            "",
+            f"[{section}]",
+            *(f"{key} = {json.dumps(value)}" for key, value in values.items()),
+        ]  # JSON strings, numbers, lists are TOML
+    path = workspace / "retrain.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return load_config(path, env={}), path
 
 
 def _source_set(cfg: DemoConfig, workspace: Path, echo: Callable[[str], None]) -> tuple[Path, list[str]]:
@@ -156,7 +160,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
     for folder in (state, images):  # each demo starts from an empty ledger and registry
         shutil.rmtree(folder, ignore_errors=True)
     source, files = _source_set(cfg, workspace, echo)
-    config = _config(cfg, state, images)
+    config, config_file = _config(cfg, state, images, workspace)
     worker = build_worker(config)
     service = LocalService(worker, settle_seconds=0.0)
     narrator = _Narrator(worker, echo)
@@ -181,7 +185,9 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
             service.cycle()
             narrator.decisions()
         timeline.append(_follow_run(service, narrator, cfg, dropped_at, echo))
-    result = DemoResult(workspace=workspace, state_dir=state, timeline=timeline, seconds=time.monotonic() - started)
+    result = DemoResult(
+        workspace=workspace, state_dir=state, timeline=timeline, seconds=time.monotonic() - started, config_file=config_file
+    )
     with worker.store.transaction() as tx:
         result.runs = [_run_summary(r, state) for r in reversed(tx.runs("birds"))]
     result.models = models_view(worker.store, config, "birds")["birds"]

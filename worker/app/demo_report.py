@@ -56,8 +56,15 @@ def render_summary(result: DemoResult, console: Console) -> None:
     files.add_row("manifests", str(result.state_dir / "manifests"))
     files.add_row("runs (logs, outputs)", str(result.state_dir / "runs"))
     files.add_row("events", f"{result.state_dir / 'events.jsonl'}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())))
+    files.add_row("configuration", str(result.config_file))
     files.add_row("demo time", f"{result.seconds:.0f}s")
     console.print(files)
+    console.print(
+        f"Look at it:  retrain runs -c {result.config_file}   retrain dashboard -c {result.config_file}   "
+        f"retrain simulate birds --tick 1 -c {result.config_file}",
+        soft_wrap=True,
+        markup=False,
+    )  # fmt: skip: one line to copy
     console.print(
         "Load the champion:  onnxruntime.InferenceSession(champion ONNX).run(['logits'], {'image': x})  # x: float32 RGB in [0, 1], NCHW"
     )

@@ -70,8 +70,7 @@ def run_simulation(
             raise SimulateError(f"{events}: {exc}") from None
     else:
         assert open_store is not None
-        with open_store(config).read() as tx:
-            history = ledger_history(tx, model)
+        history = ledger_history(open_store(config), model)
     if export is not None:
         _export(history, export)
         return None
