@@ -20,6 +20,7 @@ from shared.redact import printable
 from shared.run_ids import parse_backend_run_id
 from worker.context import Backfill, Context
 from worker.outbox import queue_event
+from worker.policy import Decision
 from worker.runs import evaluate, mark_submitted, queue_submitted_event, run_failed, run_succeeded
 from worker.store import IN_FLIGHT_STATES, DecisionRow, ImageRow, ModelHead, RequestRow, Tx
 
@@ -36,6 +37,8 @@ class Effects:
     cancel_runs: list[str] = field(default_factory=list)  # runs an operator asked to stop
     outcome: str = "ok"
     detail: str = ""
+    decision: Decision | None = None  # what the policy decided on the message (requests), for the caller to show
+    backfill: Backfill | None = None  # a request's images: found, missing, invalid, newly registered
 
 
 def image_row(ctx: Context, model: str, path: str, etag: str, size: int, source: str, occurred_at: dt.datetime | None) -> ImageRow:
@@ -110,6 +113,10 @@ def handle_retrain_requested(ctx: Context, tx: Tx, msg: RetrainRequested) -> Eff
     detail = f"registered {backfill.registered} images" + (f"; {len(missing)} not found (e.g. {missing[0]})" if missing else "")
     if invalid:
         detail += f"; {len(invalid)} skipped: not <label>/<file> images (e.g. {printable(invalid[0])[:120]})"
+    if msg.prefix is not None and not (backfill.refs or missing or invalid):
+        detail += f"; the prefix {printable(msg.prefix)[:200]!r} matches no image"
+    elif backfill.refs and not backfill.registered:
+        detail += f" (all {len(backfill.refs)} were already registered)"
     if missing:
         tx.record_decision(
             DecisionRow(
@@ -120,8 +127,8 @@ def handle_retrain_requested(ctx: Context, tx: Tx, msg: RetrainRequested) -> Eff
                 message_id=msg.message_id,
             )
         )
-    _, run = evaluate(ctx, tx, msg.model, msg.message_id)
-    return Effects(planned_runs=[run.run_id] if run else [], detail=detail)
+    decision, run = evaluate(ctx, tx, msg.model, msg.message_id)
+    return Effects(planned_runs=[run.run_id] if run else [], detail=detail, decision=decision, backfill=ctx.backfill)
 
 
 def handle_run_status_changed(ctx: Context, tx: Tx, msg: RunStatusChanged) -> Effects:

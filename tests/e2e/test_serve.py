@@ -126,3 +126,24 @@ def test_serve_waits_with_reasons_then_runs_exactly_once_and_keeps_the_files(tmp
     assert serve.returncode == 0, output[-3000:]
     assert "rejected" in output
     assert "bad\\u0007name.jpg" in output
+
+
+def test_inject_force_wait_backfills_trains_and_answers_with_the_runs_end(tmp_path):
+    """No `serve` running: `inject --force --wait` registers the images, plans the run, ticks the
+    worker through a real 2-rank training and its completion, and exits 0 once it is registered."""
+    from synthetic_birds import generate
+
+    generate(tmp_path / "images" / "birds", 6, layout="flat", seed=5)
+    (tmp_path / "retrain.toml").write_text(CONFIG + "[models.birds.gate]\nmin_value = 0\n")  # a first model on 12 images passes
+    cmd = [sys.executable, "-m", "worker", "inject", "birds", "--prefix", "", "--force", "--wait", "--timeout", "240",
+           "--reason", "first model", "-c", "retrain.toml"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=child_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].endswith("registered 12 images")
+    assert lines[1].startswith("a run starts now (birds-0001-")
+    assert any(line.endswith(": running") or line.endswith(": submitted") for line in lines)
+    assert lines[-1].startswith("birds-0001-")
+    assert " registered: registered as v1: first model" in lines[-1]
+    runs = json.loads(_cli("runs", "birds", "--json", "-c", "retrain.toml", cwd=tmp_path).stdout)["birds"]
+    assert [(r["outcome"], r["request_reasons"]) for r in runs] == [("registered", ["first model"])]

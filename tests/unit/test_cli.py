@@ -24,15 +24,16 @@ def invoke(env, *args):
 
 
 def test_inject_queues_a_valid_request_in_the_local_inbox(env, tmp_path):
-    result = invoke(env, "inject", "--model", "birds", "--force", "--epochs", "3", "--request-id", "req-1", "--json")
+    result = invoke(env, "inject", "birds", "--to", "inbox", "--force", "--epochs", "3", "--request-id", "req-1", "--json")
     assert result.exit_code == 0, result.output
     body = json.loads((tmp_path / "state" / "inbox" / "req-1.json").read_text())
     import os
     import pwd
 
     assert (body["force"], body["overrides"]["epochs"], body["requested_by"]) == (True, 3, pwd.getpwuid(os.getuid()).pw_name)  # the OS user
-    assert invoke(env, "inject", "--model", "birds", "--force", "--epochs", "3", "--request-id", "req-1").exit_code == 0  # same again: fine
-    conflict = invoke(env, "inject", "--model", "birds", "--force", "--epochs", "4", "--request-id", "req-1")
+    again = ("inject", "--model", "birds", "--to", "inbox", "--force", "--request-id", "req-1")  # the older --model spelling works
+    assert invoke(env, *again, "--epochs", "3").exit_code == 0  # same again: fine
+    conflict = invoke(env, *again, "--epochs", "4")
     assert conflict.exit_code == 2
     assert "different message" in conflict.output
 
@@ -44,8 +45,12 @@ def test_inject_queues_a_valid_request_in_the_local_inbox(env, tmp_path):
         (["--model", "birds"], "asks for nothing"),
         (["--model", "birds", "--prefix", "../etc"], "'..'"),
         (["--model", "birds", "--force", "--epochs", "0"], "overrides.epochs"),
-        (["--model", "birds", "--force", "--to", "carrier-pigeon"], "must be 'local' or 'servicebus'"),
+        (["--model", "birds", "--force", "--to", "carrier-pigeon"], "must be 'local', 'inbox' or 'servicebus'"),
         (["--model", "birds", "--force", "--to", "servicebus"], "needs RETRAIN_REQUESTS_QUEUE"),
+        (["--force"], "name one model"),
+        (["birds", "--model", "cats", "--force"], "name one model"),
+        (["birds", "--prefix", "chicken/", "--wait"], "--wait follows a forced run"),
+        (["birds", "--force", "--wait", "--to", "inbox"], "--wait follows a forced run"),
     ],
 )
 def test_inject_refuses_bad_input_and_writes_nothing(env, tmp_path, args, words):
@@ -58,9 +63,71 @@ def test_inject_refuses_bad_input_and_writes_nothing(env, tmp_path, args, words)
 def test_inject_reads_a_backfill_list(env, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("chicken/a.jpg\n\nturkey/b.png\n")
-    assert invoke(env, "inject", "--model", "birds", "--images-file", str(listing), "--request-id", "bf").exit_code == 0
+    assert invoke(env, "inject", "birds", "--to", "inbox", "--images-file", str(listing), "--request-id", "bf").exit_code == 0
     body = json.loads((tmp_path / "state" / "inbox" / "bf.json").read_text())
     assert [i["path"] for i in body["images"]] == ["chicken/a.jpg", "turkey/b.png"]
+
+
+def test_inject_says_what_the_worker_does_with_the_request_and_fails_when_it_does_nothing(env, tmp_path):
+    """`inject` printed "queued ... exit 0" for a paused model and for a prefix matching no image."""
+    import os
+    import pwd
+
+    chicken = tmp_path / "images" / "birds" / "chicken"
+    chicken.mkdir(parents=True)
+    (chicken / "a.jpg").write_bytes(b"x")
+    found = invoke(env, "inject", "birds", "--prefix", "chicken/", "--by", "ana", "--request-id", "bf-1")
+    assert found.exit_code == 0, found.output
+    assert found.output.splitlines() == [
+        "request bf-1 for birds: registered 1 images",
+        "the worker waits: waiting: 1/50 new images; waiting for data: 1/2 classes have images (chicken)",
+    ]
+    again = invoke(env, "inject", "birds", "--prefix", "chicken/", "--request-id", "bf-1")
+    assert (again.exit_code, again.output.strip()) == (0, "request bf-1 was already handled: nothing done again")
+    nothing = invoke(env, "inject", "birds", "--prefix", "turkey/2025/")
+    assert nothing.exit_code == 1
+    assert "the prefix 'turkey/2025/' matches no image" in nothing.output
+    assert "nothing to backfill" in nothing.output
+    forced = invoke(env, "inject", "birds", "--force", "--reason", "new camera", "--json")
+    assert forced.exit_code == 0
+    assert json.loads(forced.output)["decision"]["outcome"] == "wait"  # one class has no image yet: it waits, and says so
+    assert invoke(env, "pause", "birds", "--reason", "audit").exit_code == 0
+    refused = invoke(env, "inject", "birds", "--force", "--requested-by", "bob")  # the older spelling of --by
+    assert refused.exit_code == 1
+    assert refused.output.startswith("refused: paused by ")
+    assert "forced requests are refused while paused (resume first)" in refused.output
+    audit = json.loads(invoke(env, "audit", "birds", "--json").output)["birds"]
+    user = pwd.getpwuid(os.getuid()).pw_name
+    assert f"{user} (on behalf of bob)" in [row["actor"] for row in audit]
+
+
+def test_inject_wait_follows_the_requests_run_to_its_end(tmp_path):
+    from worker.app.inject import wait_for_run
+
+    from .worker_harness import make_harness
+
+    h = make_harness(tmp_path, cooldown=0)
+    h.uploads(6)
+    h.request(message_id="force-1", force=True, reason="now")
+    seen: list[str] = []
+    registered = wait_for_run(
+        h.worker, "birds", "force-1", 60, seen.append, sleep=lambda _: h.succeed(next(r for r in h.runs() if r.in_flight))
+    )
+    assert registered.exit_code == 0
+    assert registered.data["outcome"] == "registered"
+    assert any(line.endswith(": planned") or line.endswith(": submitted") for line in seen)
+    h.uploads(1)
+    h.request(message_id="force-2", force=True)
+    rejected = wait_for_run(h.worker, "birds", "force-2", 60, seen.append,
+                            sleep=lambda _: h.succeed(next(r for r in h.runs() if r.in_flight), best=0.1, baseline=0.9))  # fmt: skip
+    assert (rejected.exit_code, rejected.data["outcome"]) == (1, "rejected")
+    h.uploads(1)
+    h.request(message_id="force-3", force=True)
+    import time
+
+    slow = wait_for_run(h.worker, "birds", "force-3", 1, seen.append, sleep=lambda _: time.sleep(1.1))  # the run never ends
+    assert slow.exit_code == 124
+    assert "still waiting after 1 s" in slow.lines[0]
 
 
 def test_status_explain_and_models_work_on_an_empty_ledger(env, tmp_path):

@@ -150,7 +150,7 @@ def serve(
 
 @app.command()
 def inject(
-    model: Annotated[str, typer.Option(help="the model to retrain")],
+    model_arg: Annotated[str | None, typer.Argument(metavar="MODEL", help="the model to retrain")] = None,
     config: ConfigOption = None,
     force: Annotated[bool, typer.Option(help="start a run now, whatever the thresholds say (never while one is in flight)")] = False,
     prefix: Annotated[str | None, typer.Option(help="backfill: register every image under this prefix (<label>/...)")] = None,
@@ -159,26 +159,45 @@ def inject(
     learning_rate: Annotated[float | None, typer.Option(help="override the learning rate")] = None,
     batch_size: Annotated[int | None, typer.Option(help="override the batch size")] = None,
     image_size: Annotated[int | None, typer.Option(help="override the image size")] = None,
-    request_id: Annotated[str | None, typer.Option(help="idempotency key (default: a new UUID)")] = None,
-    requested_by: Annotated[str, typer.Option(help="on whose behalf (the operating-system user is recorded as who asked)")] = "",
-    reason: Annotated[str, typer.Option(help="why")] = "",
-    to: Annotated[str, typer.Option(help="local (the serve loop's inbox) or servicebus (RETRAIN_REQUESTS_QUEUE)")] = "local",
+    request_id: Annotated[str | None, typer.Option(help="idempotency key (default: a new id)")] = None,
+    by: Annotated[str, typer.Option("--by", help="on whose behalf (the operating-system user is recorded as who asked)")] = "",
+    reason: Annotated[str, typer.Option(help="why (recorded in the ledger and shown by runs and the dashboard)")] = "",
+    to: Annotated[
+        str,
+        typer.Option(
+            help="local: the worker handles it now and says what it will do; inbox: a file for a running `serve`; "
+            "servicebus: RETRAIN_REQUESTS_QUEUE"
+        ),
+    ] = "local",
+    wait: Annotated[
+        bool, typer.Option(help="with --force, locally: tick the worker until the request's run ends (exit 0: registered)")
+    ] = False,
+    timeout: Annotated[float, typer.Option(min=1, max=366 * 86400, help="seconds --wait waits")] = 86400.0,
     json_out: JsonOption = False,
+    model_opt: Annotated[str | None, typer.Option("--model", hidden=True)] = None,  # the older spelling
+    requested_by: Annotated[str, typer.Option("--requested-by", hidden=True)] = "",  # the older spelling of --by
 ) -> None:
-    """Send a RetrainRequested (forced run and/or backfill). Invalid input: error, nothing written."""
+    """Ask for a forced run and/or a backfill. Locally the answer says what the worker does with it:
+    a run planned, queued behind the one in flight, waiting (and why) or refused (exit 1)."""
     from shared.errors import InvalidMessage
     from shared.messages import RetrainRequested, parse_as
-    from worker.adapters.local.inbox import LocalInbox
 
-    cfg = _config(config)
-    if to not in ("local", "servicebus"):
-        typer.echo(f"error: --to must be 'local' or 'servicebus', not {to!r}", err=True)
+    model = model_arg or model_opt
+    if model is None or (model_arg and model_opt and model_arg != model_opt):
+        typer.echo("error: name one model: retrain inject MODEL [--force] [--prefix P | --images-file F]", err=True)
         raise typer.Exit(2)
+    if to not in ("local", "inbox", "servicebus"):
+        typer.echo(f"error: --to must be 'local', 'inbox' or 'servicebus', not {to!r}", err=True)
+        raise typer.Exit(2)
+    if wait and (to != "local" or not force):
+        typer.echo("error: --wait follows a forced run handled here: use it with --force and --to local", err=True)
+        raise typer.Exit(2)
+    cfg = _config(config)
     body: dict = {
         "message_id": request_id or f"req-{uuid.uuid4().hex}",
         "model": model,
         "force": force,
-        "requested_by": _actor(requested_by),
+        "requested_by": _actor(by or requested_by),
         "reason": reason,
     }
     if prefix is not None:
@@ -197,12 +216,21 @@ def inject(
     }
     if overrides:
         body["overrides"] = overrides
-    injector = _servicebus_injector() if to == "servicebus" else None
     try:
         message = parse_as(RetrainRequested, body, known_models=cfg.models)
+    except InvalidMessage as exc:
+        typer.echo(f"error: invalid request ({exc.reason}): {exc.description}", err=True)
+        raise typer.Exit(2) from exc
+    if to == "local":
+        _inject_here(cfg, message, wait, timeout, json_out)
+        return
+    injector = _servicebus_injector() if to == "servicebus" else None
+    try:
         if injector is not None:
             where = f"Service Bus queue {injector.queue} (message id {injector.send(message)})"
         else:
+            from worker.adapters.local.inbox import LocalInbox
+
             where = str(LocalInbox(cfg.worker.state_dir / "inbox").put(message.message_id, message.model_dump(mode="json")))
     except InvalidMessage as exc:
         typer.echo(f"error: invalid request ({exc.reason}): {exc.description}", err=True)
@@ -213,7 +241,31 @@ def inject(
     if json_out:
         typer.echo(json.dumps({"request_id": message.message_id, "queued": where}))
     else:
-        typer.echo(f"queued request {message.message_id} for {model} in {where}")
+        typer.echo(
+            f"queued request {message.message_id} for {model} in {where} (the worker that reads it decides; `retrain explain` says what)"
+        )
+
+
+def _inject_here(cfg, message, wait: bool, timeout: float, json_out: bool) -> None:
+    """The worker handles the request in this process and says what it does with it."""
+    from worker.app.bootstrap import build_worker
+    from worker.app.inject import answer, wait_for_run
+
+    def show(lines: list[str]) -> None:
+        for line in [] if json_out else _plain(lines, markup=False):
+            typer.echo(line)
+
+    worker = build_worker(cfg)
+    reply = answer(message, worker.handle(message))
+    show(reply.lines)
+    code = reply.exit_code
+    if wait and code == 0:
+        followed = wait_for_run(worker, message.model, message.message_id, timeout, echo=lambda line: show([line]))
+        show(followed.lines)
+        reply.data["run"], code = followed.data, followed.exit_code
+    if json_out:
+        typer.echo(json.dumps(reply.data))
+    raise typer.Exit(code)
 
 
 def _servicebus_injector():
