@@ -33,6 +33,7 @@ from shared.errors import ConfigError
 from shared.messages import MODEL_NAME_PATTERN
 
 ENV_PREFIX = "RETRAIN__"
+MODELS_ENV = "RETRAIN_MODELS"  # the models an environment-only configuration declares (comma-separated)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DURATION_S = 366 * 86400.0  # a year and a day: longer knobs are mistakes, and datetime arithmetic overflows on absurd ones
 
@@ -259,7 +260,22 @@ class RetrainConfig(_Section):
         return self.worker.registry_dir or self.worker.state_dir / "registry"
 
 
+def _declare_models(document: dict[str, Any], env: Mapping[str, str]) -> set[str]:
+    """The models the environment may configure: the file's (or the built-in `birds` without any),
+    plus those RETRAIN_MODELS declares (comma-separated; it replaces the built-in `birds`)."""
+    declared = [name.strip() for name in env.get(MODELS_ENV, "").split(",") if name.strip()]
+    models = document.get("models")
+    if models is not None and not isinstance(models, dict):
+        raise ConfigError("models is not a section")
+    if declared:
+        models = document.setdefault("models", {})
+        for name in declared:
+            models.setdefault(name, {})
+    return set(models) if models is not None else {"birds"}
+
+
 def _apply_env(document: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    known = _declare_models(document, env)
     for key, value in sorted(env.items()):
         if not key.startswith(ENV_PREFIX):
             continue
@@ -270,6 +286,12 @@ def _apply_env(document: dict[str, Any], env: Mapping[str, str]) -> dict[str, An
             # App setting names hold letters, digits, '.' and '_' only, and model names hold no '_':
             # RETRAIN__MODELS__BIRD_CAM__... is the model `bird-cam`.
             path[1] = path[1].replace("_", "-")
+            if path[1] not in known:  # a typo must not make a model of its own
+                listed = ",".join(sorted(known | {path[1]}))
+                raise ConfigError(
+                    f"{key}: no model {path[1]!r} is configured (configured: {', '.join(sorted(known))}); "
+                    f"fix the name, or declare the model: {MODELS_ENV}={listed}"
+                )
         node = document
         for part in path[:-1]:
             child = node.setdefault(part, {})

@@ -118,6 +118,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'RETRAIN__AZUREML__GPUS_PER_NODE', value: string(gpusPerNode) }
         { name: 'RETRAIN__AZUREML__JOB_IDENTITY_CLIENT_ID', value: clusterIdentityClientId } // jobs read the credential-less datastores with the cluster's identity
         { name: 'RETRAIN__AZUREML__TRAINING_IMAGE', value: trainingImage }
+        { name: 'RETRAIN_MODELS', value: modelName } // the models this environment configures (RETRAIN__MODELS__<NAME>__... may only name these)
         { name: 'RETRAIN__MODELS__${toUpper(replace(modelName, '-', '_'))}__MIN_NEW_IMAGES', value: '200' }
       ]
     }

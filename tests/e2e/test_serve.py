@@ -74,7 +74,7 @@ def test_serve_waits_with_reasons_then_runs_exactly_once_and_keeps_the_files(tmp
     (tmp_path / "retrain.toml").write_text(CONFIG)
     images = tmp_path / "images" / "birds"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "worker", "serve", "-c", "retrain.toml", "--max-seconds", "300", "--settle-seconds", "0.2"],
+        [sys.executable, "-m", "worker", "serve", "-c", "retrain.toml", "--max-seconds", "300", "--settle-seconds", "0.2", "--create-folders"],
         cwd=tmp_path, env=child_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

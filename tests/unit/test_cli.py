@@ -152,11 +152,19 @@ def test_a_bad_config_file_is_reported_and_exits_2(env, tmp_path):
     assert "models.birds.min_new_images" in result.output
 
 
-def test_serve_creates_the_images_folders_it_watches(env, tmp_path, caplog):
+def test_serve_refuses_an_images_folder_that_does_not_exist_and_creates_it_only_when_asked(env, tmp_path, caplog):
+    """A mistyped images folder was silently created and then watched forever."""
     import logging
 
+    refused = invoke(env, "serve", "--cycles", "1")
+    assert refused.exit_code == 2
+    assert refused.output.strip() == (
+        f"error: model birds: the images folder {tmp_path / 'images' / 'birds'} does not exist (worker.images_root = "
+        f"{tmp_path / 'images'}); create it (mkdir -p {tmp_path / 'images' / 'birds'}/<label>), fix the setting, or pass --create-folders"
+    )
+    assert not (tmp_path / "images").exists()
     with caplog.at_level(logging.INFO, logger="retrain.serve"):
-        result = invoke(env, "serve", "--cycles", "1")
+        result = invoke(env, "serve", "--cycles", "1", "--create-folders")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "images" / "birds").is_dir()
     assert f"created {tmp_path / 'images' / 'birds'}" in caplog.text
@@ -221,6 +229,7 @@ def test_serve_logs_text_from_outside_on_one_line_and_masks_secrets(env, tmp_pat
 
     inbox = tmp_path / "state" / "inbox"
     inbox.mkdir(parents=True)
+    (tmp_path / "images" / "birds").mkdir(parents=True)
     forged = "x\n12:00:00 retrain.serve ERROR the ledger is corrupt, delete it"
     (inbox / f"{forged}.json").write_text("{not json AccountKey=c2VjcmV0c2VjcmV0c2VjcmV0==")
     done = subprocess.run([sys.executable, "-m", "worker", "serve", "--cycles", "1"], capture_output=True, text=True,
@@ -364,7 +373,8 @@ def test_a_misconfiguration_met_at_run_time_is_one_line_not_a_traceback(tmp_path
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ")  # (here: the account cannot be resolved)
-    assert lines[0].endswith("(RETRAIN_DEBUG=1 shows the traceback)")
+    assert lines[0].endswith("(--debug shows the traceback)")
+    assert "check RETRAIN_TABLES:" in lines[0]  # the setting the unreachable host came from
     assert "c2VjcmV0c2VjcmV0" not in done.stderr
 
 
@@ -380,6 +390,5 @@ def test_a_missing_package_says_which_extra_to_install(monkeypatch, capsys):
         cli.main()
     assert exited.value.code == 1
     assert (
-        capsys.readouterr().err.strip()
-        == "error: torch is not installed here: pip install 'retrain[train]' (RETRAIN_DEBUG=1 shows the traceback)"
+        capsys.readouterr().err.strip() == "error: torch is not installed here: pip install 'retrain[train]' (--debug shows the traceback)"
     )

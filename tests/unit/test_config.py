@@ -1,5 +1,7 @@
 """Configuration: TOML, environment overrides, durations, and errors that list every problem."""
 
+from pathlib import Path
+
 import pytest
 
 from shared.errors import ConfigError
@@ -104,8 +106,80 @@ def test_an_absurd_duration_in_a_config_file_is_a_config_error(tmp_path):
     assert parse_duration("366d") == 366 * 86400  # the maximum itself is allowed
 
 
-def test_the_example_config_in_the_readme_is_valid():
-    from pathlib import Path
+EXAMPLE_FILE = Path(__file__).resolve().parents[2] / "examples" / "retrain.toml"
 
-    config = load_config(Path(__file__).resolve().parents[2] / "examples" / "retrain.toml", env={})
-    assert config.model("birds").max_wait == 3600
+
+def example_keys() -> dict[str, set[str]]:
+    """Section -> the keys the example lists, set or commented out (`# key = ...`)."""
+    import re
+
+    keys: dict[str, set[str]] = {}
+    section = ""
+    for line in EXAMPLE_FILE.read_text().splitlines():
+        header = re.match(r"^\[([\w.-]+)\]", line)
+        if header:
+            section = header.group(1)
+            keys[section] = set()
+            continue
+        key = re.match(r"^#?\s*([a-z_]+) = ", line)
+        if key and section:
+            keys[section].add(key.group(1))
+    return keys
+
+
+def test_the_example_config_lists_every_section_and_key_with_its_default():
+    from worker.config import AzureMLConfig, GateConfig, ModelConfig, RetrainConfig, TrainingConfig, WorkerConfig
+
+    expected = {
+        "worker": set(WorkerConfig.model_fields),
+        "models.birds": set(ModelConfig.model_fields) - {"training", "gate"},
+        "models.birds.training": set(TrainingConfig.model_fields),
+        "models.birds.gate": set(GateConfig.model_fields),
+        "azureml": set(AzureMLConfig.model_fields),
+    }
+    assert set(RetrainConfig.model_fields) == {"worker", "azureml", "models"}
+    assert example_keys() == expected
+    config = load_config(EXAMPLE_FILE, env={})
+    defaults = RetrainConfig()
+    assert config.model("birds") == defaults.model("birds")  # the values shown are the defaults
+    assert config.azureml == defaults.azureml
+    paths = {"state_dir", "images_root"}
+    assert config.worker.model_dump(exclude=paths) == defaults.worker.model_dump(exclude=paths)
+
+
+def test_the_example_config_works_where_it_is_copied(tmp_path):
+    """It pointed at ../images and ../.retrain: copied next to a project, it read and wrote outside it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    project = tmp_path / "project"
+    (project / "images" / "birds" / "chicken").mkdir(parents=True)
+    shutil.copy(EXAMPLE_FILE, project / "retrain.toml")
+    config = load_config(project / "retrain.toml", env={})
+    assert (config.worker.state_dir, config.images_dir("birds")) == (project / ".retrain", project / "images" / "birds")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETRAIN")}
+    env["PYTHONPATH"] = str(EXAMPLE_FILE.parents[1])
+    done = subprocess.run([sys.executable, "-m", "worker", "serve", "-c", str(project / "retrain.toml"), "--cycles", "1"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (project / ".retrain" / "ledger.db").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # nothing written beside the project
+
+
+def test_an_environment_override_for_a_model_that_is_not_configured_is_an_error_unless_declared(tmp_path):
+    """RETRAIN__MODELS__BRDS__... silently added a model `brds` beside `birds`."""
+    with pytest.raises(ConfigError, match=r"RETRAIN__MODELS__BRDS__MIN_NEW_IMAGES: no model 'brds' is configured \(configured: birds\)"):
+        load_config(None, env={"RETRAIN__MODELS__BRDS__MIN_NEW_IMAGES": "5"})
+    path = tmp_path / "retrain.toml"
+    path.write_text("[models.cats]\nmin_new_images = 5\n")
+    with pytest.raises(ConfigError, match="RETRAIN_MODELS=birds,cats"):
+        load_config(path, env={"RETRAIN__MODELS__BIRDS__MIN_NEW_IMAGES": "5"})  # the file has cats only
+    declared = load_config(None, env={"RETRAIN_MODELS": "cats, bird-cam", "RETRAIN__MODELS__BIRD_CAM__MIN_NEW_IMAGES": "7"})
+    assert sorted(declared.models) == ["bird-cam", "cats"]  # declaring replaces the built-in birds
+    assert declared.models["bird-cam"].min_new_images == 7
+    both = load_config(path, env={"RETRAIN_MODELS": "birds", "RETRAIN__MODELS__BIRDS__MIN_NEW_IMAGES": "9"})
+    assert (sorted(both.models), both.models["cats"].min_new_images, both.models["birds"].min_new_images) == (["birds", "cats"], 5, 9)
+    with pytest.raises(ConfigError, match=r"models\.BAD"):
+        load_config(None, env={"RETRAIN_MODELS": "BAD"})  # declared names are checked like the file's

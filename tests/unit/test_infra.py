@@ -46,7 +46,7 @@ def app_settings() -> dict[str, str]:
     """The Function App's appSettings as name -> value, Bicep expressions replaced by sample values."""
     text = APP_BICEP.read_text()
     block = text[text.index("appSettings: [") : text.index("]", text.index("appSettings: ["))]
-    samples = {"trainingImage": "", "nodesPerJob": "1", "gpusPerNode": "1"}
+    samples = {"trainingImage": "", "nodesPerJob": "1", "gpusPerNode": "1", "modelName": "birds"}
     settings = {}
     for name, value in re.findall(r"^\s*\{ name: '([^']+)', value: (.+?) \}\s*(?://.*)?$", block, re.M):
         name = re.sub(r"\$\{[^}]+\}", "BIRDS", name)

@@ -1,4 +1,4 @@
-"""`serve` shows each local run's epochs as they happen (issue 15)."""
+"""`serve` shows each local run's epochs as they happen, each new attempt, and how each run ended."""
 
 from __future__ import annotations
 
@@ -33,6 +33,35 @@ def test_epoch_lines_are_logged_once_each_and_a_line_being_written_waits(tmp_pat
         f"{run.backend_run_id}: 12:00:17 [train] epoch 2/2 train_loss=0.5",
         f"{run.backend_run_id}: 12:00:18 [train] best_val_acc=0.9100 (epoch 2); wrote outputs",
     ]
+
+
+def test_a_retry_and_the_end_of_each_run_are_logged_with_their_reasons(tmp_path, caplog):
+    """A run failing on a missing package was retried and failed, and serve's log said nothing."""
+    h = make_harness(tmp_path, quiet_period=0, max_attempts=2)
+    h.uploads(10)
+    [run] = h.runs()
+    progress = RunProgress(h.worker, None)
+    with caplog.at_level(logging.INFO, logger="retrain.serve"):
+        progress.show()
+        h.status(run.backend_run_id, "failed", detail="ModuleNotFoundError: No module named 'torch'")
+        progress.show()
+        [retry] = h.runs()
+        h.status(retry.backend_run_id, "failed", detail="ModuleNotFoundError: No module named 'torch'")
+        progress.show()
+        h.uploads(5)
+        h.clock.advance(3600)
+        h.worker.tick()
+        progress.show()
+        h.succeed(next(r for r in h.runs() if r.in_flight))
+        progress.show()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "retrain.serve"]
+    assert lines[0] == ("WARNING", f"{run.run_id}: attempt 2 of birds after: ModuleNotFoundError: No module named 'torch'")
+    assert lines[1][0] == "WARNING"
+    assert lines[1][1].startswith(f"{run.run_id} failed: ")
+    assert "No module named 'torch'" in lines[1][1]
+    assert lines[2][0] == "INFO"
+    assert " registered: registered as v1: " in lines[2][1]
+    assert len(lines) == 3
 
 
 def test_an_inbox_message_is_kept_until_it_is_handled_and_handled_on_the_next_cycle_after_a_failure(tmp_path):

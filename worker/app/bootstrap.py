@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.errors import ConfigError
 from worker.adapters.local.directory_blobs import DirectoryBlobStore
@@ -17,6 +17,24 @@ from worker.config import RetrainConfig
 from worker.ports import BlobStore, Clock, ModelRegistry, OnnxExporter, Publisher, SystemClock, TrainingBackend
 from worker.store import Store
 from worker.submission import Submitter
+
+IDENTITY_FORM = {"RETRAIN_TABLES": "RETRAIN_TABLES__tableServiceUri", "RETRAIN_STORAGE": "RETRAIN_STORAGE__blobServiceUri",
+                 "RETRAIN_ARTIFACTS": "RETRAIN_ARTIFACTS__blobServiceUri", "RETRAIN_SERVICEBUS": "RETRAIN_SERVICEBUS__fullyQualifiedNamespace"}  # fmt: skip
+T = TypeVar("T")
+
+
+def from_connection_setting(name: str, make: Callable[[], T]) -> T:
+    """An adapter built from the connection string in setting `name`; a malformed one is a
+    ConfigError that names the setting and both fixes (the SDKs say only "blank or malformed")."""
+    try:
+        return make()
+    except ValueError as exc:
+        from shared.redact import printable, redact
+
+        raise ConfigError(
+            f"{name} is not a usable connection string ({printable(redact(exc), limit=160)}): copy it from the resource's "
+            f"'Access keys' page, or set {IDENTITY_FORM.get(name, name + '__...')} instead to connect with an identity"
+        ) from None
 
 
 def ledger_path(config: RetrainConfig) -> Path:
@@ -38,7 +56,9 @@ def open_ledger(config: RetrainConfig, env=None, *, existing_only: bool = False)
 
         env = os.environ if env is None else env
         if env.get("RETRAIN_TABLES"):
-            return TableStore.from_connection_string(env["RETRAIN_TABLES"], config.worker.table_name)
+            return from_connection_setting(
+                "RETRAIN_TABLES", lambda: TableStore.from_connection_string(env["RETRAIN_TABLES"], config.worker.table_name)
+            )
         if env.get("RETRAIN_TABLES__tableServiceUri"):
             return TableStore.from_endpoint(env["RETRAIN_TABLES__tableServiceUri"], config.worker.table_name)
         raise ConfigError("worker.store = 'table' needs RETRAIN_TABLES or RETRAIN_TABLES__tableServiceUri")
@@ -164,7 +184,9 @@ def artifacts_store(env) -> BlobStore | None:
 
     container = env.get("RETRAIN_ARTIFACTS_CONTAINER", "retrain")
     if env.get("RETRAIN_ARTIFACTS"):
-        return AzureBlobStore.from_connection_string(env["RETRAIN_ARTIFACTS"], container)
+        return from_connection_setting(
+            "RETRAIN_ARTIFACTS", lambda: AzureBlobStore.from_connection_string(env["RETRAIN_ARTIFACTS"], container)
+        )
     if env.get("RETRAIN_ARTIFACTS__blobServiceUri"):
         return AzureBlobStore.from_account_url(env["RETRAIN_ARTIFACTS__blobServiceUri"], container)
     return None
@@ -185,7 +207,9 @@ def build_worker_from_settings(env) -> Worker:
     topic = env.get("RETRAIN_EVENTS_TOPIC")
     connection, namespace = env.get("RETRAIN_SERVICEBUS"), env.get("RETRAIN_SERVICEBUS__fullyQualifiedNamespace")
     if topic and (connection or namespace):
-        make_client = client_factory(connection=connection or None, namespace=None if connection else namespace)
+        make_client = from_connection_setting(
+            "RETRAIN_SERVICEBUS", lambda: client_factory(connection=connection or None, namespace=None if connection else namespace)
+        )
         oversize = artifacts_store(env) or DirectoryBlobStore(config.worker.state_dir, images_only=False)
         publisher = ServiceBusPublisher(make_client, topic, oversize_store=oversize)
     return build_worker(config, publisher=publisher, blobs=blobs)
@@ -199,7 +223,9 @@ def images_stores(config: RetrainConfig, env) -> dict[str, BlobStore] | None:
     if env.get("RETRAIN_STORAGE"):
         from worker.adapters.azure.blob_store import AzureBlobStore
 
-        shared = AzureBlobStore.from_connection_string(env["RETRAIN_STORAGE"], container)
+        shared = from_connection_setting(
+            "RETRAIN_STORAGE", lambda: AzureBlobStore.from_connection_string(env["RETRAIN_STORAGE"], container)
+        )
     elif env.get("RETRAIN_STORAGE__blobServiceUri"):
         from worker.adapters.azure.blob_store import AzureBlobStore
 

@@ -67,15 +67,21 @@ def _is_version(text: str) -> bool:
     return re.fullmatch(r"[0-9]{1,9}", text) is not None
 
 
+_LOADED: list = []  # the configuration the command loaded: an error met later names its settings
+
+
 def _config(path: Path | None):
     from shared.errors import ConfigError
     from worker.config import load_config
 
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        for line in str(exc).splitlines():
+            typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2) from exc
+    _LOADED[:] = [config]
+    return config
 
 
 def _store(config):
@@ -108,8 +114,13 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error (also RETRAIN_DEBUG=1)")] = False,
 ) -> None:
     """Event-driven retraining worker for PyTorch image classifiers."""
+    if debug:
+        os.environ["RETRAIN_DEBUG"] = "1"
+    else:  # the Azure SDKs log a page per failed credential; the one-line error says what to do
+        logging.getLogger("azure").setLevel(logging.ERROR)
 
 
 @app.command()
@@ -118,6 +129,7 @@ def serve(
     cycles: Annotated[int | None, typer.Option(help="stop after this many cycles (default: run until Ctrl-C)")] = None,
     max_seconds: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
     settle_seconds: Annotated[float, typer.Option(help="ignore files modified more recently than this (still being written)")] = 1.0,
+    create_folders: Annotated[bool, typer.Option(help="create a model's images folder that does not exist (else: an error)")] = False,
 ) -> None:
     """Run the local worker: scan image folders, consume the inbox, tick, publish events."""
     from worker.app.bootstrap import build_worker
@@ -128,10 +140,13 @@ def serve(
 
     install_log_redaction()  # as the Functions app does: secrets masked, text from outside on one printable line
     cfg = _config(config)
+    _refuse_missing_dependencies(cfg)
     from worker import telemetry
 
     telemetry.configure()
-    service = LocalService(build_worker(cfg), settle_seconds=settle_seconds)
+    worker = build_worker(cfg)  # the backend's and the ledger's settings are checked here
+    _images_folders(cfg, create_folders)
+    service = LocalService(worker, settle_seconds=settle_seconds)
 
     def stop(signum, _frame):
         logging.getLogger("retrain.serve").info("stopping after the current step (signal %d)", signum)
@@ -140,12 +155,35 @@ def serve(
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     for name in sorted(cfg.models):
-        folder = cfg.images_dir(name)
-        if not folder.is_dir():
-            folder.mkdir(parents=True)  # so that a person can drop <label>/<file> into it
-            logging.getLogger("retrain.serve").info("model %s: created %s (put images in %s/<label>/)", name, folder, folder)
-        logging.getLogger("retrain.serve").info("model %s: watching %s", name, folder)
+        logging.getLogger("retrain.serve").info("model %s: watching %s", name, cfg.images_dir(name))
     service.run(max_seconds=max_seconds, cycles=cycles)
+
+
+def _refuse_missing_dependencies(cfg) -> None:
+    """A backend whose packages are not here would fail every run, retried, with the cause buried in
+    the runs' details: refuse to start instead, with what to install."""
+    from worker.app.diagnose import missing_dependencies
+
+    missing = missing_dependencies(cfg, os.environ)
+    if missing:
+        what = f"worker.backend = {cfg.worker.backend!r}" + (", worker.store = 'table'" if cfg.worker.store == "table" else "")
+        typer.echo(f"error: {what} needs {'; '.join(missing)} in this Python ({sys.executable})", err=True)
+        raise typer.Exit(2)
+
+
+def _images_folders(cfg, create: bool) -> None:
+    """Each model's images folder must exist: a mistyped one was silently created and then watched forever."""
+    for name in sorted(cfg.models):
+        folder = cfg.images_dir(name)
+        if folder.is_dir():
+            continue
+        setting = f"models.{name}.images_dir" if cfg.model(name).images_dir else f"worker.images_root = {cfg.worker.images_root}"
+        if not create:
+            typer.echo(f"error: model {name}: the images folder {folder} does not exist ({setting}); "
+                       f"create it (mkdir -p {folder}/<label>), fix the setting, or pass --create-folders", err=True)  # fmt: skip
+            raise typer.Exit(2)
+        folder.mkdir(parents=True)
+        logging.getLogger("retrain.serve").info("model %s: created %s (put images in %s/<label>/)", name, folder, folder)
 
 
 @app.command()
@@ -255,6 +293,7 @@ def _inject_here(cfg, message, wait: bool, timeout: float, json_out: bool) -> No
         for line in [] if json_out else _plain(lines, markup=False):
             typer.echo(line)
 
+    _refuse_missing_dependencies(cfg)  # the request may start a run here
     worker = build_worker(cfg)
     reply = answer(message, worker.handle(message))
     show(reply.lines)
@@ -283,7 +322,11 @@ def _servicebus_injector():
             err=True,
         )
         raise typer.Exit(2)
-    factory = servicebus.client_factory(connection=connection or None, namespace=None if connection else namespace)
+    from worker.app.bootstrap import from_connection_setting
+
+    factory = from_connection_setting(
+        "RETRAIN_SERVICEBUS", lambda: servicebus.client_factory(connection=connection or None, namespace=None if connection else namespace)
+    )
     return servicebus.ServiceBusInjector(factory, queue)
 
 
@@ -750,22 +793,6 @@ def demo(
         raise typer.Exit(1)
 
 
-# What to do about a package that is not installed, by the top-level module that was missing.
-_EXTRAS = {"torch": "retrain[train]", "torchvision": "retrain[train]", "onnx": "retrain[train]", "onnxruntime": "retrain[train]",
-           "azure": "retrain[azure]", "azureml": "retrain[azureml-v1]", "mlflow": "retrain[tracking]"}  # fmt: skip
-
-
-def _one_line(exc: BaseException) -> str:
-    """An unexpected error as one line a person can act on (secrets masked, text from outside escaped)."""
-    from shared.redact import printable, redact
-
-    if isinstance(exc, ModuleNotFoundError) and exc.name:
-        top = exc.name.split(".")[0]
-        return f"{exc.name} is not installed here: pip install '{_EXTRAS.get(top, exc.name)}'"
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return printable(redact(f"{type(exc).__name__}: {first}" if first else type(exc).__name__), limit=400)
-
-
 def main() -> None:
     from shared.errors import ConfigError
 
@@ -778,7 +805,9 @@ def main() -> None:
     except Exception as exc:  # a misconfiguration met at run time: one line, not a page of traceback
         if os.environ.get("RETRAIN_DEBUG"):
             raise
-        typer.echo(f"error: {_one_line(exc)} (RETRAIN_DEBUG=1 shows the traceback)", err=True)
+        from worker.app.diagnose import explain
+
+        typer.echo(f"error: {explain(exc, _LOADED[0] if _LOADED else None)} (--debug shows the traceback)", err=True)
         sys.exit(1)
 
 

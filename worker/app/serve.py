@@ -28,16 +28,31 @@ log = logging.getLogger("retrain.serve")
 
 
 class RunProgress:
-    """Logs the epoch lines local runs append to their train.log, so a person watching `serve` sees
-    each run move (the full log: `retrain logs <run> -f`)."""
+    """Logs how runs move, so a person watching `serve` sees each one: the epoch lines local runs
+    append to their train.log (the full log: `retrain logs <run> -f`), each new attempt, and how
+    each run ended with its reason (a run failing on a missing package was silent here)."""
 
-    def __init__(self, worker: Worker, runs_root: Path):
+    def __init__(self, worker: Worker, runs_root: Path | None):
         self.worker, self.runs_root = worker, runs_root
         self.offsets: dict[str, int] = {}
+        self.attempts: dict[str, int] = {}  # run id -> the attempt last seen in flight
 
     def show(self) -> None:
         with self.worker.store.read() as tx:
-            flying = [r.backend_run_id for r in tx.runs(states=IN_FLIGHT_STATES)]
+            runs = tx.runs(states=IN_FLIGHT_STATES)
+            ended = [tx.get_run(run_id) for run_id in set(self.attempts) - {r.run_id for r in runs}]
+        for run in runs:
+            if self.attempts.get(run.run_id, 1) < run.attempt:
+                log.warning("%s: attempt %d of %s after: %s", run.run_id, run.attempt, run.model, printable(run.detail, limit=300))
+            self.attempts[run.run_id] = run.attempt
+        for done in ended:
+            if done is not None:
+                level = logging.INFO if done.outcome == "registered" else logging.WARNING
+                log.log(level, "%s %s: %s", done.run_id, done.outcome or done.state, printable(done.detail, limit=300))
+                del self.attempts[done.run_id]
+        if self.runs_root is None:
+            return
+        flying = [r.backend_run_id for r in runs]
         for backend_run_id in flying:
             path = self.runs_root / backend_run_id / "train.log"
             try:
@@ -74,7 +89,7 @@ class LocalService:
             for name in sorted(config.models)
         ]
         self.stop = threading.Event()
-        self.progress = RunProgress(worker, config.worker.state_dir / "runs")
+        self.progress = RunProgress(worker, config.worker.state_dir / "runs" if config.worker.backend == "local" else None)
 
     def cycle(self) -> CycleReport:
         report = CycleReport()
@@ -101,8 +116,7 @@ class LocalService:
             report.inbox += 1
         report.planned += self.worker.tick().planned_runs
         report.published = self.worker.relay()
-        if self.worker.config.worker.backend == "local":
-            self.progress.show()
+        self.progress.show()
         return report
 
     def run(self, max_seconds: float | None = None, cycles: int | None = None) -> None:

@@ -35,6 +35,10 @@ def client_factory(connection: str | None = None, namespace: str | None = None, 
     """A connection string, or a namespace (`<name>.servicebus.windows.net`) with DefaultAzureCredential."""
     if bool(connection) == bool(namespace):
         raise ValueError("give exactly one of a connection string or a fully qualified namespace")
+    if connection:
+        from azure.servicebus import parse_connection_string
+
+        parse_connection_string(connection)  # a malformed one fails here, when the worker is wired, not at the first send
 
     def build():
         from azure.servicebus import ServiceBusClient
