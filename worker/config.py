@@ -201,8 +201,9 @@ class WorkerConfig(_Section):
     backend: Literal["local", "azureml"] = "local"
     tracking: Literal["none", "mlflow"] = Field(
         "none",
-        description="mlflow: local runs log params, per-epoch metrics and results to sqlite:///<state_dir>/mlflow.db (`mlflow ui` shows them; "
-        "needs mlflow in the training environment). Azure ML v2 jobs always log to the workspace's MLflow.",
+        description="mlflow: local runs log params, per-epoch metrics and results to sqlite:///<state_dir>/mlflow.db (needs "
+        "retrain[tracking] where training runs; the full `mlflow` package's `mlflow ui` shows them). Azure ML v2 jobs always log "
+        "to the workspace's MLflow.",
     )
     store: Literal["sqlite", "table"] = Field(
         "sqlite", description="the ledger: a SQLite file in state_dir, or Azure Table Storage (RETRAIN_TABLES)"

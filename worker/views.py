@@ -13,6 +13,9 @@ from worker.runs import snapshot_of
 from worker.store import IN_FLIGHT_STATES, RunRow, Store
 
 
+REJECTIONS_READ, REJECTIONS_SHOWN = 50, 5  # the latest runs looked at for gate rejections, and how many are shown
+
+
 def _run(run: RunRow) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
@@ -68,19 +71,24 @@ def status_view(store: Store, config: RetrainConfig, model: str | None = None, n
 
 
 def explain_view(store: Store, config: RetrainConfig, model: str | None = None, limit: int = 10) -> dict[str, list[dict[str, Any]]]:
+    """The latest decisions, newest first, each with the reason of the request it answered (if any)."""
     models = [model] if model else sorted(config.models)
+    out: dict[str, list[dict[str, Any]]] = {}
     with store.read() as tx:
-        return {
-            name: [
-                {"at": d.at.isoformat(), "outcome": d.outcome, "reason": d.reason, "run_id": d.run_id, "message_id": d.message_id}
-                for d in tx.decisions(name, limit)
-            ]
-            for name in models
-        }
+        for name in models:
+            decisions = tx.decisions(name, limit)
+            asked = {r.request_id: r.reason for r in tx.all_requests(name) if r.reason} if any(d.message_id for d in decisions) else {}
+            out[name] = [
+                {"at": d.at.isoformat(), "outcome": d.outcome, "reason": d.reason, "run_id": d.run_id, "message_id": d.message_id,
+                 "request_reason": asked.get(d.message_id or "")}
+                for d in decisions
+            ]  # fmt: skip
+    return out
 
 
 def models_view(store: Store, config: RetrainConfig, model: str | None = None) -> dict[str, Any]:
-    """Registered versions per model, newest first, with their headline metrics and the champion."""
+    """Registered versions per model, newest first, with their headline metrics and the champion;
+    and the latest runs the gate rejected, with its reason."""
     models = [model] if model else sorted(config.models)
     out: dict[str, Any] = {}
     with store.read() as tx:
@@ -88,6 +96,11 @@ def models_view(store: Store, config: RetrainConfig, model: str | None = None) -
             champion = tx.model_head(name).champion_version
             out[name] = {
                 "champion": champion,
+                "rejected": [
+                    {"run_id": r.run_id, "finished_at": r.finished_at.isoformat() if r.finished_at else None, "reason": r.detail}
+                    for r in tx.runs(name, limit=REJECTIONS_READ)
+                    if r.outcome == "rejected"
+                ][:REJECTIONS_SHOWN],  # fmt: skip
                 "champion_onnx": str(config.registry_dir / name / "champion" / "model.onnx") if champion else None,
                 "versions": [
                     {

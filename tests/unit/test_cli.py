@@ -392,3 +392,33 @@ def test_a_missing_package_says_which_extra_to_install(monkeypatch, capsys):
     assert (
         capsys.readouterr().err.strip() == "error: torch is not installed here: pip install 'retrain[train]' (--debug shows the traceback)"
     )
+
+
+def test_explain_and_models_show_the_requests_reason_and_the_gates_rejection(tmp_path):
+    """The gate's reason was only in `runs --json`; a request's --reason was stored and never shown."""
+    from worker.adapters.local.sqlite_store import SqliteStore
+
+    from .worker_harness import make_harness
+
+    h = make_harness(tmp_path, store=SqliteStore(tmp_path / "state" / "ledger.db"), cooldown=0)
+    h.uploads(6)
+    h.clock.advance(40)
+    h.worker.tick()
+    h.succeed(h.runs()[0], best=0.9)
+    h.uploads(1)
+    h.request(message_id="force-1", force=True, requested_by="ana", reason="the new camera's images")
+    h.succeed(next(r for r in h.runs() if r.in_flight), best=0.4, baseline=0.9)
+    env = {
+        "RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"),
+        "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images"),
+        "RETRAIN_CONFIG": "",
+    }
+    explained = invoke(env, "explain", "birds", "--limit", "50").output
+    assert "forced by request force-1 (ana)" in explained
+    assert "(asked: the new camera's images)" in explained
+    models = invoke(env, "models", "birds")
+    assert models.exit_code == 0
+    line = next(line for line in models.output.splitlines() if line.startswith("rejected by the gate: "))
+    assert "best_val_acc 0.4000" in line
+    view = json.loads(invoke(env, "models", "birds", "--json").output)["birds"]
+    assert [r["run_id"] for r in view["rejected"]] == [h.runs()[0].run_id]

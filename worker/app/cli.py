@@ -388,7 +388,8 @@ def explain(
     for name, decisions in _plain(view, markup=False).items():
         typer.echo(f"{name}:")
         for d in decisions or []:
-            typer.echo(f"  {d['at'][:19]}  {d['outcome']:<8} {d['reason']}")
+            asked = f" (asked: {d['request_reason']})" if d.get("request_reason") else ""
+            typer.echo(f"  {d['at'][:19]}  {d['outcome']:<8} {d['reason']}{asked}")
         if not decisions:
             typer.echo("  no decisions yet")
 
@@ -452,6 +453,8 @@ def models(
         Console().print(table)
         if info["champion_onnx"]:
             typer.echo(f"champion ONNX: {info['champion_onnx']}")
+        for r in _plain(view[name]["rejected"], markup=False):
+            typer.echo(f"rejected by the gate: {r['run_id']} ({(r['finished_at'] or '')[:19]}): {r['reason']}")
 
 
 @app.command()

@@ -131,7 +131,8 @@ def decisions_table(decisions: list[Mapping[str, Any]]) -> str:
         ["time", "decision", "reason"],
         (
             [when(d), e(d["outcome"]) + (f' <span class="badge" data-count="{d["count"]}">&times;{d["count"]}</span>' if d["count"] > 1 else ""),
-             f'<span class="reason">{e(d["reason"])}</span>' + (" " + link("run", run=d["run_id"]) if d.get("run_id") else "")]
+             f'<span class="reason">{e(d["reason"])}</span>' + (" " + link("run", run=d["run_id"]) if d.get("run_id") else "")
+             + (f'<br><span class="muted">asked: {e(d["request_reason"])}</span>' if d.get("request_reason") else "")]
             for d in decisions
         ),
         "no decisions yet",
