@@ -12,7 +12,6 @@ from worker.policy import decide
 from worker.runs import snapshot_of
 from worker.store import IN_FLIGHT_STATES, RunRow, Store
 
-
 REJECTIONS_READ, REJECTIONS_SHOWN = 50, 5  # the latest runs looked at for gate rejections, and how many are shown
 
 
@@ -100,7 +99,7 @@ def models_view(store: Store, config: RetrainConfig, model: str | None = None) -
                     {"run_id": r.run_id, "finished_at": r.finished_at.isoformat() if r.finished_at else None, "reason": r.detail}
                     for r in tx.runs(name, limit=REJECTIONS_READ)
                     if r.outcome == "rejected"
-                ][:REJECTIONS_SHOWN],  # fmt: skip
+                ][:REJECTIONS_SHOWN],
                 "champion_onnx": str(config.registry_dir / name / "champion" / "model.onnx") if champion else None,
                 "versions": [
                     {
