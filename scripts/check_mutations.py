@@ -489,7 +489,7 @@ MUTATIONS = [
     Mutation(
         "the console refreshes nothing in place",
         "worker/app/dashboard.py",
-        '    "document.querySelector(\'main\').replaceWith(document.adoptNode(m));"\n',
+        "    \"document.querySelector('main').replaceWith(document.adoptNode(m));\"\n",
         '    ""\n',
         ("tests/e2e/test_dashboard.py",),
     ),

@@ -7,6 +7,8 @@ handler raises is treated as transient, so the platform retries the delivery.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RetrainError(Exception):
     """Base class for retrain's own errors."""
@@ -15,7 +17,7 @@ class RetrainError(Exception):
 class InvalidMessage(RetrainError, ValueError):  # noqa: N818 - a message, not a program error
     """The message can never be processed as sent. `reason` is a short machine-readable code."""
 
-    def __init__(self, reason: str, description: str, errors: list[dict] | None = None):
+    def __init__(self, reason: str, description: str, errors: list[dict[str, Any]] | None = None):
         super().__init__(f"{reason}: {description}")
         self.reason = reason
         self.description = description

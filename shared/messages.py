@@ -14,7 +14,7 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -258,7 +258,7 @@ Message = Annotated[ImageUploaded | RetrainRequested | ModelControl | RunStatusC
 _MESSAGE = TypeAdapter(Message)
 
 
-def _describe(exc: ValidationError) -> tuple[str, list[dict]]:
+def _describe(exc: ValidationError) -> tuple[str, list[dict[str, Any]]]:
     errors = [
         {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors(include_url=False, include_input=False)
     ]
@@ -346,7 +346,8 @@ def parse_message(raw: bytes | str | dict[str, Any], known_models: Collection[st
     if not isinstance(raw, dict):
         raise InvalidMessage("schema", "the message must be a JSON object")
     _check_shape(raw)
-    return _validated(_MESSAGE.validate_python, raw, known_models)
+    message: Message = _validated(_MESSAGE.validate_python, raw, known_models)
+    return message
 
 
 def parse_as(cls: type[_Strict], raw: dict[str, Any], known_models: Collection[str] | None = None) -> Any:
@@ -355,7 +356,7 @@ def parse_as(cls: type[_Strict], raw: dict[str, Any], known_models: Collection[s
     return _validated(cls.model_validate, raw, known_models)
 
 
-def _validated(validate, raw: dict[str, Any], known_models: Collection[str] | None) -> Any:
+def _validated(validate: Callable[[Any], Any], raw: dict[str, Any], known_models: Collection[str] | None) -> Any:
     try:
         message = validate(raw)
     except ValidationError as exc:

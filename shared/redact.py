@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 # Names whose value is secret, also as the end of a longer name (AZUREML_CLIENT_SECRET,
 # x-functions-key, "AccountKey" as a JSON or dict key).
@@ -92,7 +93,7 @@ def _install_record_factory() -> None:
     previous = logging.getLogRecordFactory()
     flt = RedactingFilter()
 
-    def factory(*args, **kwargs) -> logging.LogRecord:
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
         flt.filter(record)
         return record

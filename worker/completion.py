@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ SUMMARY_KEYS = (
 )
 
 
-def _retrying(commit, *args: Any) -> list[str]:
+def _retrying(commit: Callable[..., list[str]], *args: Any) -> list[str]:
     """Step 4 on a ledger shared by instances: a lost optimistic race (another completion, or any
     writer, committed first) re-runs the step on fresh state, where its checks see who won."""
     for attempt in retry_lost_races(attempts=20, max_wait=0.5):
@@ -185,7 +186,7 @@ class Completer:
             )
         return metrics
 
-    def _exported_in_run(self, outputs: Path, metrics: dict[str, Any]):
+    def _exported_in_run(self, outputs: Path, metrics: dict[str, Any]) -> ExportResult | None:
         """The ONNX the run exported itself (train.py --export_onnx), if it is there and matches this model.pt."""
 
         onnx_path, report_path = outputs / "model.onnx", outputs / "onnx_report.json"
@@ -227,7 +228,9 @@ class Completer:
         g = self.config.model(model).gate
         return GateRules(metric=g.metric, min_value=g.min_value, min_improvement=g.min_improvement)
 
-    def _card(self, run: RunRow, champion: Champion | None, metrics: dict, gate: GateResult, onnx: dict, outputs: Path) -> dict[str, Any]:
+    def _card(
+        self, run: RunRow, champion: Champion | None, metrics: dict[str, Any], gate: GateResult, onnx: dict[str, Any], outputs: Path
+    ) -> dict[str, Any]:
         cfg = self.config.model(run.model)
         return {
             "run_id": run.run_id,
@@ -261,7 +264,14 @@ class Completer:
         return _retrying(self._commit_rejected, *args)
 
     def _commit_registered(
-        self, run: RunRow, champion: Champion | None, version: int, location: str, metrics: dict, card: dict, timings: dict[str, float]
+        self,
+        run: RunRow,
+        champion: Champion | None,
+        version: int,
+        location: str,
+        metrics: dict[str, Any],
+        card: dict[str, Any],
+        timings: dict[str, float],
     ) -> list[str]:
         now = self.clock.now()
         with self.store.transaction() as tx:
@@ -312,7 +322,9 @@ class Completer:
         log.info("%s registered as %s v%d (champion)", run.run_id, run.model, version)
         return planned
 
-    def _commit_rejected(self, run: RunRow, champion: Champion | None, reason: str, metrics: dict, gate: GateResult | None) -> list[str]:
+    def _commit_rejected(
+        self, run: RunRow, champion: Champion | None, reason: str, metrics: dict[str, Any], gate: GateResult | None
+    ) -> list[str]:
         now = self.clock.now()
         with self.store.transaction() as tx:
             current = tx.get_run(run.run_id)

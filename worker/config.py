@@ -234,7 +234,7 @@ class RetrainConfig(_Section):
 
     @field_validator("models")
     @classmethod
-    def _at_least_one(cls, value: dict) -> dict:
+    def _at_least_one(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
         if not value:
             raise ValueError("configure at least one model under [models.<name>]")
         return value

@@ -206,7 +206,7 @@ def handle_model_control(ctx: Context, tx: Tx, msg: ModelControl) -> Effects:
     return Effects(outcome="resumed", detail=f"{msg.model} resumed", planned_runs=[run.run_id] if run else [])
 
 
-def _move_champion(ctx: Context, tx: Tx, msg: ModelControl, head: ModelHead, who: str, base: dict) -> Effects:
+def _move_champion(ctx: Context, tx: Tx, msg: ModelControl, head: ModelHead, who: str, base: dict[str, Any]) -> Effects:
     versions = {v.version: v for v in tx.model_versions(msg.model)}
     if msg.action == "promote":
         target = msg.version

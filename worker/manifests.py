@@ -76,8 +76,13 @@ def unusable(exc: BaseException) -> bool:
 
 def load(store: BlobStore, sha256: str) -> dict[str, Any]:
     """Read a frozen manifest back and check it is the one the digest names."""
-    document = json.loads(store.read(manifest_path(sha256)))
+    document: dict[str, Any] = json.loads(store.read(manifest_path(sha256)))
     images, classes = document.get("images"), document.get("classes")
-    if document.get("sha256") != sha256 or manifest_sha256(classes, images) != sha256:
+    if (
+        not isinstance(images, list)
+        or not isinstance(classes, list)
+        or document.get("sha256") != sha256
+        or manifest_sha256(classes, images) != sha256
+    ):
         raise ValueError(f"manifest {manifest_path(sha256)} does not hash to its name: it was changed after it was frozen")
     return document

@@ -45,7 +45,7 @@ class NoLedgerError(RuntimeError):
     """A read-only command found no ledger where the configuration says it is (it creates none)."""
 
 
-def open_ledger(config: RetrainConfig, env=None, *, existing_only: bool = False) -> Store:
+def open_ledger(config: RetrainConfig, env: Mapping[str, str] | None = None, *, existing_only: bool = False) -> Store:
     """SQLite in state_dir, or Azure Table Storage: RETRAIN_TABLES (a connection string) or
     RETRAIN_TABLES__tableServiceUri (identity-based, DefaultAzureCredential). `existing_only`: the
     read-only commands' way in, which never creates a ledger (or its folder)."""
@@ -177,7 +177,7 @@ def check_azureml_settings(cfg: Any, env: Mapping[str, str]) -> None:
         raise ConfigError("\n".join(f"worker.backend = 'azureml' needs {problem}" for problem in problems))
 
 
-def artifacts_store(env) -> BlobStore | None:
+def artifacts_store(env: Mapping[str, str]) -> BlobStore | None:
     """The artifacts container (manifests, champion checkpoints, oversize events) when configured:
     RETRAIN_ARTIFACTS (a connection string) or RETRAIN_ARTIFACTS__blobServiceUri, container RETRAIN_ARTIFACTS_CONTAINER."""
     from worker.adapters.azure.blob_store import AzureBlobStore
@@ -192,7 +192,7 @@ def artifacts_store(env) -> BlobStore | None:
     return None
 
 
-def build_worker_from_settings(env) -> Worker:
+def build_worker_from_settings(env: Mapping[str, str]) -> Worker:
     """The Functions app's wiring: config from RETRAIN_CONFIG/RETRAIN__*, Service Bus when configured.
 
     Settings: RETRAIN_SERVICEBUS (a connection string) or RETRAIN_SERVICEBUS__fullyQualifiedNamespace
@@ -215,7 +215,7 @@ def build_worker_from_settings(env) -> Worker:
     return build_worker(config, publisher=publisher, blobs=blobs)
 
 
-def images_stores(config: RetrainConfig, env) -> dict[str, BlobStore] | None:
+def images_stores(config: RetrainConfig, env: Mapping[str, str]) -> dict[str, BlobStore] | None:
     """Each model's view of the images container (for backfills by prefix or list) when RETRAIN_STORAGE is set."""
     from worker.adapters.local.directory_blobs import PrefixedBlobStore
 

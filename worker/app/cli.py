@@ -9,9 +9,16 @@ import signal
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:  # the command line imports what a command needs when it runs
+    from shared.messages import RetrainRequested
+    from worker.adapters.azure.servicebus import ServiceBusInjector
+    from worker.config import RetrainConfig
+    from worker.ports import BlobStore
+    from worker.store import Store
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Event-driven retraining worker for PyTorch image classifiers.")
 
@@ -22,7 +29,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable outpu
 MAX_LIMIT = 10_000  # rows a listing may ask for: more is a typo, and SQLite refuses integers past 2**63
 
 
-def _plain(view, markup: bool = True):
+def _plain(view: Any, markup: bool = True) -> Any:
     """A view with every string made printable for a terminal (escape sequences, C1 controls, bidi
     overrides and newlines from outside become visible escapes: shared.redact.printable) and, with
     `markup`, inert in rich's markup (for tables). For text renderings only: --json output is
@@ -67,10 +74,10 @@ def _is_version(text: str) -> bool:
     return re.fullmatch(r"[0-9]{1,9}", text) is not None
 
 
-_LOADED: list = []  # the configuration the command loaded: an error met later names its settings
+_LOADED: list[RetrainConfig] = []  # the configuration the command loaded: an error met later names its settings
 
 
-def _config(path: Path | None):
+def _config(path: Path | None) -> RetrainConfig:
     from shared.errors import ConfigError
     from worker.config import load_config
 
@@ -84,7 +91,7 @@ def _config(path: Path | None):
     return config
 
 
-def _store(config):
+def _store(config: RetrainConfig) -> Store:
     """The ledger for a read-only command: never created here (a missing one is an error, exit 1)."""
     from worker.app.bootstrap import NoLedgerError, open_ledger
 
@@ -95,7 +102,7 @@ def _store(config):
         raise typer.Exit(1) from exc
 
 
-def _manifests(config):
+def _manifests(config: RetrainConfig) -> BlobStore:
     """Where frozen manifests are read: the artifacts container when configured, else the state folder."""
     from worker.adapters.local.directory_blobs import DirectoryBlobStore
     from worker.app.bootstrap import artifacts_store
@@ -148,7 +155,7 @@ def serve(
     _images_folders(cfg, create_folders)
     service = LocalService(worker, settle_seconds=settle_seconds)
 
-    def stop(signum, _frame):
+    def stop(signum: int, _frame: object) -> None:
         logging.getLogger("retrain.serve").info("stopping after the current step (signal %d)", signum)
         service.stop.set()
 
@@ -159,7 +166,7 @@ def serve(
     service.run(max_seconds=max_seconds, cycles=cycles)
 
 
-def _refuse_missing_dependencies(cfg) -> None:
+def _refuse_missing_dependencies(cfg: RetrainConfig) -> None:
     """A backend whose packages are not here would fail every run, retried, with the cause buried in
     the runs' details: refuse to start instead, with what to install."""
     from worker.app.diagnose import missing_dependencies
@@ -171,7 +178,7 @@ def _refuse_missing_dependencies(cfg) -> None:
         raise typer.Exit(2)
 
 
-def _images_folders(cfg, create: bool) -> None:
+def _images_folders(cfg: RetrainConfig, create: bool) -> None:
     """Each model's images folder must exist: a mistyped one was silently created and then watched forever."""
     for name in sorted(cfg.models):
         folder = cfg.images_dir(name)
@@ -231,7 +238,7 @@ def inject(
         typer.echo("error: --wait follows a forced run handled here: use it with --force and --to local", err=True)
         raise typer.Exit(2)
     cfg = _config(config)
-    body: dict = {
+    body: dict[str, Any] = {
         "message_id": request_id or f"req-{uuid.uuid4().hex}",
         "model": model,
         "force": force,
@@ -284,7 +291,7 @@ def inject(
         )
 
 
-def _inject_here(cfg, message, wait: bool, timeout: float, json_out: bool) -> None:
+def _inject_here(cfg: RetrainConfig, message: RetrainRequested, wait: bool, timeout: float, json_out: bool) -> None:
     """The worker handles the request in this process and says what it does with it."""
     from worker.app.bootstrap import build_worker
     from worker.app.inject import answer, wait_for_run
@@ -307,7 +314,7 @@ def _inject_here(cfg, message, wait: bool, timeout: float, json_out: bool) -> No
     raise typer.Exit(code)
 
 
-def _servicebus_injector():
+def _servicebus_injector() -> ServiceBusInjector:
     """From the same settings as the Functions app: RETRAIN_SERVICEBUS (or __fullyQualifiedNamespace) and RETRAIN_REQUESTS_QUEUE."""
     import os
 
@@ -474,7 +481,7 @@ ReasonOption = Annotated[str, typer.Option(help="why (recorded in the ledger and
 ByOption = Annotated[str, typer.Option("--by", help="on whose behalf (the operating-system user is recorded as who asked)")]
 
 
-def _control(config: Path | None, model: str, action: str, json_out: bool, **fields) -> None:
+def _control(config: Path | None, model: str, action: str, json_out: bool, **fields: Any) -> None:
     """Apply an operator's control message through the worker (recorded, announced, idempotent by id)."""
 
     from shared.errors import InvalidMessage
@@ -752,7 +759,7 @@ def simulate(
                               markup=False)  # fmt: skip
 
 
-def _known(cfg, model: str | None) -> None:
+def _known(cfg: RetrainConfig, model: str | None) -> None:
     if model is not None and model not in cfg.models:
         typer.echo(f"error: unknown model {model!r} (configured: {', '.join(sorted(cfg.models))})", err=True)
         raise typer.Exit(2)

@@ -17,9 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.snapshot import training_dir
+
+if TYPE_CHECKING:
+    from worker.app.serve import LocalService
+    from worker.bus import Worker
+    from worker.config import RetrainConfig
+    from worker.store import RunRow
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class DemoError(RuntimeError):
     """A demo step failed; the message says which and where its log is."""
 
 
-def _config(cfg: DemoConfig, state: Path, images: Path, workspace: Path):
+def _config(cfg: DemoConfig, state: Path, images: Path, workspace: Path) -> tuple[RetrainConfig, Path]:
     """The demo's configuration, written to <workspace>/retrain.toml and loaded from there: the
     commands that inspect the demo afterwards (runs, dashboard, simulate) read the same settings."""
     from worker.config import load_config
@@ -107,7 +113,7 @@ def _source_set(cfg: DemoConfig, workspace: Path, echo: Callable[[str], None]) -
 class _Narrator:
     """Follows the ledger and the run's log and says what changed."""
 
-    def __init__(self, worker, echo: Callable[[str], None]):
+    def __init__(self, worker: Worker, echo: Callable[[str], None]):
         self.worker, self.echo = worker, echo
         self.last_decision: tuple[str, str] | None = None
         self.log_offsets: dict[str, int] = {}
@@ -120,7 +126,7 @@ class _Narrator:
             self.last_decision = (latest.outcome, latest.reason)
             self.echo(f"  policy: {latest.outcome}: {latest.reason}")
 
-    def training_log(self, run) -> None:
+    def training_log(self, run: RunRow) -> None:
         log = self.worker.config.worker.state_dir / "runs" / run.backend_run_id / "train.log"
         if not log.exists():
             return
@@ -195,7 +201,9 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
     return result
 
 
-def _follow_run(service, narrator: _Narrator, cfg: DemoConfig, dropped_at: float, echo: Callable[[str], None]) -> dict[str, Any]:
+def _follow_run(
+    service: LocalService, narrator: _Narrator, cfg: DemoConfig, dropped_at: float, echo: Callable[[str], None]
+) -> dict[str, Any]:
     """Cycle the worker until the run this round started is finalized; return its timeline."""
     worker = service.worker
     deadline = time.monotonic() + cfg.run_timeout_s
@@ -223,7 +231,7 @@ def _follow_run(service, narrator: _Narrator, cfg: DemoConfig, dropped_at: float
     return {"run_id": run.run_id, "dropped_at": dropped_at, "created_at": run.created_at.timestamp(), "outcome": run.outcome}
 
 
-def _run_summary(run, state: Path) -> dict[str, Any]:
+def _run_summary(run: RunRow, state: Path) -> dict[str, Any]:
     metrics_path = state / "runs" / run.backend_run_id / "outputs" / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     report_path = metrics_path.with_name("onnx_report.json")

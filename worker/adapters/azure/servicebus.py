@@ -40,7 +40,7 @@ def client_factory(connection: str | None = None, namespace: str | None = None, 
 
         parse_connection_string(connection)  # a malformed one fails here, when the worker is wired, not at the first send
 
-    def build():
+    def build() -> Any:
         from azure.servicebus import ServiceBusClient
 
         if connection:
@@ -182,4 +182,4 @@ class ServiceBusInjector:
         body = request.model_dump_json(exclude_none=True)
         message = ServiceBusMessage(body, message_id=request.message_id, content_type="application/json", subject=request.kind)
         _send(self.make_client, self.queue, "queue", [message], self.attempts, self.max_seconds)
-        return request.message_id
+        return str(request.message_id)

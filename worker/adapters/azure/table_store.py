@@ -98,7 +98,8 @@ def _doc_props(doc: dict[str, Any]) -> dict[str, str]:
 
 
 def _doc_of(entity: dict[str, Any]) -> dict[str, Any]:
-    return json.loads("".join(entity[k] for k in sorted(k for k in entity if re.fullmatch(r"d\d{3}", k))))
+    document: dict[str, Any] = json.loads("".join(entity[k] for k in sorted(k for k in entity if re.fullmatch(r"d\d{3}", k))))
+    return document
 
 
 # -- record <-> document -----------------------------------------------------------------------
@@ -183,11 +184,12 @@ def _staged_doc(row: ImageRow) -> dict[str, Any]:
     return doc
 
 
+Operation = tuple[Any, ...]  # a TableClient.submit_transaction operation: (kind, entity[, options])
 _HEAD_TIMES = ("last_run_finished_at", "backoff_until")
 _HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(ModelHead) if f.name != "model")
 
 
-def _operation(pk: str, rk: str, entity: dict[str, Any] | None) -> tuple:
+def _operation(pk: str, rk: str, entity: dict[str, Any] | None) -> Operation:
     from azure.data.tables import UpdateMode
 
     if entity is None:
@@ -265,7 +267,8 @@ class TableTx(Tx):
         self.writes[(pk, rk)] = {"PartitionKey": pk, "RowKey": rk, **_doc_props(doc), **indexed}
 
     def _counts(self, head: dict[str, Any]) -> dict[str, Any]:
-        return head.setdefault("counts", {"latest": {"train": {}, "val": {}}, "versions": 0})
+        counts: dict[str, Any] = head.setdefault("counts", {"latest": {"train": {}, "val": {}}, "versions": 0})
+        return counts
 
     def _count_latest(self, head: dict[str, Any], d: dict[str, Any], sign: int) -> None:
         by_label = self._counts(head)["latest"][d["split"]]
@@ -383,7 +386,7 @@ class TableTx(Tx):
             self.writes[(pk, rk)] = {"PartitionKey": pk, "RowKey": rk, "latest": False, MERGE: True}
 
     def image_watermark(self, model: str) -> int:
-        return self._head(model).get("image_seq", 0)
+        return int(self._head(model).get("image_seq", 0))
 
     def pending_stats(self, model: str) -> PendingStats:
         """From the head's counters, kept by the folds; recounted (a range read) when the watermark
@@ -569,7 +572,9 @@ class TableTx(Tx):
             value = getattr(head, key)
             h[key] = _ts(value) if key in _HEAD_TIMES else value
 
-    def remember_response(self, model: str, key: str, fingerprint: str, response: dict, at: dt.datetime) -> tuple[str, dict] | None:
+    def remember_response(
+        self, model: str, key: str, fingerprint: str, response: dict[str, Any], at: dt.datetime
+    ) -> tuple[str, dict[str, Any]] | None:
         doc = self._get(model, f"idem|{_k(key)}")
         if doc is not None:
             return doc["fingerprint"], doc["response"]
@@ -637,7 +642,8 @@ class TableStore(Store):
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            return self.table.get_entity(pk, rk)  # a TableEntity: a dict with .metadata["etag"]
+            entity: dict[str, Any] = self.table.get_entity(pk, rk)  # a TableEntity: a dict with .metadata["etag"]
+            return entity
         except ResourceNotFoundError:
             return None
 
@@ -693,7 +699,7 @@ class TableStore(Store):
         assert item.outcome is not None, "a flushed batch sets every item's outcome or error"
         return item.outcome
 
-    def _submit_retrying(self, ops: list[tuple]) -> None:
+    def _submit_retrying(self, ops: list[Operation]) -> None:
         """A staging batch, retried when the connection failed. Safe: if a lost response hid a
         success, the retry's 409 reports the images as already known, and they are staged."""
         from azure.core.exceptions import ServiceRequestError, ServiceResponseError
@@ -755,7 +761,7 @@ class TableStore(Store):
         return staged
 
     @staticmethod
-    def _stage_ops(row: ImageRow) -> list[tuple]:
+    def _stage_ops(row: ImageRow) -> list[Operation]:
         arrival = _arrival_key()
         marker = {"PartitionKey": row.model, "RowKey": _image_key(row.path, row.etag), **_doc_props({"ar": arrival})}
         return [("create", marker), ("create", {"PartitionKey": row.model, "RowKey": arrival, **_doc_props(_staged_doc(row))})]
@@ -771,7 +777,7 @@ class TableStore(Store):
             return {}, None
         return _doc_of(entity), cast(Any, entity).metadata["etag"]  # a TableEntity
 
-    def _guarded_head_op(self, pk: str, doc: dict[str, Any], etag: str | None) -> tuple:
+    def _guarded_head_op(self, pk: str, doc: dict[str, Any], etag: str | None) -> Operation:
         from azure.core import MatchConditions
         from azure.data.tables import UpdateMode
 
@@ -780,7 +786,7 @@ class TableStore(Store):
             return ("create", entity)
         return ("update", entity, {"etag": etag, "match_condition": MatchConditions.IfNotModified, "mode": UpdateMode.REPLACE})
 
-    def commit_partition(self, pk: str, ops: list[tuple], head: dict[str, Any], etag: str | None) -> None:
+    def commit_partition(self, pk: str, ops: list[Operation], head: dict[str, Any], etag: str | None) -> None:
         """Commit the operations and the guarded head update as one entity group transaction."""
         from azure.data.tables import TableTransactionError
 

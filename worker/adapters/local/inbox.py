@@ -13,6 +13,7 @@ import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from shared.errors import InvalidMessage
 from shared.files import atomic_write_text, open_regular
@@ -24,7 +25,7 @@ class LocalInbox:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def put(self, message_id: str, body: dict) -> Path:
+    def put(self, message_id: str, body: dict[str, Any]) -> Path:
         """Write a message; the same id with the same body is a no-op, with another body an error."""
         if not re.fullmatch(ID_PATTERN, message_id):
             # The id becomes a file name: never a path (the message schema refuses it too).

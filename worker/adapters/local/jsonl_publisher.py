@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from worker.adapters.local.file_lock import locked
 from worker.ports import Publisher
@@ -30,7 +30,7 @@ class JsonlPublisher(Publisher):
         self._seen: set[str] = set()
         self._offset = 0  # bytes of the file already read into _seen
 
-    def _catch_up(self, fh) -> None:
+    def _catch_up(self, fh: BinaryIO) -> None:
         size = fh.seek(0, os.SEEK_END)
         if size < self._offset:  # the file was replaced or truncated: read it again
             self._seen, self._offset = set(), 0

@@ -52,7 +52,7 @@ class InProcessOnnxExporter(OnnxExporter):
     def __init__(self) -> None:
         self._export_and_verify: Callable[..., dict[str, Any]] | None = None
 
-    def _load(self):
+    def _load(self) -> Callable[..., dict[str, Any]]:
         if self._export_and_verify is None:
             snapshot = str(training_dir())
             if snapshot not in sys.path:

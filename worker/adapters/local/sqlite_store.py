@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from worker.adapters.local.file_lock import FileLock
 from worker.store import (
@@ -193,12 +193,13 @@ class SqliteTx(Tx):
         self.conn, self.read_only = conn, read_only
         self.committed = False
 
-    def _one(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
-        return self.conn.execute(sql, params).fetchone()
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.conn.execute(sql, params).fetchone()
+        return row
 
-    def _aggregate(self, sql: str, params: tuple = ()) -> sqlite3.Row:
+    def _aggregate(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row:
         """A query that always yields one row (an aggregate, or SELECTs of scalar subqueries)."""
-        row = self.conn.execute(sql, params).fetchone()
+        row: sqlite3.Row | None = self.conn.execute(sql, params).fetchone()
         assert row is not None, sql
         return row
 
@@ -230,7 +231,7 @@ class SqliteTx(Tx):
         return "stale" if stale else "new"
 
     def image_watermark(self, model: str) -> int:
-        return self._aggregate("SELECT COALESCE(MAX(seq), 0) AS s FROM images WHERE model=?", (model,))["s"]
+        return int(self._aggregate("SELECT COALESCE(MAX(seq), 0) AS s FROM images WHERE model=?", (model,))["s"])
 
     def _watermarks(self, model: str) -> tuple[int, int | None]:
         """(trained watermark, the in-flight run's watermark or None)."""
@@ -433,7 +434,9 @@ class SqliteTx(Tx):
         ]
 
     # idempotency keys
-    def remember_response(self, model: str, key: str, fingerprint: str, response: dict, at: dt.datetime) -> tuple[str, dict] | None:
+    def remember_response(
+        self, model: str, key: str, fingerprint: str, response: dict[str, Any], at: dt.datetime
+    ) -> tuple[str, dict[str, Any]] | None:
         row = self._one("SELECT fingerprint, response FROM idempotency WHERE model=? AND key=?", (model, key))
         if row is not None:
             return row["fingerprint"], json.loads(row["response"])

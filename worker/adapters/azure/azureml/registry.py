@@ -27,7 +27,7 @@ class AzureMLModelRegistry(ModelRegistry):
         self.seam, self.staging = seam, staging
         self.artifacts = artifacts  # BlobStore of the artifacts datastore: champion checkpoints for warm starts
 
-    def register(self, model: str, run_id: str, files: dict[str, Path], card: dict[str, Any]):
+    def register(self, model: str, run_id: str, files: dict[str, Path], card: dict[str, Any]) -> RegisteredModel:
         import json
         import shutil
         import tempfile

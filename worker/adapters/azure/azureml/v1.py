@@ -103,7 +103,8 @@ def serialized_run_config(src: Any) -> dict[str, Any]:
     from azureml.core._serialization_utils import _serialize_to_dict
     from azureml.core.script_run_config import get_run_config_from_script_run
 
-    return _serialize_to_dict(get_run_config_from_script_run(src))
+    document: dict[str, Any] = _serialize_to_dict(get_run_config_from_script_run(src))
+    return document
 
 
 class WorkspaceSeam(AzureMLSeam):
@@ -173,7 +174,7 @@ class WorkspaceSeam(AzureMLSeam):
         model = Model.register(
             self.workspace, model_path=str(path), model_name=name, tags=tags, properties=properties, model_framework="PyTorch"
         )
-        return model.version
+        return int(model.version)
 
     def tag_champion(self, name: str, version: int) -> None:
         from azureml.core import Model

@@ -153,7 +153,8 @@ def _job_identity(settings: AzureMLSettings) -> Any:
 
 def job_document(job: Any) -> dict[str, Any]:
     """The job as Azure ML would receive it (its YAML form, as `az ml job show` prints it), built offline."""
-    return job._to_job()._to_dict()
+    document: dict[str, Any] = job._to_job()._to_dict()
+    return document
 
 
 def _already_exists(exc: BaseException) -> bool:
