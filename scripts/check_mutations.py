@@ -335,8 +335,8 @@ MUTATIONS = [
     Mutation(
         "the simulator ignores budget overrides behind another request",
         "worker/simulate.py",
-        "                if request.override_budget:\n",
-        "                if False:\n",
+        "            if request.override_budget:\n",
+        "            if False:\n",
         ("tests/unit/test_gpu_budget.py",),
     ),
     Mutation(
@@ -405,15 +405,15 @@ MUTATIONS = [
     Mutation(
         "the simulator ignores pauses (a forced request refused while paused becomes a run)",
         "worker/simulate.py",
-        '                if control.action == "pause":\n',
-        "                if False:\n",
+        '            if control.action == "pause":\n',
+        "            if False:\n",
         ("tests/unit/test_simulate.py",),
     ),
     Mutation(
         "the simulator replays past the end of the record",
         "worker/simulate.py",
-        "    cutoff = until or history.observed_until\n",
-        "    cutoff = until\n",
+        "        self.cutoff = until or history.observed_until\n",
+        "        self.cutoff = until\n",
         ("tests/unit/test_simulate.py",),
     ),
     Mutation(

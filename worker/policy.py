@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from worker.config import ModelConfig
 from worker.store import DataStats, ModelHead, PendingStats, RequestRow, RunRow
+
+R = TypeVar("R")
 
 Outcome = Literal["submit", "wait", "coalesce", "drop", "idle"]
 
@@ -74,6 +76,31 @@ def gpu_usage(
     return hours, hi
 
 
+def weighed_request(first_overriding: R | None, first_forced: R | None) -> R | None:
+    """The forced request the policy weighs: an explicit budget override among the open forced
+    requests comes first, else the oldest forced one."""
+    return first_overriding or first_forced
+
+
+def note_success(head: ModelHead, watermark: int, at: dt.datetime) -> None:
+    """A run succeeded: its images are trained, and failures in a row start again from zero."""
+    head.trained_watermark = max(head.trained_watermark, watermark)
+    head.last_run_finished_at = at
+    head.failed_runs, head.backoff_until = 0, None
+
+
+def note_failure(head: ModelHead, cfg: ModelConfig, at: dt.datetime, counted: bool = True) -> None:
+    """A run ended without training anything. A counted failure (not an operator's cancel) may start
+    the model's back-off: `failure_backoff`, doubling with each further one, at most `failure_backoff_max`."""
+    head.last_run_finished_at = at
+    if not counted:
+        return
+    head.failed_runs += 1
+    if head.failed_runs >= cfg.backoff_after_failed_runs:
+        exponent = head.failed_runs - cfg.backoff_after_failed_runs
+        head.backoff_until = at + dt.timedelta(seconds=min(cfg.failure_backoff * 2**exponent, cfg.failure_backoff_max))
+
+
 def data_shortfall(snapshot: Snapshot, cfg: ModelConfig) -> str | None:
     """Why the data cannot make a useful run yet (train.py would refuse it), or None."""
     per_class = dict(snapshot.data.train_per_class)
@@ -92,31 +119,10 @@ def data_shortfall(snapshot: Snapshot, cfg: ModelConfig) -> str | None:
     return None
 
 
-def decide(snapshot: Snapshot, now: dt.datetime, cfg: ModelConfig) -> Decision:
+def held_back(snapshot: Snapshot, now: dt.datetime, cfg: ModelConfig, forced: bool, count_met: bool) -> Decision | None:
+    """What keeps a run from starting though nothing is in flight: too little data, the GPU budget,
+    the failure back-off, the cooldown (the last three only while there is something to train)."""
     pending, head = snapshot.pending, snapshot.head
-    forced = snapshot.force_request is not None
-    oldest_age = (now - pending.oldest_at).total_seconds() if pending.oldest_at else 0.0
-    count_met = pending.count >= cfg.min_new_images
-    max_wait_met = cfg.max_wait is not None and pending.count > 0 and oldest_age >= cfg.max_wait
-
-    if head.paused is not None:  # an operator's stop outranks every trigger; a run in flight goes on
-        who = f"paused by {head.paused.get('by') or 'unknown'} at {head.paused.get('at', '?')[:19].replace('T', ' ')} UTC"
-        why = f": {head.paused['reason']}" if head.paused.get("reason") else ""
-        if forced:
-            return Decision("drop", f"{who}{why}; forced requests are refused while paused (resume first)", forced=True)
-        return Decision("wait", f"{who}{why}; {pending.count} new images are counted, no run starts until resumed")
-
-    if snapshot.in_flight is not None:
-        run = snapshot.in_flight
-        triggered = forced or count_met or max_wait_met or head.followup_wanted
-        if not triggered:
-            return Decision("wait", f"run {run.run_id} in flight ({run.state}); {pending.count} new images will wait for it")
-        if cfg.in_flight == "drop":
-            return Decision("drop", f"run {run.run_id} in flight: the trigger is dropped (in_flight = drop)", forced=forced)
-        what = "a forced request" if forced else f"{pending.count} new images"
-        mode = "queued behind it" if cfg.in_flight == "queue" else "coalescing into one follow-up run"
-        return Decision("coalesce", f"run {run.run_id} in flight ({run.state}): {what}, {mode}", forced=forced)
-
     shortfall = data_shortfall(snapshot, cfg)
     if shortfall:
         count = "" if forced or count_met else f"waiting: {pending.count}/{cfg.min_new_images} new images; "
@@ -146,6 +152,37 @@ def decide(snapshot: Snapshot, now: dt.datetime, cfg: ModelConfig) -> Decision:
         cooldown_ends = head.last_run_finished_at + dt.timedelta(seconds=cfg.cooldown)
         if now < cooldown_ends and (pending.count > 0 or head.followup_wanted):
             return Decision("wait", f"cooldown after the last run until {_hms(cooldown_ends)}", wake_at=cooldown_ends)
+    return None
+
+
+def decide(snapshot: Snapshot, now: dt.datetime, cfg: ModelConfig) -> Decision:
+    pending, head = snapshot.pending, snapshot.head
+    forced = snapshot.force_request is not None
+    oldest_age = (now - pending.oldest_at).total_seconds() if pending.oldest_at else 0.0
+    count_met = pending.count >= cfg.min_new_images
+    max_wait_met = cfg.max_wait is not None and pending.count > 0 and oldest_age >= cfg.max_wait
+
+    if head.paused is not None:  # an operator's stop outranks every trigger; a run in flight goes on
+        who = f"paused by {head.paused.get('by') or 'unknown'} at {head.paused.get('at', '?')[:19].replace('T', ' ')} UTC"
+        why = f": {head.paused['reason']}" if head.paused.get("reason") else ""
+        if forced:
+            return Decision("drop", f"{who}{why}; forced requests are refused while paused (resume first)", forced=True)
+        return Decision("wait", f"{who}{why}; {pending.count} new images are counted, no run starts until resumed")
+
+    if snapshot.in_flight is not None:
+        run = snapshot.in_flight
+        triggered = forced or count_met or max_wait_met or head.followup_wanted
+        if not triggered:
+            return Decision("wait", f"run {run.run_id} in flight ({run.state}); {pending.count} new images will wait for it")
+        if cfg.in_flight == "drop":
+            return Decision("drop", f"run {run.run_id} in flight: the trigger is dropped (in_flight = drop)", forced=forced)
+        what = "a forced request" if forced else f"{pending.count} new images"
+        mode = "queued behind it" if cfg.in_flight == "queue" else "coalescing into one follow-up run"
+        return Decision("coalesce", f"run {run.run_id} in flight ({run.state}): {what}, {mode}", forced=forced)
+
+    held = held_back(snapshot, now, cfg, forced, count_met)
+    if held is not None:
+        return held
 
     if forced:
         request = snapshot.force_request

@@ -15,7 +15,7 @@ from worker.config import RetrainConfig
 from worker.context import Context
 from worker.manifests import build_manifest, freeze
 from worker.outbox import queue_event
-from worker.policy import DAY, Decision, Snapshot, decide, gpu_usage
+from worker.policy import DAY, Decision, Snapshot, decide, gpu_usage, note_failure, note_success, weighed_request
 from worker.store import IN_FLIGHT_STATES, DecisionRow, ManifestEntry, RequestRow, RunRow, RunState, Tx
 
 REJECTIONS_PER_COMMIT = 20  # forced requests dropped per evaluation (more wait for the next one)
@@ -42,8 +42,9 @@ def snapshot_of(tx: Tx, model: str, config: RetrainConfig, now: dt.datetime, req
         data=tx.data_stats(model),
         head=tx.model_head(model),
         in_flight=next(iter(tx.runs(model, IN_FLIGHT_STATES, limit=1)), None),
-        # An explicit budget override among the open forced requests is the one the policy weighs.
-        force_request=next((r for r in requests if r.force and r.override_budget), None) or next((r for r in requests if r.force), None),
+        force_request=weighed_request(
+            next((r for r in requests if r.force and r.override_budget), None), next((r for r in requests if r.force), None)
+        ),
         gpu_hours_24h=hours,
         budget_frees_at=frees_at,
     )
@@ -186,9 +187,7 @@ def run_succeeded(ctx: Context, tx: Tx, run: RunRow) -> None:
     run.started_at = run.started_at or ctx.now
     tx.update_run(run)
     head = tx.model_head(run.model)
-    head.trained_watermark = max(head.trained_watermark, run.watermark)
-    head.last_run_finished_at = ctx.now
-    head.failed_runs, head.backoff_until = 0, None
+    note_success(head, run.watermark, ctx.now)
     tx.save_model_head(head)
 
 
@@ -219,15 +218,10 @@ def run_failed(ctx: Context, tx: Tx, run: RunRow, status: str, detail: str, mess
     returned = run.new_image_count
     run.state, run.outcome, run.finished_at, run.detail = "finalized", status, ctx.now, detail[:2000]
     tx.update_run(run)
-    head.last_run_finished_at = ctx.now
+    note_failure(head, cfg, ctx.now, counted=status != "canceled")  # an operator's cancel is not the model failing
     backoff_note = ""
-    if status != "canceled":  # an operator's cancel is not the model failing
-        head.failed_runs += 1
-        if head.failed_runs >= cfg.backoff_after_failed_runs:
-            exponent = head.failed_runs - cfg.backoff_after_failed_runs
-            delay = min(cfg.failure_backoff * 2**exponent, cfg.failure_backoff_max)
-            head.backoff_until = ctx.now + dt.timedelta(seconds=delay)
-            backoff_note = f"; {head.failed_runs} failed runs in a row: no new run before {head.backoff_until:%Y-%m-%d %H:%M:%S} UTC"
+    if status != "canceled" and head.backoff_until is not None and head.failed_runs >= cfg.backoff_after_failed_runs:
+        backoff_note = f"; {head.failed_runs} failed runs in a row: no new run before {head.backoff_until:%Y-%m-%d %H:%M:%S} UTC"
     tx.save_model_head(head)
     data = {
         "run_id": run.run_id,

@@ -37,7 +37,7 @@ from shared.manifest_hash import stable_split
 from shared.messages import label_of, load_checked_document  # the inbound-JSON checks: depth, numbers, NaN, lone surrogates
 from shared.redact import printable
 from worker.config import ModelConfig
-from worker.policy import DAY, Snapshot, decide, gpu_usage
+from worker.policy import DAY, Snapshot, decide, gpu_usage, note_failure, note_success, weighed_request
 from worker.store import DataStats, ModelHead, PendingStats, RequestRow, RunRow
 
 FIXED_DEFAULT_MINUTES = 30.0
@@ -290,192 +290,226 @@ def simulate(history: History, cfg: ModelConfig, *, tick_seconds: float = 60.0, 
     without one runs until a tick after its last event and its last run's end). `every_arrival`
     evaluates every arrival even when the policy can only wait (the tests check that skipping those
     changes nothing)."""
-    start = history.start
-    cutoff = until or history.observed_until
-    if start is None:
-        return Result(label, [], 0.0, [], 0, durations.describe(), cutoff)
-    end = cutoff or history.end or start
-    tick = dt.timedelta(seconds=tick_seconds)
-    images = _Images(cfg)
-    head = ModelHead(model="simulated")
-    # Open forced requests in arrival order, and those of them that override the GPU budget: the
-    # snapshot reads the first of each in O(1) (a scan of every open request per evaluation made
-    # 100k requests take minutes).
-    open_requests: collections.deque[Request] = collections.deque()
-    overrides: collections.deque[Request] = collections.deque()
-    runs: list[SimRun] = []
-    flying: SimRun | None = None
-    trained_at: list[tuple[int, dt.datetime]] = []  # (watermark, when) of each successful run
-    events = sorted([(a.at, 0, i) for i, a in enumerate(history.arrivals)] + [(r.at, 1, i) for i, r in enumerate(history.requests)]
-                    + [(c.at, 2, i) for i, c in enumerate(history.controls)])  # fmt: skip
-    position = 0
-    now = start
+    if history.start is None:
+        return Result(label, [], 0.0, [], 0, durations.describe(), until or history.observed_until)
+    replay = Replay(history, cfg, tick_seconds, durations, gpus_per_run, keep_paths, every_arrival, until)
+    replay.run()
+    return replay.result(label)
 
-    def snapshot(at: dt.datetime) -> Snapshot:
+
+class Replay:
+    """One configuration's replay: the state the policy reads, moved by the history's events, the
+    worker's ticks and the simulated runs' ends, on a virtual clock."""
+
+    def __init__(self, history: History, cfg: ModelConfig, tick_seconds: float, durations: DurationModel, gpus_per_run: int,
+                 keep_paths: bool, every_arrival: bool, until: dt.datetime | None) -> None:  # fmt: skip
+        assert history.start is not None
+        self.history, self.cfg, self.durations, self.gpus_per_run = history, cfg, durations, gpus_per_run
+        self.keep_paths, self.every_arrival = keep_paths, every_arrival
+        self.start = history.start
+        self.cutoff = until or history.observed_until
+        self.end = self.cutoff or history.end or self.start
+        self.tick = dt.timedelta(seconds=tick_seconds)
+        self.images = _Images(cfg)
+        self.head = ModelHead(model="simulated")
+        # Open forced requests in arrival order, and those of them that override the GPU budget: the
+        # snapshot reads the first of each in O(1) (a scan of every open request per evaluation made
+        # 100k requests take minutes).
+        self.open_requests: collections.deque[Request] = collections.deque()
+        self.overrides: collections.deque[Request] = collections.deque()
+        self.runs: list[SimRun] = []
+        self.flying: SimRun | None = None
+        self.trained_at: list[tuple[int, dt.datetime]] = []  # (watermark, when) of each successful run
+        self.events = sorted([(a.at, 0, i) for i, a in enumerate(history.arrivals)] + [(r.at, 1, i) for i, r in enumerate(history.requests)]
+                             + [(c.at, 2, i) for i, c in enumerate(history.controls)])  # fmt: skip
+        self.position = 0
+        self.now = self.start
+        self.wake: dt.datetime | None = None
+
+    # -- what the policy reads ---------------------------------------------------------------------
+
+    def snapshot(self, at: dt.datetime) -> Snapshot:
         in_flight = None
-        if flying is not None:
-            in_flight = RunRow(run_id=f"sim-{flying.index + 1:04d}", model="simulated", seq=flying.index + 1, state="running",
-                               manifest_sha256="", image_count=flying.images, new_image_count=flying.new_images, classes=[],
-                               created_at=flying.planned_at, watermark=flying.watermark)  # fmt: skip
-        force = overrides[0] if overrides else (open_requests[0] if open_requests else None)
+        if self.flying is not None:
+            f = self.flying
+            in_flight = RunRow(run_id=f"sim-{f.index + 1:04d}", model="simulated", seq=f.index + 1, state="running", manifest_sha256="",
+                               image_count=f.images, new_image_count=f.new_images, classes=[], created_at=f.planned_at,
+                               watermark=f.watermark)  # fmt: skip
+        force = weighed_request(self.overrides[0] if self.overrides else None, self.open_requests[0] if self.open_requests else None)
         request = None
         if force is not None:
-            request = RequestRow(
-                request_id=force.request_id,
-                model="simulated",
-                force=True,
-                created_at=force.at,
-                requested_by=force.requested_by,
-                override_budget=force.override_budget,
-            )
+            request = RequestRow(request_id=force.request_id, model="simulated", force=True, created_at=force.at,
+                                 requested_by=force.requested_by, override_budget=force.override_budget)  # fmt: skip
         hours, frees = 0.0, None
-        if cfg.max_gpu_hours_per_day is not None:
-            intervals = [(r.planned_at, r.ends_at if r.ends_at <= at else None) for r in runs if r.ends_at > at - DAY]
-            hours, frees = gpu_usage(intervals, at, gpus_per_run, cfg.max_gpu_hours_per_day)
-        return Snapshot(images.stats(), images.data(), head, in_flight, request, hours, frees)
+        if self.cfg.max_gpu_hours_per_day is not None:
+            intervals = [(r.planned_at, r.ends_at if r.ends_at <= at else None) for r in self.runs if r.ends_at > at - DAY]
+            hours, frees = gpu_usage(intervals, at, self.gpus_per_run, self.cfg.max_gpu_hours_per_day)
+        return Snapshot(self.images.stats(), self.images.data(), self.head, in_flight, request, hours, frees)
 
-    def evaluate(at: dt.datetime) -> dt.datetime | None:
-        nonlocal flying
-        decision = decide(snapshot(at), at, cfg)
+    # -- the worker's steps ------------------------------------------------------------------------
+
+    def evaluate(self, at: dt.datetime) -> dt.datetime | None:
+        """Decide, and carry the decision out as the worker does; returns when waiting ends."""
+        decision = decide(self.snapshot(at), at, self.cfg)
         if decision.outcome == "coalesce":
-            head.followup_wanted = True
-        elif decision.outcome == "drop" and open_requests:
-            open_requests.clear()
-            overrides.clear()
+            self.head.followup_wanted = True
+        elif decision.outcome == "drop" and self.open_requests:
+            self.open_requests.clear()
+            self.overrides.clear()
         elif decision.outcome == "submit":
-            forced = open_requests[0] if open_requests else None
-            if cfg.in_flight == "queue" and forced is not None:
-                consumed = [open_requests.popleft()]
-                if overrides and overrides[0] is forced:
-                    overrides.popleft()
-            else:
-                consumed = list(open_requests)
-                open_requests.clear()
-                overrides.clear()
-            watermark, base = len(images.times), head.trained_watermark
-            new = images.latest_count - images.latest_upto(base)
-            count = new if cfg.training_data == "new" else images.latest_count
-            paths = images.in_range(base, watermark, cfg.training_data == "new") if keep_paths else []
-            seconds, outcome = durations.run(len(runs), count)
-            if seconds is None:  # recorded as still running when the record ends: so it is here
-                ends_at = max(at, end) + tick if cutoff is not None else at + dt.timedelta(seconds=durations.estimate(count))
-                outcome = "in flight" if cutoff is not None else "succeeded"
-            else:
-                ends_at = at + dt.timedelta(seconds=seconds)
-            flying = SimRun(len(runs), at, decision.reason, watermark, base, count, new, paths, ends_at, outcome,
-                            [r.request_id for r in consumed])  # fmt: skip
-            runs.append(flying)
-            head.followup_wanted = False
-            images.move_floor(max(head.trained_watermark, watermark))
+            self.plan(at, decision.reason)
         return decision.wake_at
 
-    def certainly_waits(at: dt.datetime) -> bool:
+    def consume_requests(self) -> list[Request]:
+        """The requests a run carries out: in queue mode up to the first forced one, else all."""
+        forced = self.open_requests[0] if self.open_requests else None
+        if self.cfg.in_flight == "queue" and forced is not None:
+            if self.overrides and self.overrides[0] is forced:
+                self.overrides.popleft()
+            return [self.open_requests.popleft()]
+        consumed = list(self.open_requests)
+        self.open_requests.clear()
+        self.overrides.clear()
+        return consumed
+
+    def plan(self, at: dt.datetime, reason: str) -> None:
+        consumed = self.consume_requests()
+        images, head = self.images, self.head
+        watermark, base = len(images.times), head.trained_watermark
+        new = images.latest_count - images.latest_upto(base)
+        count = new if self.cfg.training_data == "new" else images.latest_count
+        paths = images.in_range(base, watermark, self.cfg.training_data == "new") if self.keep_paths else []
+        seconds, outcome = self.durations.run(len(self.runs), count)
+        if seconds is None:  # recorded as still running when the record ends: so it is here
+            ends_at = (
+                max(at, self.end) + self.tick if self.cutoff is not None else at + dt.timedelta(seconds=self.durations.estimate(count))
+            )
+            outcome = "in flight" if self.cutoff is not None else "succeeded"
+        else:
+            ends_at = at + dt.timedelta(seconds=seconds)
+        self.flying = SimRun(len(self.runs), at, reason, watermark, base, count, new, paths, ends_at, outcome,
+                             [r.request_id for r in consumed])  # fmt: skip
+        self.runs.append(self.flying)
+        head.followup_wanted = False
+        images.move_floor(max(head.trained_watermark, watermark))
+
+    def finish(self, run: SimRun) -> None:
+        self.flying = None
+        if run.outcome == "succeeded":
+            note_success(self.head, run.watermark, run.ends_at)
+            self.trained_at.append((run.watermark, run.ends_at))
+        else:
+            note_failure(self.head, self.cfg, run.ends_at, counted=run.outcome != "canceled")
+        self.images.move_floor(self.head.trained_watermark)
+
+    def certainly_waits(self, at: dt.datetime) -> bool:
         """True when `decide` can only say wait, idle or coalesce-again here: an arrival then changes
         nothing the policy acts on, and evaluating it can be skipped (a big saving on busy histories)."""
-        if open_requests or cfg.max_gpu_hours_per_day is not None:
+        cfg, head = self.cfg, self.head
+        if self.open_requests or cfg.max_gpu_hours_per_day is not None:
             return False
         if head.paused is not None:
             return True
-        if flying is not None:
+        if self.flying is not None:
             return head.followup_wanted or cfg.in_flight == "drop"
         if head.followup_wanted:
             return False
-        pending_count = sum(images.pending.values())
+        pending_count = sum(self.images.pending.values())
         if head.last_run_finished_at is not None and at < head.last_run_finished_at + dt.timedelta(seconds=cfg.cooldown) and pending_count:
             return True
         if pending_count >= cfg.min_new_images:
             return False
-        oldest = images.stats().oldest_at
+        oldest = self.images.stats().oldest_at
         return cfg.max_wait is None or oldest is None or (at - oldest).total_seconds() < cfg.max_wait
 
-    def earliest_wake(at: dt.datetime, current: dt.datetime | None) -> dt.datetime | None:
+    def earliest_wake(self, at: dt.datetime, current: dt.datetime | None) -> dt.datetime | None:
         """No later than any time a skipped evaluation could have named: evaluating early is harmless,
         late is not (the max wait of the first new image, the cooldown's or the back-off's end)."""
         times = [current] if current is not None and current > at else []
-        oldest = images.stats().oldest_at
-        if cfg.max_wait is not None and oldest is not None:
-            times.append(oldest + dt.timedelta(seconds=cfg.max_wait))
-        if head.last_run_finished_at is not None:
-            times.append(head.last_run_finished_at + dt.timedelta(seconds=cfg.cooldown))
-        if head.backoff_until is not None:
-            times.append(head.backoff_until)
+        oldest = self.images.stats().oldest_at
+        if self.cfg.max_wait is not None and oldest is not None:
+            times.append(oldest + dt.timedelta(seconds=self.cfg.max_wait))
+        if self.head.last_run_finished_at is not None:
+            times.append(self.head.last_run_finished_at + dt.timedelta(seconds=self.cfg.cooldown))
+        if self.head.backoff_until is not None:
+            times.append(self.head.backoff_until)
         future = [x for x in times if x > at]
         return min(future) if future else None
 
-    def finish(run: SimRun) -> None:
-        nonlocal flying
-        flying = None
-        head.last_run_finished_at = run.ends_at
-        if run.outcome == "succeeded":
-            head.trained_watermark = max(head.trained_watermark, run.watermark)
-            head.failed_runs, head.backoff_until = 0, None
-            trained_at.append((run.watermark, run.ends_at))
-        elif run.outcome != "canceled":
-            head.failed_runs += 1
-            if head.failed_runs >= cfg.backoff_after_failed_runs:
-                delay = min(cfg.failure_backoff * 2 ** (head.failed_runs - cfg.backoff_after_failed_runs), cfg.failure_backoff_max)
-                head.backoff_until = run.ends_at + dt.timedelta(seconds=delay)
-        images.move_floor(head.trained_watermark)
+    # -- the clock ---------------------------------------------------------------------------------
 
-    def next_tick(after: dt.datetime) -> dt.datetime:
-        steps = math.floor((after - start) / tick) + 1
-        return start + steps * tick
+    def next_tick(self, after: dt.datetime) -> dt.datetime:
+        steps = math.floor((after - self.start) / self.tick) + 1
+        return self.start + steps * self.tick
 
-    wake: dt.datetime | None = None
-    while True:
-        candidates = [end + tick] if cutoff is None and now < end + tick else []  # without a recorded end: a last look after it
-        if position < len(events):
-            candidates.append(events[position][0])
-        if flying is not None:
-            candidates.append(flying.ends_at)
-        if wake is not None:
-            candidates.append(wake if (wake - start) % tick == dt.timedelta(0) else next_tick(wake))
-        if not candidates or (cutoff is not None and min(candidates) > cutoff):
-            break  # the record ends here: what is in flight stays in flight
-        now = max(now, min(candidates))
-        if flying is not None and flying.ends_at <= now:
-            finish(flying)
-            wake = evaluate(now)  # after a run the worker evaluates at once
-            continue
-        if position < len(events) and events[position][0] <= now:
-            _, kind, index = events[position]
-            position += 1
-            if kind == 0:
-                images.add(history.arrivals[index])
-                if not every_arrival and certainly_waits(now):
-                    wake = earliest_wake(now, wake)
-                    continue
-            elif kind == 2:
-                control = history.controls[index]
-                if control.action == "pause":
-                    head.paused = {"by": "an operator", "at": now.isoformat()}
-                    continue  # a pause starts nothing; the worker evaluates again on resume
-                head.paused = None
-            else:
-                request = history.requests[index]
-                open_requests.append(request)
-                if request.override_budget:
-                    overrides.append(request)
-            wake = evaluate(now)
-            continue
-        wake = evaluate(now)  # a tick
-        if wake is not None and wake <= now:
-            wake = now + tick
-        if cutoff is None and now > end and flying is None:
-            break
-    if flying is not None and cutoff is not None and flying.ends_at > cutoff:
-        flying.outcome = "in flight"  # the record ends with it running: not trained, its GPUs counted to the end
-        flying.ends_at = cutoff
-    gpu_hours = sum((r.ends_at - r.planned_at).total_seconds() for r in runs) * gpus_per_run / 3600
-    watermarks = [w for w, _ in trained_at]
-    staleness, untrained = [], 0
-    for seq, arrived in enumerate(images.times, start=1):
-        first = bisect.bisect_left(watermarks, seq)  # watermarks only grow, so the first run that covers seq
-        if first < len(trained_at):
-            staleness.append((trained_at[first][1] - arrived).total_seconds())
+    def next_moment(self) -> dt.datetime | None:
+        """The next time something happens: an event, a run's end, the policy's wake-up (on a tick),
+        the last look after a history without a recorded end; None when the record is over."""
+        candidates = [self.end + self.tick] if self.cutoff is None and self.now < self.end + self.tick else []
+        if self.position < len(self.events):
+            candidates.append(self.events[self.position][0])
+        if self.flying is not None:
+            candidates.append(self.flying.ends_at)
+        if self.wake is not None:
+            candidates.append(self.wake if (self.wake - self.start) % self.tick == dt.timedelta(0) else self.next_tick(self.wake))
+        if not candidates or (self.cutoff is not None and min(candidates) > self.cutoff):
+            return None  # the record ends here: what is in flight stays in flight
+        return min(candidates)
+
+    def apply_event(self) -> None:
+        """The next event of the history: an arrival, a forced request, a pause or a resume."""
+        _, kind, index = self.events[self.position]
+        self.position += 1
+        if kind == 0:
+            self.images.add(self.history.arrivals[index])
+            if not self.every_arrival and self.certainly_waits(self.now):
+                self.wake = self.earliest_wake(self.now, self.wake)
+                return
+        elif kind == 2:
+            control = self.history.controls[index]
+            if control.action == "pause":
+                self.head.paused = {"by": "an operator", "at": self.now.isoformat()}
+                return  # a pause starts nothing; the worker evaluates again on resume
+            self.head.paused = None
         else:
-            untrained += 1
-    return Result(label, runs, gpu_hours, staleness, untrained, durations.describe(), cutoff)
+            request = self.history.requests[index]
+            self.open_requests.append(request)
+            if request.override_budget:
+                self.overrides.append(request)
+        self.wake = self.evaluate(self.now)
+
+    def run(self) -> None:
+        while (moment := self.next_moment()) is not None:
+            self.now = max(self.now, moment)
+            if self.flying is not None and self.flying.ends_at <= self.now:
+                self.finish(self.flying)
+                self.wake = self.evaluate(self.now)  # after a run the worker evaluates at once
+                continue
+            if self.position < len(self.events) and self.events[self.position][0] <= self.now:
+                self.apply_event()
+                continue
+            self.wake = self.evaluate(self.now)  # a tick
+            if self.wake is not None and self.wake <= self.now:
+                self.wake = self.now + self.tick
+            if self.cutoff is None and self.now > self.end and self.flying is None:
+                break
+        if self.flying is not None and self.cutoff is not None and self.flying.ends_at > self.cutoff:
+            self.flying.outcome = "in flight"  # the record ends with it running: not trained, its GPUs counted to the end
+            self.flying.ends_at = self.cutoff
+
+    # -- the figures -------------------------------------------------------------------------------
+
+    def result(self, label: str) -> Result:
+        gpu_hours = sum((r.ends_at - r.planned_at).total_seconds() for r in self.runs) * self.gpus_per_run / 3600
+        watermarks = [w for w, _ in self.trained_at]
+        staleness, untrained = [], 0
+        for seq, arrived in enumerate(self.images.times, start=1):
+            first = bisect.bisect_left(watermarks, seq)  # watermarks only grow, so the first run that covers seq
+            if first < len(self.trained_at):
+                staleness.append((self.trained_at[first][1] - arrived).total_seconds())
+            else:
+                untrained += 1
+        return Result(label, self.runs, gpu_hours, staleness, untrained, self.durations.describe(), self.cutoff)
 
 
 # -- histories ------------------------------------------------------------------------------------
