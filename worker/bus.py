@@ -24,15 +24,16 @@ from shared import events as ev
 from shared.messages import ImageUploaded, Message, RetrainRequested, RunStatusChanged, Tick, safe_message_id
 from shared.redact import printable, redact
 from worker import telemetry
+from worker.backfill import Backfill, resolve_backfill
 from worker.completion import Completer
 from worker.config import RetrainConfig
-from worker.context import Backfill, Context
+from worker.context import Context
 from worker.crashpoints import crashpoint
-from worker.handlers import HANDLERS, Effects, image_row, resolve_backfill
+from worker.handlers import HANDLERS, Effects, image_row
 from worker.outbox import queue_event
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
 from worker.runs import NOT_SUBMITTED_YET, evaluate, run_failed
-from worker.store import ConcurrencyConflict, DecisionRow, Store, Tx, retry_lost_races
+from worker.store import ConcurrencyConflict, Store, Tx, clipped, retry_lost_races
 from worker.submission import Submitter
 
 log = logging.getLogger("retrain.worker")
@@ -142,7 +143,7 @@ class Worker:
                 return []
             run.completion_failures += 1
             if run.completion_failures < COMPLETION_ATTEMPTS:
-                run.detail = reason[:2000]
+                run.detail = clipped(reason)
                 tx.update_run(run)
                 return []
             return run_failed(ctx, tx, run, "completion_failed", f"{reason} ({run.completion_failures} attempts)", None)
@@ -210,7 +211,7 @@ class Worker:
             if tx.claim_message(message.message_id, message.kind, message.model, self.clock.now()) is False:
                 return None  # (read-only here: the claim is not committed)
         ctx = self._context()
-        backfill = resolve_backfill(ctx, message)
+        backfill = resolve_backfill(self.blobs.get(message.model), message)
         rows = [image_row(ctx, message.model, path, etag, size, "backfill", None) for path, etag, size in backfill.refs]
         backfill.registered = self.store.stage_images(rows)  # in bounded, idempotent chunks
         if self.store.staged_ingest:
@@ -245,7 +246,7 @@ class Worker:
         """
         known = model if model in self.config.models else None
         message_id = safe_message_id(message_id)
-        description = printable(redact(description))[:2000]
+        description = clipped(redact(description))
 
         def step(ctx: Context, tx: Tx) -> bool:
             if not tx.claim_message(message_id, "rejected", known, ctx.now):
@@ -256,7 +257,7 @@ class Worker:
             queue_event(tx, ev.REQUEST_REJECTED, f"requests/{message_id}", data, ctx.now)
             if known is not None:
                 reason_text = f"{source} message {message_id} rejected: {reason}: {description[:300]}"
-                tx.record_decision(DecisionRow(model=known, at=ctx.now, outcome="reject", reason=reason_text, message_id=message_id))
+                tx.decided(known, ctx.now, "reject", reason_text, message_id=message_id)
             return True
 
         return self._transaction(step)
@@ -271,7 +272,7 @@ class Worker:
 
     def _note_submit_failure(self, run_id: str, error: str) -> None:
         """Say on the run why it is still planned (`retrain runs`, the status view), best effort."""
-        text = f"{NOT_SUBMITTED_YET}{printable(redact(error))}"[:2000]
+        text = clipped(f"{NOT_SUBMITTED_YET}{redact(error)}")
         try:
             with self.store.transaction() as tx:
                 run = tx.get_run(run_id)

@@ -33,6 +33,7 @@ from typing import Any
 from shared import events as ev
 from shared.files import atomic_write_bytes
 from worker import telemetry
+from worker.champion import crown
 from worker.config import RetrainConfig
 from worker.context import Context
 from worker.crashpoints import crashpoint
@@ -42,9 +43,9 @@ from worker.manifests import load as load_manifest
 from worker.outbox import queue_event
 from worker.ports import BlobStore, Clock, ExportError, ExportResult, ModelRegistry, OnnxExporter, TrainingBackend
 from worker.runs import after_run
-from worker.snapshot import training_dir
-from worker.store import DecisionRow, ModelHead, ModelVersionRow, RunRow, Store, retry_lost_races
+from worker.store import ModelHead, ModelVersionRow, RunRow, Store, clipped, retry_lost_races
 from worker.submission import training_args
+from worker.training_code import training_dir
 
 log = logging.getLogger("retrain.completion")
 SUMMARY_KEYS = (
@@ -288,9 +289,7 @@ class Completer:
                     model=run.model, version=version, run_id=run.run_id, created_at=now, location=location, metrics=summary, card=card
                 )
             )
-            if head.champion_version is not None:  # `retrain rollback` returns to it
-                head.previous_champions = [*head.previous_champions, head.champion_version][-20:]
-            head.champion_version, head.champion_sha256 = version, card["artifacts"]["model.pt"]["sha256"]
+            crown(head, version, card["artifacts"]["model.pt"]["sha256"])
             tx.save_model_head(head)
             current.state, current.outcome = "finalized", "registered"
             current.detail = f"registered as v{version}: {card['gate']['reason']}"
@@ -306,15 +305,7 @@ class Completer:
                 telemetry.record(
                     "retrain.image_to_champion.seconds", (now - run.oldest_image_at).total_seconds(), unit="s", model=run.model
                 )
-            tx.record_decision(
-                DecisionRow(
-                    model=run.model,
-                    at=now,
-                    outcome="registered",
-                    reason=f"v{version} is champion: {card['gate']['reason']}",
-                    run_id=run.run_id,
-                )
-            )
+            tx.decided(run.model, now, "registered", f"v{version} is champion: {card['gate']['reason']}", run.run_id)
             planned = after_run(Context(self.config, now, manifests=self.manifests), tx, run.model, None)
             tx.commit()
         crashpoint("after_finalize")
@@ -330,7 +321,7 @@ class Completer:
             current = tx.get_run(run.run_id)
             if current is None or current.state != "succeeded":
                 return []
-            current.state, current.outcome, current.detail = "finalized", "rejected", reason[:2000]
+            current.state, current.outcome, current.detail = "finalized", "rejected", clipped(reason)
             tx.update_run(current)
             data = {
                 "model": run.model, "run_id": run.run_id, "reason": reason, "champion_version": champion.version if champion else None,
@@ -338,9 +329,7 @@ class Completer:
             }  # fmt: skip
             queue_event(tx, ev.MODEL_REJECTED, f"runs/{run.run_id}", data, now)
             telemetry.count("retrain.runs", model=run.model, outcome="rejected")
-            tx.record_decision(
-                DecisionRow(model=run.model, at=now, outcome="rejected", reason=f"{run.run_id} not registered: {reason}", run_id=run.run_id)
-            )
+            tx.decided(run.model, now, "rejected", f"{run.run_id} not registered: {reason}", run.run_id)
             planned = after_run(Context(self.config, now, manifests=self.manifests), tx, run.model, None)
             tx.commit()
         log.info("%s rejected: %s", run.run_id, reason)

@@ -1,23 +1,14 @@
 """What a ledger transition needs besides its transaction: the configuration, the time, the stores
-it reads and writes outside the ledger, and a request's images resolved beforehand."""
+it reads and writes outside the ledger, and a request's images resolved beforehand (worker.backfill)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
 
+from worker.backfill import Backfill
 from worker.config import RetrainConfig
 from worker.ports import BlobStore
-
-
-@dataclass
-class Backfill:
-    """The images a request names, resolved against the blob store (outside any transaction)."""
-
-    refs: list[tuple[str, str, int]] = field(default_factory=list)  # (path, etag, size)
-    missing: list[str] = field(default_factory=list)
-    invalid: list[str] = field(default_factory=list)
-    registered: int = 0  # versions that were new, over all chunks
 
 
 @dataclass

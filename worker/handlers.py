@@ -15,14 +15,16 @@ from typing import Any
 
 from shared import events as ev
 from shared.manifest_hash import stable_split
-from shared.messages import ImageUploaded, ModelControl, RetrainRequested, RunStatusChanged, Tick, check_blob_path, label_of
+from shared.messages import ImageUploaded, ModelControl, RetrainRequested, RunStatusChanged, Tick, label_of
 from shared.redact import printable
 from shared.run_ids import parse_backend_run_id
-from worker.context import Backfill, Context
+from worker.backfill import Backfill
+from worker.champion import crown, roll_back
+from worker.context import Context
 from worker.outbox import queue_event
 from worker.policy import Decision
 from worker.runs import evaluate, mark_submitted, queue_submitted_event, run_failed, run_succeeded
-from worker.store import IN_FLIGHT_STATES, DecisionRow, ImageRow, ModelHead, RequestRow, Tx
+from worker.store import IN_FLIGHT_STATES, ImageRow, ModelHead, RequestRow, Tx
 
 DECISIONS_KEPT = 2000
 
@@ -60,31 +62,6 @@ def handle_image_uploaded(ctx: Context, tx: Tx, msg: ImageUploaded) -> Effects:
     return Effects(planned_runs=[run.run_id] if run else [], detail=f"registered {msg.path}")
 
 
-def resolve_backfill(ctx: Context, msg: RetrainRequested) -> Backfill:
-    """List the prefix and look up etags the request left out: blob I/O, no ledger access."""
-    backfill = Backfill()
-    blobs = ctx.blobs.get(msg.model)
-    refs: list[tuple[str, str | None]] = [(r.path, r.etag) for r in msg.images]
-    if msg.prefix is not None:
-        if blobs is None:
-            raise RuntimeError(f"no blob store configured for model {msg.model}")
-        for blob in blobs.list(msg.prefix):
-            try:  # a listing holds whatever was uploaded: the same rules as an upload event
-                refs.append((check_blob_path(blob.path), blob.etag))
-            except ValueError:
-                backfill.invalid.append(blob.path)
-    for path, etag in refs:
-        size = 0
-        if etag is None:
-            info = blobs.info(path) if blobs else None
-            if info is None:
-                backfill.missing.append(path)
-                continue
-            etag, size = info.etag, info.size
-        backfill.refs.append((path, etag, size))
-    return backfill
-
-
 def handle_retrain_requested(ctx: Context, tx: Tx, msg: RetrainRequested) -> Effects:
     """Record the request (its images were registered chunk by chunk before) and evaluate."""
     backfill = ctx.backfill or Backfill()
@@ -118,15 +95,8 @@ def handle_retrain_requested(ctx: Context, tx: Tx, msg: RetrainRequested) -> Eff
     elif backfill.refs and not backfill.registered:
         detail += f" (all {len(backfill.refs)} were already registered)"
     if missing:
-        tx.record_decision(
-            DecisionRow(
-                model=msg.model,
-                at=ctx.now,
-                outcome="reject",
-                reason=f"request {msg.message_id}: {len(missing)} listed images do not exist, e.g. {printable(missing[0])[:200]!r}",
-                message_id=msg.message_id,
-            )
-        )
+        reason = f"request {msg.message_id}: {len(missing)} listed images do not exist, e.g. {printable(missing[0])[:200]!r}"
+        tx.decided(msg.model, ctx.now, "reject", reason, message_id=msg.message_id)
     decision, run = evaluate(ctx, tx, msg.model, msg.message_id)
     return Effects(planned_runs=[run.run_id] if run else [], detail=detail, decision=decision, backfill=ctx.backfill)
 
@@ -223,13 +193,8 @@ def _move_champion(ctx: Context, tx: Tx, msg: ModelControl, head: ModelHead, who
     if target == head.champion_version:
         return Effects(outcome="unchanged", detail=f"v{target} is already the champion of {msg.model}")
     previous = head.champion_version
-    if msg.action == "promote":
-        if previous is not None:
-            head.previous_champions = [*head.previous_champions, previous][-20:]
-    else:  # a rollback consumes the history down to the version it restores
-        head.previous_champions = head.previous_champions[: len(head.previous_champions) - head.previous_champions[::-1].index(target) - 1]
-    card = versions[target].card
-    head.champion_version, head.champion_sha256 = target, (card.get("artifacts") or {}).get("model.pt", {}).get("sha256")
+    model_sha256 = (versions[target].card.get("artifacts") or {}).get("model.pt", {}).get("sha256")
+    (crown if msg.action == "promote" else roll_back)(head, target, model_sha256)
     tx.save_model_head(head)
     data = {**base, "action": msg.action, "version": target, "previous_version": previous}
     queue_event(tx, ev.MODEL_PROMOTED, f"models/{msg.model}/versions/{target}", data, ctx.now, discriminator=msg.message_id)
@@ -239,9 +204,7 @@ def _move_champion(ctx: Context, tx: Tx, msg: ModelControl, head: ModelHead, who
 
 
 def _record(ctx: Context, tx: Tx, msg: ModelControl, outcome: str, reason: str) -> None:
-    tx.record_decision(
-        DecisionRow(model=msg.model, at=ctx.now, outcome=outcome, reason=printable(reason)[:2000], message_id=msg.message_id)
-    )
+    tx.decided(msg.model, ctx.now, outcome, reason, message_id=msg.message_id)
 
 
 HANDLERS: dict[type, Callable[[Context, Tx, Any], Effects]] = {

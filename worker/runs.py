@@ -16,7 +16,7 @@ from worker.context import Context
 from worker.manifests import build_manifest, freeze
 from worker.outbox import queue_event
 from worker.policy import DAY, Decision, Snapshot, decide, gpu_usage, note_failure, note_success, weighed_request
-from worker.store import IN_FLIGHT_STATES, DecisionRow, ManifestEntry, RequestRow, RunRow, RunState, Tx
+from worker.store import IN_FLIGHT_STATES, ManifestEntry, RequestRow, RunRow, RunState, Tx, clipped
 
 REJECTIONS_PER_COMMIT = 20  # forced requests dropped per evaluation (more wait for the next one)
 
@@ -80,18 +80,9 @@ def evaluate(ctx: Context, tx: Tx, model: str, message_id: str | None) -> tuple[
         consumed = requests[: requests.index(force) + 1] if cfg.in_flight == "queue" and force is not None else requests
         run = plan_run(ctx, tx, model, decision.reason, consumed, oldest_image_at=snapshot.pending.oldest_at)
     last = next(iter(tx.decisions(model, 1)), None)
-    if run is not None or last is None or (last.outcome, last.reason) != (decision.outcome, decision.reason):
+    if run is not None or last is None or (last.outcome, last.reason) != (decision.outcome, clipped(decision.reason)):
         # An unchanged verdict is not recorded again: `retrain explain` shows changes, not ticks.
-        tx.record_decision(
-            DecisionRow(
-                model=model,
-                at=ctx.now,
-                outcome=decision.outcome,
-                reason=decision.reason,
-                run_id=run.run_id if run else None,
-                message_id=message_id,
-            )
-        )
+        tx.decided(model, ctx.now, decision.outcome, decision.reason, run.run_id if run else None, message_id)
     return decision, run
 
 
@@ -199,24 +190,16 @@ def run_failed(ctx: Context, tx: Tx, run: RunRow, status: str, detail: str, mess
         run.attempt += 1
         run.state, run.submitted_at, run.started_at = "planned", None, None
         run.next_attempt_at = ctx.now + dt.timedelta(seconds=backoff)
-        run.detail = detail[:2000]
+        run.detail = clipped(detail)
         tx.update_run(run)
-        tx.record_decision(
-            DecisionRow(
-                model=run.model,
-                at=ctx.now,
-                outcome="retry",
-                reason=f"run {run.run_id} failed; attempt {run.attempt}/{cfg.max_attempts} at {run.next_attempt_at:%H:%M:%S} UTC",
-                run_id=run.run_id,
-                message_id=message_id,
-            )
-        )
+        reason = f"run {run.run_id} failed; attempt {run.attempt}/{cfg.max_attempts} at {run.next_attempt_at:%H:%M:%S} UTC"
+        tx.decided(run.model, ctx.now, "retry", reason, run.run_id, message_id)
         return []
     head = tx.model_head(run.model)
     if run.state == "succeeded":  # completion failed for good: the run's images were not trained after all
         head.trained_watermark = run.base_watermark
     returned = run.new_image_count
-    run.state, run.outcome, run.finished_at, run.detail = "finalized", status, ctx.now, detail[:2000]
+    run.state, run.outcome, run.finished_at, run.detail = "finalized", status, ctx.now, clipped(detail)
     tx.update_run(run)
     note_failure(head, cfg, ctx.now, counted=status != "canceled")  # an operator's cancel is not the model failing
     backoff_note = ""
@@ -228,23 +211,15 @@ def run_failed(ctx: Context, tx: Tx, run: RunRow, status: str, detail: str, mess
         "model": run.model,
         "status": status,
         "attempts": run.attempt,
-        "detail": detail[:2000],
+        "detail": clipped(detail),
         "images_returned_to_pending": returned,
         "consecutive_failed_runs": head.failed_runs,
         "backoff_until": head.backoff_until.isoformat() if head.backoff_until else None,
     }
     queue_event(tx, ev.RUN_FAILED, f"runs/{run.run_id}", data, ctx.now)
     telemetry.count("retrain.runs", model=run.model, outcome=status)
-    tx.record_decision(
-        DecisionRow(
-            model=run.model,
-            at=ctx.now,
-            outcome="failed",
-            reason=f"run {run.run_id} {status} after {run.attempt} attempt(s); {returned} images back to pending{backoff_note}",
-            run_id=run.run_id,
-            message_id=message_id,
-        )
-    )
+    reason = f"run {run.run_id} {status} after {run.attempt} attempt(s); {returned} images back to pending{backoff_note}"
+    tx.decided(run.model, ctx.now, "failed", reason, run.run_id, message_id)
     return after_run(ctx, tx, run.model, message_id)
 
 

@@ -28,8 +28,16 @@ from typing import Any, Literal
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_random_exponential
 
+from shared.redact import printable
 from shared.run_ids import make_backend_run_id
 from worker.crashpoints import crashpoint
+
+DETAIL_CHARS = 2000  # a reason or detail kept in the ledger and its events
+
+
+def clipped(text: str) -> str:
+    """Text from anywhere as the ledger keeps it: one printable line of at most DETAIL_CHARS."""
+    return printable(text)[:DETAIL_CHARS]
 
 
 class ConcurrencyConflict(RuntimeError):  # noqa: N818 - a condition to retry on, not a program error
@@ -309,6 +317,12 @@ class Tx(abc.ABC):
     # decisions ------------------------------------------------------------------------------
     @abc.abstractmethod
     def record_decision(self, row: DecisionRow) -> None: ...
+
+    def decided(
+        self, model: str, at: dt.datetime, outcome: str, reason: str, run_id: str | None = None, message_id: str | None = None
+    ) -> None:
+        """Record a decision, its reason kept as the ledger keeps text (`clipped`)."""
+        self.record_decision(DecisionRow(model=model, at=at, outcome=outcome, reason=clipped(reason), run_id=run_id, message_id=message_id))
 
     @abc.abstractmethod
     def decisions(self, model: str, limit: int = 20) -> list[DecisionRow]:

@@ -19,7 +19,7 @@ from worker.manifests import load as load_manifest
 from worker.manifests import unusable as manifest_unusable
 from worker.ports import BackendStatus, BlobStore, Clock, PermanentBackendError, RunSpec, TrainingArgs, TrainingBackend
 from worker.runs import mark_submitted, run_failed
-from worker.store import RunRow, Store
+from worker.store import RunRow, Store, clipped
 
 log = logging.getLogger("retrain.submit")
 
@@ -71,7 +71,7 @@ class Submitter:
             # A torn, deleted or edited manifest cannot become readable by waiting: fail the run (its
             # images return to pending; planned again, the manifest is written afresh) rather than
             # fail its submission on every tick, for ever.
-            self._mark_submit_failed(run, f"its frozen manifest cannot be used: {exc.__class__.__name__}: {exc}"[:2000])
+            self._mark_submit_failed(run, clipped(f"its frozen manifest cannot be used: {exc.__class__.__name__}: {exc}"))
             return None
         spec = RunSpec(
             backend_run_id=run.backend_run_id,

@@ -64,7 +64,7 @@ def test_pip_install_gives_a_working_cli_on_python_3_12_without_torch(tmp_path):
     assert "pip install 'retrain[train]'" in demo.stderr
     assert list(empty.iterdir()) == []
     # The training snapshot comes with the wheel: an installed worker finds it without any setting.
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "from worker.snapshot import training_dir; print(training_dir())"],
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "from worker.training_code import training_dir; print(training_dir())"],
                            cwd=empty, env=env, capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
     snapshot = Path(where.stdout.strip())
     assert snapshot.is_relative_to(venv)

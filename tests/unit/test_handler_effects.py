@@ -12,8 +12,9 @@ from shared.messages import ImageRef, ImageUploaded, ModelControl, RetrainReques
 from tests.fakes.adapters import FakeBlobStore
 from tests.fakes.memory_store import MemoryStore
 from worker import handlers
+from worker.backfill import resolve_backfill
 from worker.context import Context
-from worker.handlers import handle_image_uploaded, handle_retrain_requested, handle_run_status_changed, handle_tick, resolve_backfill
+from worker.handlers import handle_image_uploaded, handle_retrain_requested, handle_run_status_changed, handle_tick
 
 from .worker_harness import make_harness, small_config
 
@@ -95,14 +96,12 @@ def test_a_backfill_reports_registered_missing_and_skipped_images_with_examples(
 
 
 def test_resolving_a_backfill_looks_up_every_listed_image_and_needs_a_store_for_a_prefix(tmp_path):
-    config = small_config(tmp_path)
     blobs = FakeBlobStore({"chicken/b.jpg": b"bb"})
-    ctx = Context(config, NOW, blobs={"birds": blobs})
     msg = RetrainRequested(message_id="r", model="birds", images=[ImageRef(path="chicken/a.jpg"), ImageRef(path="chicken/b.jpg")])
-    backfill = resolve_backfill(ctx, msg)
+    backfill = resolve_backfill(blobs, msg)
     assert backfill.missing == ["chicken/a.jpg"]  # a missing image does not end the lookup
     assert [(p, s) for p, _, s in backfill.refs] == [("chicken/b.jpg", 2)]
-    no_store = Context(config, NOW)
+    no_store = None
     assert resolve_backfill(no_store, msg).missing == ["chicken/a.jpg", "chicken/b.jpg"]
     with pytest.raises(RuntimeError, match="no blob store configured for model birds"):
         resolve_backfill(no_store, RetrainRequested(message_id="p", model="birds", prefix="chicken/"))

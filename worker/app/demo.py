@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.snapshot import training_dir
+from worker.training_code import training_dir
 
 if TYPE_CHECKING:
     from worker.app.serve import LocalService

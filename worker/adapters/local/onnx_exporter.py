@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.ports import ExportError, ExportResult, OnnxExporter
-from worker.snapshot import training_dir
+from worker.training_code import training_dir
 
 
 class LocalOnnxExporter(OnnxExporter):

@@ -47,7 +47,7 @@ from worker.adapters.local.torchrun_runner import (
     is_same_process_alive,
 )
 from worker.ports import BackendStatus, RunSpec, TrainingBackend
-from worker.snapshot import training_dir as default_training_dir
+from worker.training_code import training_dir as default_training_dir
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 REPO_ROOT = Path(__file__).resolve().parents[3]  # holds the worker package; goes on the runner's PYTHONPATH

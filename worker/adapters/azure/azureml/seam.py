@@ -1,6 +1,7 @@
-"""The seam between the Azure ML v1 backend and azureml-core: the workspace, experiment, run and
-model calls the backend and registry make (`WorkspaceSeam`, faked in tests), the status mapping,
-and which errors are transient."""
+"""The seam between the SDK-neutral Azure ML backend and registry and an Azure ML SDK: the calls
+they make (submit, status, cancel, outputs, register, tags), implemented for SDK v2 (`v2.MLClientSeam`,
+azure-ai-ml) and v1 (`v1.WorkspaceSeam`, azureml-core) and faked in tests; the status mapping; and
+which errors are transient."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.ports import RunSpec
-from worker.snapshot import training_dir
+from worker.training_code import training_dir
 
 from .backend import AzureMLSettings
 from .seam import AzureMLError, AzureMLSeam, RunInfo, error_from

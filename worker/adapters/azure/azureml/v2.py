@@ -26,7 +26,7 @@ from typing import Any
 
 from shared.run_ids import seq_of
 from worker.ports import RunSpec
-from worker.snapshot import training_dir
+from worker.training_code import training_dir
 
 from .backend import AzureMLSettings
 from .seam import AzureMLError, AzureMLSeam, PermanentSubmitError, RunInfo, error_from
