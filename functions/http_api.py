@@ -87,7 +87,7 @@ def _accept(req: func.HttpRequest, cls: type, fixed: dict, empty_body_ok: bool =
         request = parse_as(cls, document, known_models=worker.config.models)
     except InvalidMessage as exc:
         return _error(400, exc.reason, exc.description, exc.errors)
-    from worker.bus import Remember
+    from worker.effects import Remember
 
     response = {"request_id": request.message_id, "model": request.model, "status": "accepted"}
     remember = None
@@ -96,11 +96,10 @@ def _accept(req: func.HttpRequest, cls: type, fixed: dict, empty_body_ok: bool =
         fingerprint = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
         remember = Remember(f"http:{key_digest}", fingerprint, response)
     effects = worker.handle(request, remember=remember)
-    if effects.outcome == "replayed":
-        previous = json.loads(effects.detail)
-        if remember is None or previous["fingerprint"] != remember.fingerprint:
+    if effects.replay is not None:
+        if remember is None or effects.replay.fingerprint != remember.fingerprint:
             return _error(409, "idempotency_conflict", "this Idempotency-Key was already used with a different body")
-        return _json(202, previous["response"], {"Idempotent-Replayed": "true"})
+        return _json(202, effects.replay.response, {"Idempotent-Replayed": "true"})
     log.info("http request %s for %s: %s %s", request.message_id, request.model, effects.outcome, effects.detail)
     if effects.outcome == "rejected":  # a control the ledger refused (e.g. promoting a version that does not exist)
         return _error(409, "rejected", effects.detail)

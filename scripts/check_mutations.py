@@ -129,8 +129,8 @@ MUTATIONS = [
     Mutation(
         "the tick leaves staged arrivals unfolded",
         "worker/bus.py",
-        "            self._drain(message.model)\n        backfill = None\n",
-        "            pass\n        backfill = None\n",
+        "            self._drain(tick.model)\n        return self._after_commit(self._apply(tick))\n",
+        "            pass\n        return self._after_commit(self._apply(tick))\n",
         ("tests/unit/test_staged_ingest.py",),
     ),
     Mutation(

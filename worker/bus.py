@@ -9,51 +9,39 @@ platform redelivers; the inbox makes the redelivery safe.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import threading
-import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from shared import events as ev
 from shared.messages import ImageUploaded, Message, RetrainRequested, RunStatusChanged, Tick, safe_message_id
 from shared.redact import printable, redact
 from worker import telemetry
-from worker.backfill import Backfill, resolve_backfill
+from worker.backfill import Backfill
 from worker.completion import Completer
 from worker.config import RetrainConfig
 from worker.context import Context
 from worker.crashpoints import crashpoint
-from worker.handlers import HANDLERS, Effects, image_row
+from worker.effects import Effects, Remember
+from worker.handlers import HANDLERS
+from worker.ingest import Ingest
 from worker.outbox import queue_event
 from worker.ports import BlobStore, Clock, Publisher, TrainingBackend
-from worker.runs import NOT_SUBMITTED_YET, evaluate, run_failed
-from worker.store import ConcurrencyConflict, Store, Tx, clipped, retry_lost_races
+from worker.runs import NOT_SUBMITTED_YET, run_failed
+from worker.store import Store, Tx, clipped, retry_lost_races
 from worker.submission import Submitter
+from worker.upkeep import Upkeep
 
 log = logging.getLogger("retrain.worker")
-AUDITED_EVENTS = frozenset({ev.MODEL_PROMOTED, ev.MODEL_PAUSED, ev.MODEL_RESUMED})
 T = TypeVar("T")
 COMPLETION_ATTEMPTS = 5  # completions of one run that raised before the run is failed for good
-DRAIN_ROUNDS = 1000  # folds per model and tick (about 28 images each)
-EVALUATION_ATTEMPTS = 1  # an image's evaluation on a staged-ingest ledger is best effort (the tick catches up)
 
 
-@dataclass(frozen=True)
-class Remember:
-    """An idempotency key with the request's fingerprint and the response to replay."""
+class Worker(Ingest, Upkeep):
+    """The bus: `handle` routes each message by type to one transaction and the work after its
+    commit; ingest (worker.ingest) and upkeep (worker.upkeep) are its other two halves."""
 
-    key: str
-    fingerprint: str
-    response: dict[str, Any]
-
-
-class Worker:
     def __init__(
         self,
         store: Store,
@@ -86,29 +74,39 @@ class Worker:
             return effects
 
     def _handle(self, message: Message, remember: Remember | None) -> Effects:
-        if isinstance(message, Tick) and message.model is None:
+        """Route the message by its type; what every route ends with is one transaction (`_apply`)
+        and the work after its commit."""
+        if isinstance(message, Tick):
+            return self._on_tick(message)
+        if isinstance(message, ImageUploaded) and self.store.staged_ingest:
+            return self._after_commit(self._stage(message))  # (nothing to do after a duplicate or a plain staging)
+        if isinstance(message, RetrainRequested) and (message.images or message.prefix is not None):
+            return self._on_backfill(message, remember)
+        return self._after_commit(self._apply(message, None, remember))  # (a duplicate or a replay has nothing to do)
+
+    def _on_tick(self, tick: Tick) -> Effects:
+        if tick.model is None:
             # One transaction per model: a commit never spans two models' partitions.
             combined = Effects()
             for model in sorted(self.config.models):
-                part = self.handle(message.model_copy(update={"model": model, "message_id": f"{message.message_id}.{model}"}))
+                part = self.handle(tick.model_copy(update={"model": model, "message_id": f"{tick.message_id}.{model}"}))
                 combined.planned_runs += part.planned_runs
                 combined.completed_runs += part.completed_runs
             return combined
-        if isinstance(message, ImageUploaded) and self.store.staged_ingest:
-            return self._after_commit(self._stage(message))  # (nothing to do after a duplicate or a plain staging)
-        if isinstance(message, Tick) and message.model is not None and self.store.staged_ingest:  # (named: see above)
-            self._drain(message.model)
-        backfill = None
-        if isinstance(message, RetrainRequested) and (message.images or message.prefix is not None):
-            if remember is not None:  # a replayed (or conflicting) key is answered before any backfill work
-                with self.store.transaction() as tx:  # not committed: a look, not a write
-                    previous = tx.remember_response(message.model, remember.key, remember.fingerprint, remember.response, self.clock.now())
-                if previous is not None:
-                    return Effects(outcome="replayed", detail=json.dumps({"fingerprint": previous[0], "response": previous[1]}))
-            backfill = self._register_backfill(message)
-            if backfill is None:
-                return Effects(outcome="duplicate", detail=f"{message.message_id} was already processed")
-        return self._after_commit(self._apply(message, backfill, remember))  # (a duplicate or a replay has nothing to do)
+        if self.store.staged_ingest:
+            self._drain(tick.model)
+        return self._after_commit(self._apply(tick))
+
+    def _on_backfill(self, message: RetrainRequested, remember: Remember | None) -> Effects:
+        if remember is not None:  # a replayed (or conflicting) key is answered before any backfill work
+            with self.store.transaction() as tx:  # not committed: a look, not a write
+                previous = tx.remember_response(message.model, remember.key, remember.fingerprint, remember.response, self.clock.now())
+            if previous is not None:
+                return Effects.replayed(previous)
+        backfill = self._register_backfill(message)
+        if backfill is None:
+            return Effects(outcome="duplicate", detail=f"{message.message_id} was already processed")
+        return self._after_commit(self._apply(message, backfill, remember))
 
     def _after_commit(self, effects: Effects) -> Effects:
         for model in effects.champion_moved:  # the registry's alias follows the ledger (as after a completion)
@@ -162,62 +160,6 @@ class Worker:
     def _context(self) -> Context:
         return Context(self.config, self.clock.now(), self.blobs, manifests=self.manifests)
 
-    def _stage(self, message: ImageUploaded) -> Effects:
-        """Scale-out ingest: one idempotent write per image, then the policy at most every
-        `worker.evaluate_interval` per model in this instance (the tick evaluates too). The
-        evaluation is best effort: if other instances keep winning the head, the image is safely
-        staged and the next evaluation (theirs or the tick's) folds it in."""
-        ctx = self._context()
-        row = image_row(ctx, message.model, message.path, message.etag, message.size, message.source, message.occurred_at)
-        if self.store.stage_image(row) == "duplicate":
-            return Effects(outcome="duplicate", detail=f"{message.path} ({message.etag}) is already known")
-        staged = Effects(outcome="staged", detail=f"staged {message.path}")
-        lock = self._evaluating
-        if not lock.acquire(blocking=False):  # another delivery in this instance is evaluating now
-            return staged
-        try:
-            now = time.monotonic()
-            if now - self._evaluated_at.get(message.model, float("-inf")) < self.config.worker.evaluate_interval:
-                return staged
-            self._evaluated_at[message.model] = now
-
-            def step(ctx: Context, tx: Tx) -> Effects:
-                _, run = evaluate(ctx, tx, message.model, message.message_id)
-                return Effects(planned_runs=[run.run_id] if run else [], detail=f"staged {message.path} and evaluated")
-
-            try:
-                return self._transaction(step, attempts=EVALUATION_ATTEMPTS)
-            except ConcurrencyConflict:
-                # Another instance committed an evaluation meanwhile; ours is not needed for safety,
-                # and the next one (or the tick's) folds this image in.
-                return staged
-        finally:
-            lock.release()
-
-    def _drain(self, model: str) -> None:
-        """Fold the model's staged arrivals (a tick's first step on a staged-ingest ledger), a batch
-        per commit. (A tick for every model reaches here once per model: see `_handle`.)"""
-        for _ in range(DRAIN_ROUNDS):  # bounded: arrivals that keep coming wait for the next tick
-            if not self._transaction(partial(_fold, model=model)):
-                break
-
-    def _register_backfill(self, message: RetrainRequested) -> Backfill | None:
-        """Register a request's images chunk by chunk, each chunk its own (idempotent) transaction.
-
-        None when the request was already processed. A crash part-way leaves some chunks
-        registered; the redelivery registers them again as duplicates and finishes the rest.
-        """
-        with self.store.transaction() as tx:
-            if tx.claim_message(message.message_id, message.kind, message.model, self.clock.now()) is False:
-                return None  # (read-only here: the claim is not committed)
-        ctx = self._context()
-        backfill = resolve_backfill(self.blobs.get(message.model), message)
-        rows = [image_row(ctx, message.model, path, etag, size, "backfill", None) for path, etag, size in backfill.refs]
-        backfill.registered = self.store.stage_images(rows)  # in bounded, idempotent chunks
-        if self.store.staged_ingest:
-            self._drain(message.model)  # fold them now, so the request's evaluation sees them
-        return backfill
-
     def _apply(self, message: Message, backfill: Backfill | None = None, remember: Remember | None = None) -> Effects:
         def step(ctx: Context, tx: Tx) -> Effects:
             ctx.backfill = backfill
@@ -225,7 +167,7 @@ class Worker:
                 assert message.model is not None, "idempotency keys come with requests, which name their model"
                 previous = tx.remember_response(message.model, remember.key, remember.fingerprint, remember.response, ctx.now)
                 if previous is not None:
-                    return Effects(outcome="replayed", detail=json.dumps({"fingerprint": previous[0], "response": previous[1]}))
+                    return Effects.replayed(previous)
             # Ticks are idempotent by nature and frequent; an image version is its own key (model, path,
             # etag), so a redelivered image is a duplicate without an inbox row. Neither needs one.
             if not isinstance(message, Tick | ImageUploaded) and not tx.claim_message(
@@ -308,86 +250,3 @@ class Worker:
         else:
             self.poll()
         return f"{run_id}: cancel requested (backend says {status.state})"
-
-    def poll(self) -> list[Effects]:
-        """Ask the backend about every submitted or running run; apply what changed (lost events)."""
-        with self.store.transaction() as tx:
-            active = tx.runs(states=frozenset({"submitted", "running"}))
-        results = []
-        now = self.clock.now()
-        for run in active:
-            try:
-                status = self.backend.status(run.backend_run_id)
-            except Exception as exc:  # the backend unreachable: this run waits, the rest of the tick goes on
-                log.warning(
-                    "could not read the status of %s (%s: %s); the next tick asks again", run.backend_run_id, type(exc).__name__, exc
-                )
-                continue
-            state = status.state
-            timeout = self.config.model(run.model).run_timeout
-            since = run.submitted_at or run.created_at
-            if state == "unknown":
-                state, detail = "failed", "the backend has no record of this run"
-            elif not status.terminal and (now - since).total_seconds() > timeout:
-                # A run that never ends would hold its model forever: cancel it and count it failed.
-                self.backend.cancel(run.backend_run_id)
-                state, detail = "failed", f"timed out: still {status.state} {timeout:.0f}s after submission (run_timeout); canceled"
-            else:
-                detail = status.detail
-            if (state, run.state) in {("queued", "submitted"), ("running", "running")}:
-                continue
-            message = RunStatusChanged(
-                message_id=f"poll-{run.backend_run_id}-{state}",
-                model=run.model,
-                backend_run_id=run.backend_run_id,
-                status=state,
-                detail=detail[:4000],
-            )
-            results.append(self.handle(message))
-        return results
-
-    def tick(self, model: str | None = None) -> Effects:
-        self.poll()
-        self.prune_inbox()
-        self.prune_outbox()
-        if self.completer is not None:
-            for name in [model] if model else sorted(self.config.models):
-                try:
-                    self.completer.sync_champion_alias(name)
-                except Exception as exc:  # a registry out of reach must not stop the tick: the ledger is the truth
-                    log.warning(
-                        "could not check %s's champion tag in the registry (%s: %s); the next tick does", name, type(exc).__name__, exc
-                    )
-        now = self.clock.now()
-        return self.handle(Tick(message_id=f"tick-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}", model=model, occurred_at=now))
-
-    def prune_inbox(self) -> int:
-        """Forget processed message ids older than `worker.inbox_retention` (longer than any redelivery)."""
-        before = self.clock.now() - dt.timedelta(seconds=self.config.worker.inbox_retention)
-        return sum(self.store.prune_inbox(model, before) for model in [None, *sorted(self.config.models)])
-
-    def prune_outbox(self) -> int:
-        """Forget events published longer ago than `worker.inbox_retention` (the outbox would
-        otherwise grow for ever); the operators' controls are kept: they are the audit trail."""
-        before = self.clock.now() - dt.timedelta(seconds=self.config.worker.inbox_retention)
-        return self.store.prune_outbox(before, keep=AUDITED_EVENTS)
-
-    def relay(self, batch: int = 100) -> int:
-        """Publish queued events (oldest first); returns how many were published."""
-        if self.publisher is None:
-            return 0
-        published = 0
-        while events := self.store.unpublished_events(batch):
-            with telemetry.span("retrain.publish.batch", events=len(events)):
-                self.publisher.publish([e.payload for e in events])
-            self.store.mark_published([e.event_id for e in events], self.clock.now())
-            for event in events:  # where each event's own trace ends
-                telemetry.mark("retrain.publish", event.payload.get("traceparent"), event_type=event.type, event_id=event.event_id)
-            published += len(events)
-            if len(events) < batch:
-                break
-        return published
-
-
-def _fold(ctx: Context, tx: Tx, model: str) -> int:
-    return tx.fold(model)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from shared import events as ev
@@ -21,26 +20,12 @@ from shared.run_ids import parse_backend_run_id
 from worker.backfill import Backfill
 from worker.champion import crown, roll_back
 from worker.context import Context
+from worker.effects import Effects
 from worker.outbox import queue_event
-from worker.policy import Decision
 from worker.runs import evaluate, mark_submitted, queue_submitted_event, run_failed, run_succeeded
 from worker.store import IN_FLIGHT_STATES, ImageRow, ModelHead, RequestRow, Tx
 
 DECISIONS_KEPT = 2000
-
-
-@dataclass
-class Effects:
-    """What the bus must do after the commit, and what to tell the caller."""
-
-    planned_runs: list[str] = field(default_factory=list)
-    completed_runs: list[str] = field(default_factory=list)  # succeeded runs awaiting completion
-    champion_moved: list[str] = field(default_factory=list)  # models whose registry alias must follow the ledger
-    cancel_runs: list[str] = field(default_factory=list)  # runs an operator asked to stop
-    outcome: str = "ok"
-    detail: str = ""
-    decision: Decision | None = None  # what the policy decided on the message (requests), for the caller to show
-    backfill: Backfill | None = None  # a request's images: found, missing, invalid, newly registered
 
 
 def image_row(ctx: Context, model: str, path: str, etag: str, size: int, source: str, occurred_at: dt.datetime | None) -> ImageRow:

@@ -13,7 +13,8 @@ import pytest
 from shared import events as ev
 from shared.messages import RetrainRequested
 from tests.fakes.commit_faults import CommitFaults, RetryClock, conflicts
-from worker.bus import COMPLETION_ATTEMPTS, Remember
+from worker.bus import COMPLETION_ATTEMPTS
+from worker.effects import Remember
 from worker.store import ConcurrencyConflict
 
 from .worker_harness import make_harness

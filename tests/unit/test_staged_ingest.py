@@ -12,7 +12,7 @@ import pytest
 from shared.messages import ImageUploaded, RetrainRequested
 from tests.fakes.commit_faults import CommitFaults, conflicts
 from tests.fakes.memory_store import StagedMemoryStore
-from worker import bus as bus_module
+from worker import ingest as ingest_module
 
 from .worker_harness import make_harness
 
@@ -97,7 +97,7 @@ def test_the_tick_folds_a_backlog_bigger_than_one_fold_in_bounded_commits(staged
 
 
 def test_a_tick_folds_at_most_its_rounds_and_leaves_the_rest_for_the_next(staged, tmp_path, monkeypatch):
-    monkeypatch.setattr(bus_module, "DRAIN_ROUNDS", 2)
+    monkeypatch.setattr(ingest_module, "DRAIN_ROUNDS", 2)
     h = make_harness(tmp_path, store=staged, evaluate_interval=3600, min_new_images=10_000)
     for i in range(151):
         h.worker.handle(_image(i))
@@ -141,7 +141,7 @@ def test_a_staged_image_whose_evaluation_plans_a_run_submits_it_after_the_commit
 
 def test_the_interval_is_measured_on_this_instances_monotonic_clock_from_its_first_evaluation(staged, tmp_path, monkeypatch):
     now = [10.0]  # a host that booted ten seconds ago: the first delivery still evaluates
-    monkeypatch.setattr(bus_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(ingest_module.time, "monotonic", lambda: now[0])
     h = make_harness(tmp_path, store=staged, evaluate_interval=60)
     assert h.worker.handle(_image(0)).detail.endswith("and evaluated")
     now[0] = 69.999

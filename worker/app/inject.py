@@ -12,7 +12,7 @@ from typing import Any
 
 from shared.messages import RetrainRequested
 from worker.bus import Worker
-from worker.handlers import Effects
+from worker.effects import Effects
 from worker.store import RunRow
 
 TERMINAL = ("finalized", "failed", "canceled")
