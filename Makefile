@@ -67,7 +67,7 @@ test: venv horovod azurite chromium checkov lint
 
 # The in-process tests only (seconds): tests/unit, no torchrun, Horovod or Azurite.
 unit: venv
-	$(BIN)/python -m pytest tests/unit -q
+	$(BIN)/python -m pytest tests/unit -q -m "not integration"
 
 lint: venv
 	$(BIN)/ruff check .

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.messages import ImageUploaded
-from tests.unit.worker_harness import make_harness
+from tests.fakes.harness import make_harness
 from worker.adapters.local.sqlite_store import SqliteStore
 
 

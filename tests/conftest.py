@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.azurite import Azurite
 from tests.processes import SUITE_MARKER, kill_marked, run_supervised, wait_unmarked
 from worker.adapters.local.process_tree import kill_tree
 
@@ -103,3 +104,11 @@ def split_birds(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("split-birds")
     generate(root, 16, layout="split", val_fraction=0.25, seed=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory) -> Iterator[Azurite]:
+    """One real Azurite per test session, started on first use and stopped by its PID at the end;
+    its data and output stay in pytest's tmp dir (the Azure adapters are tested against it, not mocks)."""
+    with Azurite(tmp_path_factory.mktemp("azurite")) as emulator:
+        yield emulator

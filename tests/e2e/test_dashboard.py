@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 
 from shared.messages import ImageRef, ModelControl, RetrainRequested
-from tests.unit.worker_harness import make_harness
+from tests.fakes.harness import make_harness
 from worker.adapters.local.sqlite_store import SqliteStore
 from worker.app.dashboard_server import make_server
 

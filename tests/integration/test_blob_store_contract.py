@@ -228,7 +228,7 @@ def test_info_on_a_folder_is_none_like_a_missing_blob(backend):
 
 def test_a_models_view_of_the_images_container_backfills_by_prefix(azurite, tmp_path):
     """`retrain` in the Functions app: the images container holds <model>/<label>/<file>."""
-    from tests.unit.worker_harness import make_harness
+    from tests.fakes.harness import make_harness
     from worker.app.bootstrap import images_stores
     from worker.config import load_config
 

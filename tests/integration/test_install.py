@@ -1,4 +1,4 @@
-"""Installed outside `make`: a fresh virtual environment, `pip install .`, the CLI (issue 14).
+"""Installed outside `make`: a fresh virtual environment, `pip install .`, the CLI.
 
 Runs on Python 3.12 when this machine has it (CI does): the suite itself runs on 3.11, so this is
 where 3.12 support is checked. The base install has no torch: the read commands must work

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from tests.conftest import ROOT, child_env
-from tests.unit.worker_harness import make_harness
+from tests.fakes.harness import make_harness
 from worker.adapters.azure.table_store import TableStore
 from worker.store import ConcurrencyConflict, DecisionRow
 

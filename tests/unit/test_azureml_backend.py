@@ -207,8 +207,7 @@ def test_registration_is_idempotent_by_run_id_and_carries_lineage(tmp_path):
 
 def test_a_permanently_refused_submission_fails_the_run_without_retries(tmp_path):
     from shared import events as ev
-
-    from .worker_harness import make_harness
+    from tests.fakes.harness import make_harness
 
     h = make_harness(tmp_path)
     h.backend.fail_next_submit(PermanentSubmitError("BadRequest: unknown compute target", 400))
@@ -259,10 +258,9 @@ def test_the_worker_drives_azure_ml_end_to_end_offline(tmp_path, environment):
 
     from shared import events as ev
     from tests.fakes.adapters import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
+    from tests.fakes.harness import small_config
     from tests.fakes.memory_store import MemoryStore
     from worker.app.bootstrap import build_worker
-
-    from .worker_harness import small_config
 
     seam, artifacts = FakeAzureMLSeam(), FakeBlobStore()
     aml = AzureMLBackend(seam, SETTINGS, jobs=V1Jobs(), environment=environment, outputs_root=tmp_path / "aml-outputs")

@@ -378,10 +378,9 @@ def test_the_worker_trains_registers_and_warm_starts_through_the_v2_backend(tmp_
     from shared import events as ev
     from shared.messages import ImageUploaded
     from tests.fakes.adapters import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
+    from tests.fakes.harness import small_config
     from tests.fakes.memory_store import MemoryStore
     from worker.app.bootstrap import build_worker
-
-    from .worker_harness import small_config
 
     seam, artifacts = FakeAzureMLSeam(), FakeBlobStore()
     aml = AzureMLBackend(seam, SETTINGS, jobs=V2Jobs(), environment="azureml:curated@latest", outputs_root=tmp_path / "aml-outputs")

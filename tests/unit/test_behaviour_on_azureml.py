@@ -1,5 +1,5 @@
 """The worker and completion behaviour suites, unchanged, against the Azure ML adapter: the real
-`AzureMLBackend` with the SDK v2 job builder behind the fake seam (issue 13)."""
+`AzureMLBackend` with the SDK v2 job builder behind the fake seam."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """The bus's effects read exactly: completion failures counted to their budget, the poll's
 verdicts (timeouts to the second, runs the backend forgot), rejected messages, the relay's
-batches, inbox pruning and the cancel command's answers (issue 11, for `make mutate` on
-worker/bus.py; docs/mutation.md)."""
+batches, inbox pruning and the cancel command's answers, each to the word or the second."""
 
 from __future__ import annotations
 
@@ -13,11 +12,10 @@ import pytest
 from shared import events as ev
 from shared.messages import RetrainRequested
 from tests.fakes.commit_faults import CommitFaults, RetryClock, conflicts
+from tests.fakes.harness import make_harness
 from worker.bus import COMPLETION_ATTEMPTS
 from worker.effects import Remember
 from worker.store import ConcurrencyConflict
-
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 

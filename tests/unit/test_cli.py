@@ -102,9 +102,8 @@ def test_inject_says_what_the_worker_does_with_the_request_and_fails_when_it_doe
 
 
 def test_inject_wait_follows_the_requests_run_to_its_end(tmp_path):
+    from tests.fakes.harness import make_harness
     from worker.app.inject import wait_for_run
-
-    from .worker_harness import make_harness
 
     h = make_harness(tmp_path, cooldown=0)
     h.uploads(6)
@@ -396,9 +395,8 @@ def test_a_missing_package_says_which_extra_to_install(monkeypatch, capsys):
 
 def test_explain_and_models_show_the_requests_reason_and_the_gates_rejection(tmp_path):
     """The gate's reason was only in `runs --json`; a request's --reason was stored and never shown."""
+    from tests.fakes.harness import make_harness
     from worker.adapters.local.sqlite_store import SqliteStore
-
-    from .worker_harness import make_harness
 
     h = make_harness(tmp_path, store=SqliteStore(tmp_path / "state" / "ledger.db"), cooldown=0)
     h.uploads(6)

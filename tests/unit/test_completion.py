@@ -5,11 +5,10 @@ import threading
 import pytest
 
 from shared import events as ev
+from tests.fakes.harness import make_harness
 from worker import completion as completion_module
 
-from .worker_harness import make_harness
-
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.on_table_storage]  # also on Azure Table Storage (Azurite)
 
 
 @pytest.fixture
@@ -215,7 +214,7 @@ def test_a_runs_own_onnx_check_is_held_to_the_configured_gate_whatever_the_run_s
     import hashlib
     import json as _json
 
-    from .worker_harness import make_harness
+    from tests.fakes.harness import make_harness
 
     h = make_harness(tmp_path, gate__onnx_tolerance=1e-6, gate__onnx_samples=20)
     h.uploads(6)

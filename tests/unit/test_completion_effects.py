@@ -12,11 +12,11 @@ import pytest
 
 from shared import events as ev
 from tests.fakes.commit_faults import CommitFaults, RetryClock, conflicts
+from tests.fakes.harness import make_harness
 from worker import completion as completion_module
 from worker.ports import ExportError
 
 from .test_completion import first_run, second_run
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 

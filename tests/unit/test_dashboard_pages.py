@@ -12,11 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.messages import ModelControl
+from tests.fakes.harness import make_harness
 from worker.app.charts import Series, line_chart, nice_ticks
 from worker.app.dashboard import CSP, REFRESH_SCRIPT, SCRIPT_HASH, e, link, respond
 from worker.app.dashboard_data import CURVE_POINTS, METRICS_BYTES, collapse_decisions, run_page
-
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""The decoded cache and the CPU precision default (issue 17)."""
+"""The decoded cache and the CPU precision default."""
 
 from __future__ import annotations
 

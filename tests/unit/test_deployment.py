@@ -1,5 +1,5 @@
 """What a Function App deployment gets: the files a publish uploads, the packages Azure installs,
-and app settings that are valid as written (issue 14)."""
+and app settings that are valid as written."""
 
 from __future__ import annotations
 

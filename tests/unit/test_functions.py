@@ -15,8 +15,7 @@ from azure.functions.timer import TimerRequest
 
 from functions import runtime
 from tests.conftest import ROOT
-
-from .worker_harness import make_harness
+from tests.fakes.harness import make_harness
 
 pytestmark = pytest.mark.unit
 
@@ -440,11 +439,10 @@ def test_one_idempotency_key_sent_for_two_models_is_two_requests_each_carried_ou
     model's request was answered 202 and dropped as a duplicate of the first."""
     from tests.fakes.adapters import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
     from tests.fakes.backend import FakeTrainingBackend
+    from tests.fakes.harness import small_config
     from tests.fakes.memory_store import MemoryStore
     from worker.adapters.local.registry import LocalModelRegistry
     from worker.app.bootstrap import build_worker
-
-    from .worker_harness import small_config
 
     monkeypatch.setenv("RETRAIN_IMAGES_CONTAINER", "images")
     config = small_config(tmp_path)

@@ -1,4 +1,4 @@
-"""The cost guard: max_gpu_hours_per_day, live and in the simulator (issue 16)."""
+"""The cost guard: max_gpu_hours_per_day, live and in the simulator."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import datetime as dt
 import pytest
 
 from shared.messages import RetrainRequested
+from tests.fakes.harness import make_harness
 from worker.config import ModelConfig
 from worker.policy import gpu_usage
 from worker.simulate import Arrival, DurationModel, History, simulate
 from worker.views import explain_view
-
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -85,13 +84,12 @@ def test_an_azure_ml_run_counts_every_gpu_of_every_node_against_the_budget(tmp_p
     """A 2-node x 4-GPU job for half an hour is 4 GPU-hours, whatever the model's local nproc."""
     from tests.fakes.adapters import FakeBlobStore, FakeClock, FakeOnnxExporter, RecordingPublisher
     from tests.fakes.backend import FakeTrainingBackend
+    from tests.fakes.harness import Harness, small_config
     from tests.fakes.memory_store import MemoryStore
     from worker.adapters.local.registry import LocalModelRegistry
     from worker.app.bootstrap import build_worker
     from worker.config import load_config
     from worker.runs import snapshot_of
-
-    from .worker_harness import Harness, small_config
 
     local = small_config(tmp_path, training__nproc=3, max_gpu_hours_per_day=100)
     assert local.gpus_per_run("birds") == 3

@@ -10,13 +10,12 @@ import pytest
 
 from shared.messages import ImageRef, ImageUploaded, ModelControl, RetrainRequested, RunStatusChanged, Tick
 from tests.fakes.adapters import FakeBlobStore
+from tests.fakes.harness import make_harness, small_config
 from tests.fakes.memory_store import MemoryStore
 from worker import handlers
 from worker.backfill import resolve_backfill
 from worker.context import Context
 from worker.handlers import handle_image_uploaded, handle_retrain_requested, handle_run_status_changed, handle_tick
-
-from .worker_harness import make_harness, small_config
 
 pytestmark = pytest.mark.unit
 

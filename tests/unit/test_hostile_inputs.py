@@ -1,5 +1,5 @@
 """Inputs an attacker or a careless operator sends: each is refused once, with a reason, and
-nothing is lost or done twice (issue 9's faults, each with the test that failed before its fix)."""
+nothing is lost or done twice."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 
 from shared import events as ev
 from shared.messages import RetrainRequested
+from tests.fakes.harness import make_harness
 from worker import handlers
 
 from .test_functions import blob, call, h, post, rejections, sb  # noqa: F401 - h is a fixture
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""The layout shows the architecture (issue 12): the core's files, the layer contracts, the docs."""
+"""The layout shows the architecture: the core's files, the layer contracts, the docs."""
 
 from __future__ import annotations
 
@@ -34,8 +34,15 @@ def test_the_fakes_live_with_the_tests():
         "azureml.py",
         "backend.py",
         "commit_faults.py",
+        "harness.py",
         "memory_store.py",
+        "servicebus.py",
     ]
+    # the test folders hold tests (and the programs the crash and concurrency tests start), no fakes
+    expected = {"unit": [], "integration": ["crash_client.py", "ledger_client.py"], "e2e": []}
+    for folder, programs in expected.items():
+        others = sorted(p.name for p in (ROOT / "tests" / folder).glob("*.py") if not p.name.startswith(("test_", "conftest", "__init__")))
+        assert others == programs, folder
 
 
 def test_the_readme_is_short_and_links_every_document():

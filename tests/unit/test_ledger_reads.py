@@ -1,4 +1,4 @@
-"""Views read the SQLite ledger without queuing behind a writer (issue 12: a read path)."""
+"""Views read the SQLite ledger without queuing behind a writer (a read path)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import threading
 import pytest
 
 from shared.messages import ImageUploaded
+from tests.fakes.harness import small_config
 from worker.adapters.local.sqlite_store import SqliteStore
 from worker.views import explain_view, models_view, status_view
-
-from .worker_harness import small_config
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 
@@ -59,7 +58,7 @@ def test_a_read_cannot_commit(tmp_path):
 
 
 def test_the_worker_keeps_writing_while_a_read_is_open(tmp_path):
-    from .worker_harness import make_harness
+    from tests.fakes.harness import make_harness
 
     harness = make_harness(tmp_path, store=SqliteStore(tmp_path / "ledger.db"))
     reader = SqliteStore(tmp_path / "ledger.db")
@@ -73,7 +72,7 @@ def test_the_worker_keeps_writing_while_a_read_is_open(tmp_path):
 
 
 def test_status_shows_the_policy_verdict_now_and_when_waiting_ends(tmp_path):
-    from .worker_harness import make_harness
+    from tests.fakes.harness import make_harness
 
     harness = make_harness(tmp_path)
     for i in range(20):
@@ -87,7 +86,7 @@ def test_status_shows_the_policy_verdict_now_and_when_waiting_ends(tmp_path):
 
 
 def test_status_weighs_the_forced_requests_still_open(tmp_path):
-    from .worker_harness import make_harness
+    from tests.fakes.harness import make_harness
 
     h = make_harness(tmp_path, in_flight="queue", quiet_period=0)
     h.uploads(10)  # a run in flight

@@ -1,6 +1,5 @@
 """Every documented limit of an inbound message, at the limit (accepted) and one past it (refused
-with its reason): sizes, depth, digits, lengths, ranges, ids, statuses (issue 11: the boundary
-mutants of shared/messages.py)."""
+with its reason): sizes, depth, digits, lengths, ranges, ids, statuses."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Each kind of unreadable body is refused with its reason code (the `reason` of
 `retrain.request.rejected` and of HTTP 400s, a contract) and a description that says what is
-wrong, word for word (issue 11: the survivors of `make mutate` on shared/messages.py)."""
+wrong, word for word."""
 
 from __future__ import annotations
 

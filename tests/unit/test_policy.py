@@ -261,7 +261,7 @@ def test_a_pause_recorded_without_who_or_when_still_reads_plainly():
     assert at.reason.startswith("paused by ops at 2026-01-01 11:00:00 UTC; ")
 
 
-# --- the GPU budget's verdicts, exactly (each kills a mutant that survived `make mutate` run 6) ----
+# --- the GPU budget's verdicts, exactly ----
 BUDGET = CFG.model_copy(update={"max_gpu_hours_per_day": 4.0})
 
 

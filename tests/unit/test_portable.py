@@ -1,5 +1,5 @@
 """Without POSIX-only modules (as on Windows): the worker core, the SQLite ledger, the CLI's read
-commands and the Functions app import and run (issue 14). The test blocks `fcntl` before anything
+commands and the Functions app import and run. The test blocks `fcntl` before anything
 is imported, so the file locks take the portable path (filelock) for real."""
 
 from __future__ import annotations

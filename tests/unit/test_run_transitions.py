@@ -9,8 +9,7 @@ import datetime as dt
 import pytest
 
 from shared.messages import RetrainRequested
-
-from .worker_harness import make_harness
+from tests.fakes.harness import make_harness
 
 pytestmark = pytest.mark.unit
 
@@ -386,9 +385,8 @@ def _break_manifest(path, how: str) -> None:
 def test_a_run_whose_frozen_manifest_cannot_be_used_fails_once_and_its_images_are_planned_again(tmp_path, how):
     """It used to stay planned for ever, its submission failing with a traceback on every tick."""
     from shared import events as ev
+    from tests.fakes.harness import make_harness
     from worker.manifests import manifest_path
-
-    from .worker_harness import make_harness
 
     h = make_harness(tmp_path)
     h.backend.fail_next_submit(ConnectionError("the backend is down for a moment"))

@@ -6,9 +6,8 @@ import logging
 
 import pytest
 
+from tests.fakes.harness import make_harness
 from worker.app.serve import RunProgress
-
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 
@@ -68,10 +67,9 @@ def test_an_inbox_message_is_kept_until_it_is_handled_and_handled_on_the_next_cy
     """The file is the only copy of the request: removed after the worker handled it, never before
     (a ledger that is busy or down for one cycle must not lose it)."""
     from shared.messages import RetrainRequested
+    from tests.fakes.harness import make_harness
     from worker.adapters.local.inbox import LocalInbox
     from worker.app.serve import LocalService
-
-    from .worker_harness import make_harness
 
     h = make_harness(tmp_path)
     inbox = LocalInbox(h.worker.config.worker.state_dir / "inbox")

@@ -14,9 +14,8 @@ from shared import events as ev
 from shared.messages import RetrainRequested
 from shared.redact import install_log_redaction, redact
 from tests.fakes.adapters import FakeBlobStore
+from tests.fakes.servicebus import FakeServiceBusClient
 from worker.adapters.azure import servicebus
-
-from .servicebus_fakes import FakeServiceBusClient
 
 pytestmark = pytest.mark.unit
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from shared.messages import ImageUploaded, ModelControl, RetrainRequested
+from tests.fakes.harness import make_harness
 from worker.simulate import Arrival, DurationModel, History, RecordedRun, Request, history_lines, ledger_history, read_history, simulate
-
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 

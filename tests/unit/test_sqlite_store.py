@@ -1,6 +1,6 @@
 """The SQLite ledger's own settings and life cycle: where it lives, WAL with synchronous NORMAL
 (or FULL when asked), its busy timeout, one connection per thread, UTC timestamps on disk and the
-errors it explains (issue 11: survivors of `make mutate` on worker/adapters/local/sqlite_store.py)."""
+errors it explains."""
 
 from __future__ import annotations
 

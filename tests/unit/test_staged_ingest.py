@@ -1,7 +1,6 @@
 """The bus on a staged-ingest ledger (the Table ledger's scale-out path), here on the in-memory fake
 with the same staging: an image is one idempotent write, evaluations are throttled per instance and
-best effort, and the tick folds everything that waits (issue 11: `_stage` and `_drain` had no unit
-test, so `make mutate` could not judge them)."""
+best effort, and the tick folds everything that waits."""
 
 from __future__ import annotations
 
@@ -11,10 +10,9 @@ import pytest
 
 from shared.messages import ImageUploaded, RetrainRequested
 from tests.fakes.commit_faults import CommitFaults, conflicts
+from tests.fakes.harness import make_harness
 from tests.fakes.memory_store import StagedMemoryStore
 from worker import ingest as ingest_module
-
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Operators steer a model: promote, roll back, pause, resume (issue 15)."""
+"""Operators steer a model: promote, roll back, pause, resume."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import pytest
 
 from shared import events as ev
 from shared.messages import ModelControl, RetrainRequested
+from tests.fakes.harness import make_harness
 from worker.views import explain_view, runs_view, status_view
-
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,5 @@
-"""Every field a ledger stores reads back as it was written, and each write says what it did
-(issue 11: the survivors of `make mutate` on the SQLite store were fields dropped on the way back).
-Runs on the in-memory fake and SQLite here, and on Table Storage in the integration suite."""
+"""Every field a ledger stores reads back as it was written (a field dropped on the way back is
+caught here), and each write says what it did. Runs on the in-memory fake, SQLite and Table Storage."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import pytest
 
 from worker.store import DecisionRow, ImageRow, ModelHead, ModelVersionRow, OutboxRow, RequestRow, RunRow
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.on_table_storage]  # also on Azure Table Storage (Azurite)
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, 0, 123000, tzinfo=dt.UTC)
 

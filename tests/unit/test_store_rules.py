@@ -1,5 +1,5 @@
 """The rules every ledger shares (worker/store.py): when a delivery is stale, what state an image
-version is in, and how a backfill is registered in bounded, retried chunks (issue 11)."""
+version is in, and how a backfill is registered in bounded, retried chunks."""
 
 from __future__ import annotations
 

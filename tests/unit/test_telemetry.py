@@ -1,5 +1,5 @@
 """One image, followed: its upload, the decision, the submission, the completion and the published
-events are one trace, and the events carry its traceparent (issue 15)."""
+events are one trace, and the events carry its traceparent."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared import events as ev
+from tests.fakes.harness import make_harness
 from worker import telemetry
-
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 

@@ -8,10 +8,9 @@ import datetime as dt
 import pytest
 
 from shared import events as ev
+from tests.fakes.harness import make_harness
 
-from .worker_harness import make_harness
-
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.on_table_storage]  # also on Azure Table Storage (Azurite)
 
 
 @pytest.fixture
@@ -321,7 +320,7 @@ def test_secrets_in_a_failure_detail_never_reach_the_published_event(h):
 def test_a_backend_and_registry_out_of_reach_do_not_stop_the_tick(tmp_path):
     """Polling a run and checking the registry's champion tag need the training service; when it
     cannot be reached the tick still folds images, decides and relays events, and asks again next time."""
-    from .worker_harness import make_harness
+    from tests.fakes.harness import make_harness
 
     h = make_harness(tmp_path, cooldown=0)
     h.uploads(6)
@@ -377,7 +376,7 @@ def test_the_tick_prunes_events_published_longer_ago_than_the_inbox_retention(h)
 
 
 def test_the_models_onnx_gate_reaches_every_runs_training_arguments(tmp_path):
-    from .worker_harness import make_harness
+    from tests.fakes.harness import make_harness
 
     h = make_harness(tmp_path, gate__onnx_tolerance=1e-6, gate__onnx_samples=7)
     h.uploads(6)

@@ -11,11 +11,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from shared.manifest_hash import manifest_sha256
 from shared.messages import ImageUploaded
+from tests.fakes.harness import make_harness
 from tests.fakes.memory_store import MemoryStore
 from worker.adapters.local.sqlite_store import SqliteStore
 from worker.store import IN_FLIGHT_STATES
-
-from .worker_harness import make_harness
 
 pytestmark = pytest.mark.unit
 
