@@ -645,11 +645,12 @@ def demo(
     min_value: Annotated[float, typer.Option(help="the gate's minimum best_val_acc")] = 0.6,
 ) -> None:
     """The whole loop on this machine: images arrive, the policy waits, DDP runs, gate, registry, ONNX, events."""
-    import importlib.util
 
     from rich.console import Console
 
-    missing = [m for m in ("torch", "torchvision", "onnx", "onnxruntime", "PIL") if importlib.util.find_spec(m) is None]
+    from worker.app.diagnose import TRAINING_MODULES, missing_modules
+
+    missing = missing_modules(TRAINING_MODULES)
     if missing:
         typer.echo(f"error: the demo trains and exports a model and needs {', '.join(missing)}: pip install 'retrain[train]'", err=True)
         raise typer.Exit(2)

@@ -387,8 +387,3 @@ def respond(query: Mapping[str, str], store: Store, config: RetrainConfig, manif
     if query.get("format") == "json":
         return 200, "application/json", json.dumps(data, default=str)
     return 200, "text/html; charset=utf-8", render_overview(data) if render is None else render(data, models)
-
-
-def page(store: Store, config: RetrainConfig) -> str:
-    """The overview page (what `/` shows)."""
-    return render_overview(overview(store, config))

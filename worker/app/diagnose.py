@@ -15,6 +15,7 @@ EXTRAS = {"torch": "retrain[train]", "torchvision": "retrain[train]", "onnx": "r
           "numpy": "retrain[train]", "PIL": "retrain[train]", "azure": "retrain[azure]", "azureml": "retrain[azureml-v1]",
           "mlflow": "retrain[tracking]", "sqlalchemy": "retrain[tracking]", "horovod": "horovod (scripts/build_horovod.sh)"}  # fmt: skip
 
+TRAINING_MODULES = ("torch", "torchvision", "numpy", "PIL", "onnx", "onnxruntime")  # train.py, and the ONNX export at completion
 IDENTITY_SETTINGS = ("RETRAIN_TABLES__tableServiceUri", "RETRAIN_STORAGE__blobServiceUri", "RETRAIN_ARTIFACTS__blobServiceUri",
                      "RETRAIN_SERVICEBUS__fullyQualifiedNamespace")  # fmt: skip
 SIGN_IN = "sign in (`az login` here; a managed identity in Azure; or AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CLIENT_SECRET)"
@@ -25,7 +26,7 @@ def missing_dependencies(config: Any, env: Mapping[str, str]) -> list[str]:
     each as 'module (pip install ...)'; empty when all is there."""
     needed: list[str] = []
     if config.worker.backend == "local":
-        needed += ["torch", "torchvision", "numpy", "PIL", "onnx", "onnxruntime"]  # train.py, and the ONNX export at completion
+        needed += list(TRAINING_MODULES)
         if any(m.training.distributed == "horovod" for m in config.models.values()):
             needed.append("horovod")
         if config.worker.tracking == "mlflow":
@@ -41,14 +42,19 @@ def missing_dependencies(config: Any, env: Mapping[str, str]) -> list[str]:
         for name in ("RETRAIN_STORAGE", "RETRAIN_STORAGE__blobServiceUri", "RETRAIN_ARTIFACTS", "RETRAIN_ARTIFACTS__blobServiceUri")
     ):
         needed.append("azure.storage.blob")
+    return [f"{module} (pip install '{EXTRAS.get(module.split('.')[0], module)}')" for module in missing_modules(needed)]
+
+
+def missing_modules(modules: list[str] | tuple[str, ...]) -> list[str]:
+    """The modules (once each, in order) that cannot be imported here."""
     missing = []
-    for module in dict.fromkeys(needed):
+    for module in dict.fromkeys(modules):
         try:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:  # its parent package is missing
             found = False
         if not found:
-            missing.append(f"{module} (pip install '{EXTRAS.get(module.split('.')[0], module)}')")
+            missing.append(module)
     return missing
 
 
