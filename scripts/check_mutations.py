@@ -124,7 +124,7 @@ MUTATIONS = [
         "worker/store.py",
         "        retry=retry_if_exception_type(ConcurrencyConflict),\n",
         "",
-        ("tests/unit/test_bus_effects.py", "tests/unit/test_store_rules.py", "tests/unit/test_completion_effects.py"),
+        ("tests/unit/test_worker.py", "tests/unit/test_store_rules.py", "tests/unit/test_completion.py"),
     ),
     Mutation(
         "the tick leaves staged arrivals unfolded",

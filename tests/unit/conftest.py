@@ -1,7 +1,7 @@
 """The unit suites' ledgers: every test that asks for one runs on the in-memory fake and on SQLite;
 the behaviour suites (`new_store`) also on the in-memory fake with the Table ledger's staged ingest.
 A module marked `on_table_storage` also runs them on Azure Table Storage (real Azurite; those
-cases carry the `integration` mark)."""
+cases carry the `integration` mark), except its tests marked `not_on_table_storage`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ TABLE = pytest.param("table", marks=pytest.mark.integration, id="table")
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """The ledgers each fixture runs on; `table` where the module asks for it."""
     on_table = metafunc.definition.get_closest_marker("on_table_storage") is not None
+    on_table = on_table and metafunc.definition.get_closest_marker("not_on_table_storage") is None
     for name, ledgers in (("new_store", ["memory", "sqlite", "staged"]), ("store", ["memory", "sqlite"])):
         if name in metafunc.fixturenames:
             metafunc.parametrize(name, [*ledgers, *([TABLE] if on_table else [])], indirect=True)

@@ -1,14 +1,22 @@
-"""The worker driven through its bus: thresholds, single flight, duplicates, retries, recovery.
+"""The worker driven through its bus: thresholds, single flight, duplicates, retries, recovery; and
+the bus's effects exactly (completion failures to their budget, the poll's verdicts to the second,
+rejected messages, the relay's batches, inbox pruning, the cancel command's answers, lost races).
 
-Every test runs against the in-memory fake store and the real SQLite store.
-"""
+Every ledger test runs on the in-memory fake, SQLite and Azure Table Storage (the behaviours through
+`new_store` also on staged memory), but for the lost-race tests, which fake SQLite's and memory's commit."""
 
 import datetime as dt
+from contextlib import contextmanager
 
 import pytest
 
 from shared import events as ev
+from shared.messages import RetrainRequested
+from tests.fakes.commit_faults import CommitFaults, RetryClock, conflicts
 from tests.fakes.harness import make_harness
+from worker.bus import COMPLETION_ATTEMPTS
+from worker.effects import Remember
+from worker.store import ConcurrencyConflict
 
 pytestmark = [pytest.mark.unit, pytest.mark.on_table_storage]  # also on Azure Table Storage (Azurite)
 
@@ -405,3 +413,446 @@ def test_pruning_keeps_the_operators_controls_they_are_the_audit_trail(h):
         ev.MODEL_PAUSED,
         ev.MODEL_RESUMED,
     ]
+
+
+# -- the bus's effects, exactly: completion failures to their budget, the poll's verdicts, rejected
+# messages, the relay's batches, inbox pruning, the cancel command's answers, lost races retried --
+
+
+def _submitted(h):
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()
+    [run] = h.runs()
+    return run
+
+
+def test_a_failing_completion_is_retried_to_its_budget_then_fails_the_run_with_the_redacted_reason(store, tmp_path, monkeypatch):
+    h = make_harness(tmp_path, store=store, max_attempts=1, cooldown=86400)
+    run = _submitted(h)
+
+    def unreadable(run_id):
+        raise PermissionError("outputs unreadable with AccountKey=c2VjcmV0c2VjcmV0")
+
+    monkeypatch.setattr(h.worker.completer, "complete", unreadable)
+    h.succeed(run)  # the first attempt
+    for attempt in range(2, COMPLETION_ATTEMPTS):
+        h.clock.advance(60)
+        h.worker.tick()
+        [current] = h.runs()
+        assert (current.state, current.completion_failures) == ("succeeded", attempt)
+    [current] = h.runs()
+    reason = current.detail
+    assert reason.startswith("completion failed: PermissionError: outputs unreadable with AccountKey=")
+    assert "c2VjcmV0c2VjcmV0" not in reason
+    h.clock.advance(60)
+    h.worker.tick()  # attempt COMPLETION_ATTEMPTS
+    [final] = h.runs()
+    assert (final.state, final.outcome) == ("finalized", "completion_failed")
+    assert final.detail == f"{reason} ({COMPLETION_ATTEMPTS} attempts)"
+
+
+def test_a_completion_failure_reason_is_cut_to_2000_characters_in_the_detail(store, tmp_path, monkeypatch):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+    monkeypatch.setattr(h.worker.completer, "complete", lambda run_id: (_ for _ in ()).throw(OSError("y" * 3000)))
+    h.succeed(run)
+    assert h.runs()[0].detail == ("completion failed: OSError: " + "y" * 3000)[:2000]
+
+
+def test_a_run_is_timed_out_one_second_after_run_timeout_not_at_it(store, tmp_path):
+    h = make_harness(tmp_path, store=store, run_timeout=3600, max_attempts=1)
+    run = _submitted(h)
+    h.backend.finish(run.backend_run_id, "running")
+    h.clock.advance(3600)
+    h.worker.poll()
+    assert h.runs()[0].state == "running"
+    assert h.backend.calls_to("cancel") == []
+    h.clock.advance(1)
+    h.worker.poll()
+    [final] = h.runs()
+    assert (final.state, final.outcome) == ("finalized", "failed")
+    assert final.detail == "timed out: still running 3600s after submission (run_timeout); canceled"
+    assert h.backend.calls_to("cancel") == [run.backend_run_id]
+
+
+def test_a_runs_timeout_counts_from_its_submission_not_from_when_it_was_planned(store, tmp_path):
+    h = make_harness(tmp_path, store=store, run_timeout=100, max_attempts=1)
+    h.backend.fail_next_submit(ConnectionError("backend down"))
+    run = _submitted(h)  # planned; the submission failed
+    assert run.state == "planned"
+    h.clock.advance(50)
+    h.worker.tick()  # submitted now, 50 s after it was planned
+    h.backend.finish(run.backend_run_id, "running")
+    h.clock.advance(60)  # 110 s after planning, 60 s after submission
+    h.worker.poll()
+    assert h.runs()[0].state == "running"
+
+
+def test_a_planned_runs_timeout_counts_from_its_creation_when_it_has_no_submission_time(store, tmp_path):
+    h = make_harness(tmp_path, store=store, run_timeout=100, max_attempts=1)
+    run = _submitted(h)
+    with h.store.transaction() as tx:
+        current = tx.get_run(run.run_id)
+        current.submitted_at = None
+        tx.update_run(current)
+        tx.commit()
+    h.clock.advance(101)
+    h.worker.poll()
+    assert h.runs()[0].outcome == "failed"
+
+
+def test_a_run_the_backend_has_no_record_of_fails_with_that_reason(store, tmp_path):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+    del h.backend.runs[run.backend_run_id]
+    h.worker.poll()
+    [final] = h.runs()
+    assert (final.outcome, final.detail) == ("failed", "the backend has no record of this run")
+
+
+def test_the_poll_reports_only_changes_and_carries_the_backends_detail(store, tmp_path):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+    assert h.worker.poll() == [], "queued while submitted: nothing to report"
+    h.backend.finish(run.backend_run_id, "running")
+    assert [e.outcome for e in h.worker.poll()] != []
+    assert h.worker.poll() == [], "running while running: nothing to report"
+    h.backend.finish(run.backend_run_id, "failed", detail="x" * 5000)
+    h.worker.poll()
+    assert h.runs()[0].detail.startswith("x" * 100)
+
+
+def test_a_rejected_message_records_its_event_and_decision_exactly(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    description = "body was not JSON: " + "z" * 3000
+    assert h.worker.reject("msg-1", "birds", "invalid", description, "servicebus") is True
+    assert h.worker.reject("msg-1", "birds", "invalid", description, "servicebus") is False, "a redelivery is rejected once"
+    [event] = [e for e in h.events() if e.type == ev.REQUEST_REJECTED]
+    assert event.payload["subject"] == "requests/msg-1"
+    assert event.payload["data"] == {
+        "request_id": "msg-1",
+        "model": "birds",
+        "reason": "invalid",
+        "description": description[:2000],
+        "source": "servicebus",
+    }
+    [decision] = [d for d in h.decisions() if d.outcome == "reject"]
+    assert decision.reason == f"servicebus message msg-1 rejected: invalid: {description[:300]}"
+    assert decision.message_id == "msg-1"
+
+
+def test_a_rejected_message_for_an_unknown_model_names_it_only_as_given(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    assert h.worker.reject("msg-2", "Cats/" + "c" * 200, "invalid", "no such model", "http")
+    [event] = [e for e in h.events() if e.type == ev.REQUEST_REJECTED]
+    assert event.payload["data"]["model"] is None
+    assert event.payload["data"]["given_model"] == ("Cats/" + "c" * 200)[:100]
+    assert [d for d in h.decisions() if d.outcome == "reject"] == []
+
+
+def test_the_relay_publishes_in_batches_oldest_first_and_counts_them(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    for i in range(7):
+        h.worker.reject(f"m-{i}", "birds", "invalid", f"bad {i}", "test")
+    sizes: list[int] = []
+    real = h.publisher.publish
+
+    def publish(events):
+        sizes.append(len(events))
+        real(events)
+
+    h.publisher.publish = publish
+    assert h.worker.relay(batch=3) == 7
+    assert sizes == [3, 3, 1]
+    assert [e["data"]["request_id"] for e in h.publisher.published] == [f"m-{i}" for i in range(7)]
+    assert h.worker.relay(batch=3) == 0
+
+
+def test_the_relay_stops_after_a_full_batch_only_when_nothing_is_left(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    for i in range(6):
+        h.worker.reject(f"m-{i}", "birds", "invalid", f"bad {i}", "test")
+    assert h.worker.relay(batch=3) == 6
+    assert h.store.unpublished_events(10) == []
+
+
+def test_the_inbox_forgets_ids_after_retention_including_those_under_no_model(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    retention = h.worker.config.worker.inbox_retention
+    h.worker.reject("old-known", "birds", "invalid", "x", "test")
+    h.worker.reject("old-unknown", "nope", "invalid", "x", "test")
+    h.clock.advance(retention + 1)
+    h.worker.reject("new-known", "birds", "invalid", "x", "test")
+    assert h.worker.prune_inbox() == 2
+    assert h.worker.reject("old-known", "birds", "invalid", "x", "test") is True, "forgotten, so accepted again"
+    assert h.worker.reject("old-unknown", "nope", "invalid", "x", "test") is True
+    assert h.worker.reject("new-known", "birds", "invalid", "x", "test") is False, "still remembered"
+
+
+def test_the_cancel_command_answers_what_happened(store, tmp_path):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+    assert h.worker.cancel(run.run_id) == f"{run.run_id}: cancel requested (backend says canceled)"
+    assert h.runs()[0].outcome == "canceled", "the poll after the cancel recorded it"
+    assert h.worker.cancel(run.run_id) == f"{run.run_id} is not in flight (finalized)"
+    with pytest.raises(KeyError, match="no run 'birds-9999"):
+        h.worker.cancel("birds-9999-00000000-a1")
+
+
+def test_a_tick_repairs_the_registry_alias_of_every_model(store, tmp_path):
+    h = make_harness(tmp_path, store=store, cooldown=0)
+    run = _submitted(h)
+    h.succeed(run, best=0.9)
+    (h.root / "registry" / "birds" / "champion").unlink()  # e.g. a crash between the commit and the alias move
+    h.worker.tick()
+    assert h.registry.champion_alias("birds") == 1
+
+
+def test_a_tick_message_carries_the_time_and_is_unique(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    seen = []
+    real = h.worker.handle
+
+    def handle(message, remember=None):
+        seen.append(message)
+        return real(message, remember)
+
+    h.worker.handle = handle
+    h.worker.tick()
+    h.worker.tick()
+    ticks = [m for m in seen if m.kind == "tick" and m.model is None]
+    assert len({t.message_id for t in ticks}) == 2
+    assert ticks[0].message_id.startswith(f"tick-{h.clock.now():%Y%m%dT%H%M%S}")
+    assert ticks[0].occurred_at == h.clock.now()
+    assert isinstance(ticks[0].occurred_at, dt.datetime)
+
+
+def _record_claims(h, monkeypatch) -> list[tuple[str, str, str | None]]:
+    """The inbox claims made through the store's transactions: (message id, kind, model)."""
+    claims: list[tuple[str, str, str | None]] = []
+    real = h.store.transaction
+
+    @contextmanager
+    def transaction():
+        with real() as tx:
+            claim = tx.claim_message
+
+            def recording(message_id, kind, model, at):
+                claims.append((message_id, kind, model))
+                return claim(message_id, kind, model, at)
+
+            tx.claim_message = recording
+            yield tx
+
+    monkeypatch.setattr(h.store, "transaction", transaction)
+    return claims
+
+
+def test_inbox_claims_are_made_in_the_models_partition(store, tmp_path, monkeypatch):
+    """A partitioned ledger (Table Storage) keeps a model's inbox in the model's partition: a claim
+    under another model would miss a redelivery."""
+    h = make_harness(tmp_path, store=store)
+    for i in range(3):
+        h.blobs.blobs[f"chicken/{i}.jpg"] = b"x"
+    claims = _record_claims(h, monkeypatch)
+    h.worker.reject("bad-1", "birds", "invalid", "x", "test")
+    h.worker.handle(RetrainRequested(message_id="req-1", model="birds", prefix="chicken/"))
+    assert ("bad-1", "rejected", "birds") in claims
+    assert {c for c in claims if c[0] == "req-1"} == {("req-1", "retrain.requested", "birds")}
+
+
+def test_images_registered_by_a_backfill_are_recorded_as_backfill(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    h.blobs.blobs["chicken/1.jpg"] = b"x"
+    h.worker.handle(RetrainRequested(message_id="req-1", model="birds", prefix="chicken/"))
+    with h.store.transaction() as tx:
+        [image] = tx.image_arrivals("birds")
+    assert (image.path, image.source) == ("chicken/1.jpg", "backfill")
+
+
+def test_a_completion_failure_after_another_instance_finalized_the_run_changes_nothing(store, tmp_path, monkeypatch):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+
+    def finalized_elsewhere_then_fails(run_id):
+        with h.store.transaction() as tx:
+            current = tx.get_run(run_id)
+            current.state, current.outcome, current.detail = "finalized", "registered", "by the other instance"
+            tx.update_run(current)
+            tx.commit()
+        raise OSError("this instance could not read the outputs")
+
+    monkeypatch.setattr(h.worker.completer, "complete", finalized_elsewhere_then_fails)
+    h.succeed(run)
+    [final] = h.runs()
+    assert (final.outcome, final.detail, final.completion_failures) == ("registered", "by the other instance", 0)
+
+
+def test_canceling_a_planned_run_finalizes_it_as_canceled_before_submission(store, tmp_path):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    h.backend.fail_next_submit(ConnectionError("backend down"))
+    run = _submitted(h)
+    assert run.state == "planned"
+    h.worker.cancel(run.run_id)
+    [final] = h.runs()
+    assert (final.outcome, final.detail) == ("canceled", "canceled before submission")
+    assert [e.type for e in h.events() if e.type.startswith("retrain.run.")] == [ev.RUN_FAILED], "never announced as submitted"
+
+
+def test_canceling_a_submitted_run_the_backend_forgot_records_what_the_poll_finds(store, tmp_path):
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    run = _submitted(h)
+    del h.backend.runs[run.backend_run_id]
+    assert h.worker.cancel(run.run_id) == f"{run.run_id}: cancel requested (backend says unknown)"
+    [final] = h.runs()
+    assert (final.outcome, final.detail) == ("failed", "the backend has no record of this run")
+
+
+def test_the_relay_sends_batches_of_100_by_default_and_nothing_without_a_publisher(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    for i in range(101):
+        h.worker.reject(f"m-{i}", "birds", "invalid", "x", "test")
+    sizes: list[int] = []
+    real = h.publisher.publish
+    h.publisher.publish = lambda events: (sizes.append(len(events)), real(events))
+    publisher, h.worker.publisher = h.worker.publisher, None
+    assert h.worker.relay() == 0
+    h.worker.publisher = publisher
+    assert h.worker.relay() == 101
+    assert sizes == [100, 1]
+
+
+def test_the_poll_goes_on_past_a_run_that_has_not_changed(store, tmp_path):
+    import dataclasses
+
+    from worker.ports import BackendStatus
+
+    h = make_harness(tmp_path, store=store, max_attempts=1)
+    older = _submitted(h)
+    newer = dataclasses.replace(older, run_id=older.run_id.replace("-0001-", "-0002-"), seq=older.seq + 1)
+    with h.store.transaction() as tx:
+        tx.insert_run(newer)
+        tx.commit()
+    h.backend.runs[newer.backend_run_id] = BackendStatus(newer.backend_run_id, "queued")  # unchanged: nothing to report
+    h.backend.finish(older.backend_run_id, "failed", detail="boom")
+    with h.store.transaction() as tx:
+        assert [r.run_id for r in tx.runs(states=frozenset({"submitted", "running"}))] == [newer.run_id, older.run_id]
+    assert len(h.worker.poll()) == 1
+    assert {r.run_id: r.state for r in h.runs()}[older.run_id] == "finalized"
+
+
+def test_a_tick_for_one_model_handles_that_model_only(store, tmp_path, monkeypatch):
+    h = make_harness(tmp_path, store=store)
+    h.worker.config.models["cats"] = h.worker.config.models["birds"]
+    repaired: list[str] = []
+    monkeypatch.setattr(h.worker.completer, "sync_champion_alias", repaired.append)
+    ticks = []
+    real = h.worker.handle
+
+    def handle(message, remember=None):
+        ticks.append(message.model)
+        return real(message, remember)
+
+    h.worker.handle = handle
+    h.worker.tick("birds")
+    assert (ticks, repaired) == (["birds"], ["birds"])
+
+
+def test_a_tick_for_every_model_reports_the_runs_each_model_planned(tmp_path):
+    h = make_harness(tmp_path, cooldown=0)
+    h.worker.config.models["cats"] = h.worker.config.models["birds"]
+    h.worker.blobs["cats"] = h.blobs
+    for model in ("birds", "cats"):
+        for i in range(16):
+            h.upload("chicken" if i % 2 else "turkey", name=f"{model}{i}", model=model)
+    h.clock.advance(11)
+    effects = h.worker.tick()
+    assert sorted(r.split("-")[0] for r in effects.planned_runs) == ["birds", "cats"]
+
+
+def test_a_redelivered_backfill_request_is_answered_as_a_duplicate(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    h.blobs.blobs["chicken/1.jpg"] = b"x"
+    request = RetrainRequested(message_id="req-1", model="birds", prefix="chicken/")
+    assert h.worker.handle(request).outcome != "duplicate"
+    again = h.worker.handle(request)
+    assert (again.outcome, again.detail) == ("duplicate", "req-1 was already processed")
+
+
+def test_a_redelivered_forced_request_is_answered_as_a_duplicate(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    request = RetrainRequested(message_id="req-2", model="birds", force=True)
+    assert h.worker.handle(request).outcome != "duplicate"
+    again = h.worker.handle(request)
+    assert (again.outcome, again.detail) == ("duplicate", "req-2 was already processed")
+
+
+@pytest.mark.not_on_table_storage  # CommitFaults fakes the commit path; the Table ledger stages uploads
+def test_a_message_whose_commit_loses_races_is_applied_once_on_fresh_state(store, tmp_path, monkeypatch):
+    clock = RetryClock(monkeypatch)
+    h = make_harness(tmp_path, store=store)
+    h.worker.store = faults = CommitFaults(store, conflicts(3))
+    h.upload("chicken", name="a")
+    assert (faults.attempts, faults.committed) == (4, [4])
+    assert list(h.images()) == ["chicken/a.jpg"]
+    assert len(clock.waits) == 3
+    assert all(0 <= w <= 0.25 for w in clock.waits)
+
+
+@pytest.mark.not_on_table_storage  # CommitFaults fakes the commit path; the Table ledger stages uploads
+def test_a_message_that_loses_every_race_gives_up_after_40_attempts_raising_the_conflict(store, tmp_path, monkeypatch):
+    clock = RetryClock(monkeypatch)
+    h = make_harness(tmp_path, store=store)
+    h.worker.store = faults = CommitFaults(store, conflicts(200))  # bounded, so a missing stop ends too
+    with pytest.raises(ConcurrencyConflict, match="another writer committed first"):
+        h.upload("chicken", name="a")
+    assert (faults.attempts, faults.committed) == (40, [])
+    assert h.images() == {}
+    assert len(clock.waits) == 39
+    assert all(0 <= w <= 0.25 for w in clock.waits), "jittered, never more than a quarter of a second"
+    assert clock.waits[0] <= 0.005, "a lost race is retried at once: the first wait is at most 5 ms"
+    assert max(clock.waits) > 0.05, "but it backs off, exponentially"
+
+
+@pytest.mark.not_on_table_storage  # CommitFaults fakes the commit path; the Table ledger stages uploads
+@pytest.mark.parametrize(("seconds_per_commit", "attempts"), [(29.9, 3), (30.05, 2)])
+def test_a_message_stops_retrying_lost_races_after_a_minute_whatever_the_attempts(
+    store, tmp_path, monkeypatch, seconds_per_commit, attempts
+):
+    clock = RetryClock(monkeypatch)
+    h = make_harness(tmp_path, store=store)
+
+    def slow_conflict(n):  # each lost commit takes half a minute (a ledger under heavy contention)
+        clock.offset += seconds_per_commit
+        return conflicts(200)(n)
+
+    h.worker.store = faults = CommitFaults(store, slow_conflict)
+    with pytest.raises(ConcurrencyConflict):
+        h.upload("chicken", name="a")
+    assert faults.attempts == attempts, "no new attempt once a minute has passed, and not before"
+
+
+@pytest.mark.not_on_table_storage  # CommitFaults fakes the commit path; the Table ledger stages uploads
+def test_only_a_lost_race_is_retried_any_other_commit_error_is_raised_at_once(store, tmp_path, monkeypatch):
+    RetryClock(monkeypatch)
+    h = make_harness(tmp_path, store=store)
+    h.worker.store = faults = CommitFaults(store, lambda n: OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        h.upload("chicken", name="a")
+    assert faults.attempts == 1
+
+
+def test_an_idempotency_key_is_remembered_from_its_request_and_forgotten_after_retention(store, tmp_path):
+    h = make_harness(tmp_path, store=store)
+    retention = h.worker.config.worker.inbox_retention
+    key = Remember(key="k-1", fingerprint="fp", response={"status": 202, "request_id": "r-1"})
+    assert h.worker.handle(RetrainRequested(message_id="r-1", model="birds", force=True), key).outcome != "replayed"
+    replay = h.worker.handle(RetrainRequested(message_id="r-2", model="birds", force=True), key)
+    assert replay.outcome == "replayed"
+    h.clock.advance(retention - 1)
+    h.worker.prune_inbox()
+    assert h.worker.handle(RetrainRequested(message_id="r-3", model="birds", force=True), key).outcome == "replayed", "kept"
+    h.clock.advance(2)  # retention has passed since the request (not since its replays)
+    assert h.worker.prune_inbox() >= 1
+    assert h.worker.handle(RetrainRequested(message_id="r-4", model="birds", force=True), key).outcome != "replayed", "forgotten"
