@@ -26,8 +26,10 @@ SUITES = [
 def test_the_behaviour_suites_pass_with_the_azure_ml_v2_backend():
     env = {**os.environ, "RETRAIN_TEST_BACKEND": "azureml-v2"}
     done = subprocess.run(
-        # the ledgers of the unit run (the Azurite cases test the ledger, not the backend)
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration", *(str(ROOT / "tests" / "unit" / s) for s in SUITES)],
+        # the ledgers of the unit run (the Azurite cases test the ledger, not the backend), and not the
+        # tests that reach into the outputs folder of the fake backend (the Azure ML one downloads elsewhere)
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration and not fake_backend_outputs",
+         *(str(ROOT / "tests" / "unit" / s) for s in SUITES)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:]

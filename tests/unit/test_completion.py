@@ -390,6 +390,7 @@ def test_images_that_arrived_during_a_rejected_run_are_planned_at_once_with_no_c
     assert len(h.manifest(follow_up[0])) == 20
 
 
+@pytest.mark.fake_backend_outputs
 def test_the_registered_card_and_event_read_exactly(h):
     run = first_run(h)
     h.succeed(run, best=0.82, num_val=4, torch_version="2.14.1+cpu")
@@ -476,6 +477,7 @@ def _capture_exports(h, monkeypatch) -> list[dict]:
     return seen
 
 
+@pytest.mark.fake_backend_outputs
 def test_parity_is_checked_on_the_runs_own_manifest_written_beside_the_outputs(h, monkeypatch):
     """A manifest store with no local files (Blob Storage): the manifest is written next to the outputs."""
     from worker.manifests import encode, load
@@ -550,6 +552,7 @@ def _outputs_then_report(h, run, change) -> str:
     return final.detail
 
 
+@pytest.mark.fake_backend_outputs
 def test_unreadable_or_unverifiable_outputs_are_rejected_with_reasons_that_say_which(h):
 
     run = first_run(h)
@@ -557,6 +560,7 @@ def test_unreadable_or_unverifiable_outputs_are_rejected_with_reasons_that_say_w
     assert detail.startswith("metrics.json is unreadable: Expecting property name enclosed in double quotes")
 
 
+@pytest.mark.fake_backend_outputs
 @pytest.mark.parametrize(
     ("spoil", "expected"),
     [
@@ -678,6 +682,7 @@ def test_completing_a_run_that_has_not_succeeded_or_does_not_exist_does_nothing(
     assert h.exporter.calls == []
 
 
+@pytest.mark.fake_backend_outputs
 def test_outputs_missing_their_files_are_rejected_naming_each(h):
     run = first_run(h)
 
