@@ -856,3 +856,24 @@ def test_an_idempotency_key_is_remembered_from_its_request_and_forgotten_after_r
     h.clock.advance(2)  # retention has passed since the request (not since its replays)
     assert h.worker.prune_inbox() >= 1
     assert h.worker.handle(RetrainRequested(message_id="r-4", model="birds", force=True), key).outcome != "replayed", "forgotten"
+
+
+def test_the_outbox_keeps_published_events_for_the_retention_and_the_controls_for_good(store, tmp_path):
+    """Events published longer ago than `inbox_retention` are forgotten, never younger ones, never an
+    unpublished one, and never an operator's control (the audit trail)."""
+    from shared.messages import ModelControl
+
+    h = make_harness(tmp_path, store=store)
+    retention = h.worker.config.worker.inbox_retention
+    h.worker.handle(ModelControl(message_id="p-1", model="birds", action="pause", requested_by="ops"))
+    h.worker.handle(ModelControl(message_id="r-1", model="birds", action="resume", requested_by="ops"))
+    h.uploads(6)
+    h.clock.advance(11)
+    h.worker.tick()  # a run.submitted event
+    assert h.worker.relay() == 3
+    h.worker.handle(RetrainRequested(message_id="late", model="birds", force=True))  # nothing published after this
+    h.clock.advance(retention - 1)
+    assert h.worker.prune_outbox() == 0  # published, but not long enough ago
+    h.clock.advance(2)
+    assert h.worker.prune_outbox() == 1  # the run.submitted; the pause and resume stay
+    assert sorted(e.type for e in h.store.all_events()) == ["retrain.model.paused", "retrain.model.resumed"]
