@@ -21,6 +21,8 @@ REQUEST_REJECTED = "retrain.request.rejected"
 MODEL_PROMOTED = "retrain.model.promoted"  # an operator put a registered version in place (promote or rollback)
 MODEL_PAUSED = "retrain.model.paused"
 MODEL_RESUMED = "retrain.model.resumed"
+# The operators' controls: the audit trail (`retrain audit`), kept when published events are pruned.
+CONTROL_EVENTS = frozenset({MODEL_PROMOTED, MODEL_PAUSED, MODEL_RESUMED})
 EVENT_TYPES = (RUN_SUBMITTED, RUN_FAILED, MODEL_REGISTERED, MODEL_REJECTED, REQUEST_REJECTED, MODEL_PROMOTED, MODEL_PAUSED, MODEL_RESUMED)
 DEFAULT_SOURCE = "/retrain/worker"
 

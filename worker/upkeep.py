@@ -19,7 +19,6 @@ from worker.ports import Clock, Publisher, TrainingBackend
 from worker.store import Store
 
 log = logging.getLogger("retrain.worker")
-AUDITED_EVENTS = frozenset({ev.MODEL_PROMOTED, ev.MODEL_PAUSED, ev.MODEL_RESUMED})  # kept when the outbox is pruned
 
 
 class Upkeep:
@@ -97,7 +96,7 @@ class Upkeep:
         """Forget events published longer ago than `worker.inbox_retention` (the outbox would
         otherwise grow for ever); the operators' controls are kept: they are the audit trail."""
         before = self.clock.now() - dt.timedelta(seconds=self.config.worker.inbox_retention)
-        return self.store.prune_outbox(before, keep=AUDITED_EVENTS)
+        return self.store.prune_outbox(before, keep=ev.CONTROL_EVENTS)
 
     def relay(self, batch: int = 100) -> int:
         """Publish queued events (oldest first); returns how many were published."""

@@ -9,8 +9,9 @@ from shared import events as ev
 from worker.config import RetrainConfig
 from worker.manifests import load
 from worker.policy import decide
+from worker.ports import BlobStore
 from worker.runs import snapshot_of
-from worker.store import IN_FLIGHT_STATES, RunRow, Store
+from worker.store import IN_FLIGHT_STATES, RunRow, Store, Tx
 
 REJECTIONS_READ, REJECTIONS_SHOWN = 50, 5  # the latest runs looked at for gate rejections, and how many are shown
 
@@ -76,7 +77,7 @@ def explain_view(store: Store, config: RetrainConfig, model: str | None = None, 
     with store.read() as tx:
         for name in models:
             decisions = tx.decisions(name, limit)
-            asked = {r.request_id: r.reason for r in tx.all_requests(name) if r.reason} if any(d.message_id for d in decisions) else {}
+            asked = request_reasons(tx, name) if any(d.message_id for d in decisions) else {}
             out[name] = [
                 {"at": d.at.isoformat(), "outcome": d.outcome, "reason": d.reason, "run_id": d.run_id, "message_id": d.message_id,
                  "request_reason": asked.get(d.message_id or "")}
@@ -139,19 +140,27 @@ def runs_view(store: Store, config: RetrainConfig, model: str | None = None, lim
     with store.read() as tx:
         for name in models:
             metrics = {v.run_id: v.metrics for v in tx.model_versions(name)}
-            asked = {r.request_id: r.reason for r in tx.all_requests(name) if r.reason}
-            rows = []
-            for run in tx.runs(name, limit=limit):
-                row = _run(run)
-                # Why someone asked for it (the requests it carried out), beside why the policy started it.
-                row["request_reasons"] = [asked[i] for i in run.request_ids if i in asked]
-                began = run.started_at or run.submitted_at
-                row["duration_s"] = round((run.finished_at - began).total_seconds(), 1) if run.finished_at and began else None
-                row["version_metrics"] = metrics.get(run.run_id)
-                row["best_val_acc"] = (metrics.get(run.run_id) or {}).get("best_val_acc")
-                rows.append(row)
-            out[name] = rows
+            asked = request_reasons(tx, name)
+            out[name] = [run_row(run, asked, metrics.get(run.run_id)) for run in tx.runs(name, limit=limit)]
     return out
+
+
+def request_reasons(tx: Tx, model: str) -> dict[str, str]:
+    """request id -> the reason its requester gave, for the model's requests that gave one."""
+    return {r.request_id: r.reason for r in tx.all_requests(model) if r.reason}
+
+
+def run_row(run: RunRow, asked: dict[str, str], version_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """A run as `retrain runs` and the console show it: its record, why someone asked for it (the
+    requests it carried out, beside why the policy started it), its duration, and the metrics of
+    its model version if it was registered."""
+    row = _run(run)
+    row["request_reasons"] = [asked[i] for i in run.request_ids if i in asked]
+    began = run.started_at or run.submitted_at
+    row["duration_s"] = round((run.finished_at - began).total_seconds(), 1) if run.finished_at and began else None
+    row["version_metrics"] = version_metrics
+    row["best_val_acc"] = (version_metrics or {}).get("best_val_acc")
+    return row
 
 
 def door_of(actor: str) -> tuple[str, bool]:
@@ -169,13 +178,12 @@ def door_of(actor: str) -> tuple[str, bool]:
 def audit_view(store: Store, config: RetrainConfig, model: str | None = None, limit: int = 100) -> dict[str, list[dict[str, Any]]]:
     """Per model, newest first: every control (promote, rollback, pause, resume) and every request
     (forced run or backfill), with who asked, when, through which door, and whether it was verified."""
-    controls = {ev.MODEL_PROMOTED, ev.MODEL_PAUSED, ev.MODEL_RESUMED}
     names = [model] if model else sorted(config.models)
     entries: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for event in store.all_events():
         data = event.payload.get("data") or {}
         name = data.get("model")
-        if event.type in controls and name in entries:
+        if event.type in ev.CONTROL_EVENTS and name in entries:
             action = data.get("action") or event.type.rsplit(".", 1)[-1]
             entries[name].append({"at": event.created_at, "action": action, "actor": data.get("requested_by", ""),
                                   "reason": data.get("reason", ""), "request_id": data.get("request_id"),
@@ -186,15 +194,17 @@ def audit_view(store: Store, config: RetrainConfig, model: str | None = None, li
                 action = "forced run" if r.force else "backfill"
                 entries[name].append({"at": r.created_at, "action": action, "actor": r.requested_by, "reason": r.reason,
                                       "request_id": r.request_id, "state": r.state})  # fmt: skip
-    view = {}
+    view: dict[str, list[dict[str, Any]]] = {}
     for name, rows in entries.items():
         rows.sort(key=lambda row: row["at"], reverse=True)
-        view[name] = [{**row, "at": row["at"].isoformat(), "door": door_of(row["actor"])[0], "verified": door_of(row["actor"])[1]}
-                      for row in rows[:limit]]  # fmt: skip
+        view[name] = []
+        for row in rows[:limit]:
+            door, verified = door_of(row["actor"])
+            view[name].append({**row, "at": row["at"].isoformat(), "door": door, "verified": verified})
     return view
 
 
-def manifest_view(store: Store, manifests: Any, run_id: str, diff_parent: bool = False) -> dict[str, Any]:
+def manifest_view(store: Store, manifests: BlobStore, run_id: str, diff_parent: bool = False) -> dict[str, Any]:
     """What a run trained on: its frozen manifest's images, counted per split and class; with
     `diff_parent`, the images added and removed since the last registered run before it (by path
     and etag: an overwritten image counts as removed and added)."""

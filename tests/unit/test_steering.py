@@ -350,3 +350,30 @@ def test_a_runs_manifest_lists_what_it_trained_on_and_what_was_added_since_its_p
     text = CliRunner().invoke(app, ["manifest", second.run_id, "--diff-parent"], env=env).output
     assert f"since {first.run_id}: 12 added, 0 removed" in text
     assert CliRunner().invoke(app, ["manifest", "birds-9999-00000000"], env=env).exit_code == 1
+
+
+def test_the_commands_read_manifests_where_the_worker_froze_them(tmp_path, monkeypatch):
+    """A local worker freezes manifests in its state folder whatever RETRAIN_ARTIFACTS says (only Azure
+    ML reads them from the artifacts container); `retrain manifest` looked in the container."""
+    from typer.testing import CliRunner
+
+    from worker.adapters.local.sqlite_store import SqliteStore
+    from worker.app import bootstrap
+    from worker.app.cli import app
+    from worker.config import load_config
+
+    h = make_harness(tmp_path, store=SqliteStore(tmp_path / "state" / "ledger.db"), cooldown=0)
+    register_two(h)
+    run = h.runs()[0]
+    unreachable = (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:9/devstoreaccount1"
+    )
+    env = {"RETRAIN__WORKER__STATE_DIR": str(tmp_path / "state"), "RETRAIN__WORKER__IMAGES_ROOT": str(tmp_path / "images"),
+           "RETRAIN_CONFIG": "", "RETRAIN_ARTIFACTS": unreachable}  # fmt: skip
+    shown = CliRunner().invoke(app, ["manifest", run.run_id, "--json"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["images"] == run.image_count
+    container = object()
+    monkeypatch.setattr(bootstrap, "artifacts_store", lambda env: container)  # (no Azure here)
+    on_azure = load_config(None, env={**env, "RETRAIN__WORKER__BACKEND": "azureml"})
+    assert bootstrap.manifests_store(on_azure, env) is container  # there the container is where they are

@@ -177,6 +177,13 @@ def check_azureml_settings(cfg: Any, env: Mapping[str, str]) -> None:
         raise ConfigError("\n".join(f"worker.backend = 'azureml' needs {problem}" for problem in problems))
 
 
+def manifests_store(config: RetrainConfig, env: Mapping[str, str]) -> BlobStore:
+    """Where the worker freezes manifests, for the commands that read them: the artifacts container
+    when Azure ML trains (it reads them from there), else the state folder (as `build_worker` wires)."""
+    artifacts = artifacts_store(env) if config.worker.backend == "azureml" else None
+    return artifacts or DirectoryBlobStore(config.worker.state_dir, images_only=False)
+
+
 def artifacts_store(env: Mapping[str, str]) -> BlobStore | None:
     """The artifacts container (manifests, champion checkpoints, oversize events) when configured:
     RETRAIN_ARTIFACTS (a connection string) or RETRAIN_ARTIFACTS__blobServiceUri, container RETRAIN_ARTIFACTS_CONTAINER."""

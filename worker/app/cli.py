@@ -87,11 +87,9 @@ def _store(config: RetrainConfig) -> Store:
 
 
 def _manifests(config: RetrainConfig) -> BlobStore:
-    """Where frozen manifests are read: the artifacts container when configured, else the state folder."""
-    from worker.adapters.local.directory_blobs import DirectoryBlobStore
-    from worker.app.bootstrap import artifacts_store
+    from worker.app.bootstrap import manifests_store
 
-    return artifacts_store(os.environ) or DirectoryBlobStore(config.worker.state_dir, images_only=False)
+    return manifests_store(config, os.environ)
 
 
 def _version(value: bool) -> None:

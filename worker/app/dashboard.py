@@ -22,6 +22,7 @@ from urllib.parse import quote
 from worker.app.charts import Series, bar_chart, e, finite, label, line_chart
 from worker.app.dashboard_data import LISTED_IMAGES, PageNotFoundError, listing_page, model_page, overview, run_page
 from worker.config import RetrainConfig
+from worker.ports import BlobStore
 from worker.store import Store
 
 REFRESH_SECONDS = 10
@@ -358,7 +359,7 @@ def _error_page(status: int, message: str, models: Iterable[str]) -> str:
     return _document("retrain", body, dt.datetime.now(dt.UTC).isoformat(), _nav(models))
 
 
-def respond(query: Mapping[str, str], store: Store, config: RetrainConfig, manifests: Any = None) -> tuple[int, str, str]:
+def respond(query: Mapping[str, str], store: Store, config: RetrainConfig, manifests: BlobStore | None = None) -> tuple[int, str, str]:
     """(status, content type, body) for a console URL's query: the overview; `model=NAME`; `run=ID`;
     `run=ID&images=all|added|removed`; any of them with `format=json` for the page's data."""
     models = sorted(config.models)

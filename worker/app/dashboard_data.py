@@ -14,9 +14,10 @@ from typing import Any
 from shared import events as ev
 from shared.files import open_regular
 from worker.config import RetrainConfig
+from worker.ports import BlobStore
 from worker.runs import gpu_held_since
 from worker.store import RunRow, Store
-from worker.views import explain_view, manifest_view, models_view, runs_view, status_view
+from worker.views import explain_view, manifest_view, models_view, run_row, runs_view, status_view
 
 EVENTS_SHOWN = 30
 RUNS_SHOWN = 200  # on a model's page
@@ -82,23 +83,16 @@ def collapse_decisions(decisions: list[dict[str, Any]], most: int = DECISION_ROW
 
 def _gpu_hours(run: RunRow, config: RetrainConfig, now: dt.datetime) -> dict[str, Any]:
     """What a run held: from when it began to hold its devices to its end (now, while in flight),
-    times the devices per run (nodes x GPUs on Azure ML; processes locally)."""
-    held = run.submitted_at or run.started_at
+    times the devices per run (nodes x GPUs on Azure ML; processes locally). Nothing before submission."""
     devices = config.gpus_per_run(run.model)
-    if held is None:
-        return {"hours": 0.0, "devices": devices, "kind": _device_kind(config), "so_far": False}
-    end = run.finished_at or now
-    seconds = max(0.0, (end - gpu_held_since(run)).total_seconds())
+    holding = run.submitted_at is not None or run.started_at is not None
+    seconds = max(0.0, ((run.finished_at or now) - gpu_held_since(run)).total_seconds()) if holding else 0.0
     return {
         "hours": round(seconds * devices / 3600, 4),
         "devices": devices,
-        "kind": _device_kind(config),
-        "so_far": run.finished_at is None,
+        "kind": "GPU" if config.worker.backend == "azureml" else "local process",
+        "so_far": holding and run.finished_at is None,
     }
-
-
-def _device_kind(config: RetrainConfig) -> str:
-    return "GPU" if config.worker.backend == "azureml" else "local process"
 
 
 def overview(store: Store, config: RetrainConfig, now: dt.datetime | None = None) -> dict[str, Any]:
@@ -154,7 +148,9 @@ def model_page(store: Store, config: RetrainConfig, name: str, now: dt.datetime 
             "runs": runs_view(store, config, name, limit=RUNS_SHOWN)[name]}  # fmt: skip
 
 
-def run_page(store: Store, config: RetrainConfig, manifests: Any, run_id: str, now: dt.datetime | None = None) -> dict[str, Any]:
+def run_page(
+    store: Store, config: RetrainConfig, manifests: BlobStore | None, run_id: str, now: dt.datetime | None = None
+) -> dict[str, Any]:
     """One run: why it started and how it ended (the gate's verdict and reason), its curves, per-class
     accuracy and confusion matrix on its own validation set, what it trained on, and its cost."""
     now = now or dt.datetime.now(dt.UTC)
@@ -164,7 +160,7 @@ def run_page(store: Store, config: RetrainConfig, manifests: Any, run_id: str, n
             raise PageNotFoundError(f"no run {run_id!r} in the ledger")
         version = next((v for v in tx.model_versions(run.model) if v.run_id == run_id), None)
         asked = {r.request_id: r for r in tx.all_requests(run.model)}
-    row = next((r for r in runs_view(store, config, run.model, limit=RUNS_SHOWN)[run.model] if r["run_id"] == run_id), None)
+    row = run_row(run, {i: r.reason for i, r in asked.items() if r.reason}, version.metrics if version else None)
     metrics = run_metrics(config, run.backend_run_id, version.location if version else None)
     written = metrics.get("history")
     history: list[Any] = written if isinstance(written, list) else []
@@ -174,7 +170,7 @@ def run_page(store: Store, config: RetrainConfig, manifests: Any, run_id: str, n
         "page": "run",
         "generated_at": now.isoformat(),
         "model": run.model,
-        "run": row or {"run_id": run.run_id, "state": run.state, "outcome": run.outcome, "reason": run.reason, "detail": run.detail},
+        "run": row,
         "backend_run_id": run.backend_run_id,
         "requests": requests,
         "version": version.version if version else None,
@@ -217,7 +213,7 @@ def _evaluation(metrics: dict[str, Any]) -> dict[str, Any] | None:
             "best_epoch": metrics.get("best_epoch")}  # fmt: skip
 
 
-def _manifest(store: Store, manifests: Any, run_id: str) -> dict[str, Any]:
+def _manifest(store: Store, manifests: BlobStore | None, run_id: str) -> dict[str, Any]:
     """Counts per split and class, and how many images were added or removed since the parent run."""
     if manifests is None:
         return {"error": "the manifests' store is not configured here"}
@@ -229,7 +225,7 @@ def _manifest(store: Store, manifests: Any, run_id: str) -> dict[str, Any]:
             "parent_run_id": view["parent_run_id"], "added": len(view["added"]), "removed": len(view["removed"])}  # fmt: skip
 
 
-def listing_page(store: Store, manifests: Any, run_id: str, which: str, now: dt.datetime | None = None) -> dict[str, Any]:
+def listing_page(store: Store, manifests: BlobStore | None, run_id: str, which: str, now: dt.datetime | None = None) -> dict[str, Any]:
     """A run's images: all of them, or those added or removed since its parent (at most LISTED_IMAGES)."""
     if which not in ("all", "added", "removed"):
         raise ValueError("images= must be all, added or removed")

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from worker.app.dashboard import CSP, respond
 from worker.config import RetrainConfig
+from worker.ports import BlobStore
 from worker.store import Store
 
 MAX_URL = 4096
 
 
-def make_server(store: Store, config: RetrainConfig, host: str = "127.0.0.1", port: int = 0, manifests: Any = None) -> ThreadingHTTPServer:
+def make_server(
+    store: Store, config: RetrainConfig, host: str = "127.0.0.1", port: int = 0, manifests: BlobStore | None = None
+) -> ThreadingHTTPServer:
     """The console on `host:port` (0: a free port); `manifests` is where frozen manifests are read."""
     allowed_hosts: set[str] = set()
 
@@ -61,7 +63,7 @@ def make_server(store: Store, config: RetrainConfig, host: str = "127.0.0.1", po
 
 
 def serve_dashboard(
-    store: Store, config: RetrainConfig, host: str, port: int, announce: Callable[[str], None], manifests: Any = None
+    store: Store, config: RetrainConfig, host: str, port: int, announce: Callable[[str], None], manifests: BlobStore | None = None
 ) -> None:
     server = make_server(store, config, host, port, manifests)
     announce(f"http://{host}:{server.server_address[1]}/")
