@@ -500,6 +500,20 @@ MUTATIONS = [
         "            pass\n",
         ("tests/unit/test_train_run.py",),
     ),
+    Mutation(
+        "a decision keeps text from outside raw and unbounded",
+        "worker/store.py",
+        "reason=clipped(reason), run_id=run_id",
+        "reason=reason, run_id=run_id",
+        ("tests/unit/test_worker.py",),
+    ),
+    Mutation(
+        "the console serves an address of any length",
+        "worker/app/dashboard_server.py",
+        "            if len(self.path) > MAX_URL:\n",
+        "            if False:\n",
+        ("tests/unit/test_dashboard_pages.py",),
+    ),
 ]
 
 

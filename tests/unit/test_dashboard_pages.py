@@ -203,3 +203,26 @@ def test_a_line_chart_has_both_axes_tick_values_and_skips_values_that_are_not_fi
     assert "nan" not in svg.lower()
     assert svg.count("<circle") == 2
     assert 'data-value="val_acc">0.9<' in svg
+
+
+def test_the_server_refuses_an_address_longer_than_it_reads(h):
+    """A query string of any length was parsed and looked up; past MAX_URL the answer is 414."""
+    import http.client
+    import threading
+
+    from worker.app.dashboard_server import MAX_URL, make_server
+
+    server = make_server(h.store, h.worker.config, manifests=h.worker.manifests)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        for path, expected in (("/?run=" + "x" * MAX_URL, 414), ("/?run=" + "x" * 100, 404)):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.request("GET", path, headers={"Host": f"127.0.0.1:{port}"})
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            assert response.status == expected, expected
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -877,3 +877,21 @@ def test_the_outbox_keeps_published_events_for_the_retention_and_the_controls_fo
     h.clock.advance(2)
     assert h.worker.prune_outbox() == 1  # the run.submitted; the pause and resume stay
     assert sorted(e.type for e in h.store.all_events()) == ["retrain.model.paused", "retrain.model.resumed"]
+
+
+def test_a_decision_keeps_text_from_outside_printable_and_at_most_2000_characters(store, tmp_path):
+    """Every decision goes through Tx.decided: a requester's control characters and an overlong
+    reason are kept as the ledger keeps text."""
+    from worker.store import DETAIL_CHARS
+
+    h = make_harness(tmp_path, store=store, min_new_images=100)
+    h.uploads(6)
+    h.worker.handle(RetrainRequested(message_id="f-1", model="birds", force=True, requested_by="ops\x1b[2J\u202e"))
+    reason = next(d.reason for d in h.decisions() if d.outcome == "submit")
+    assert "forced by request f-1 (ops\\u001b[2J\\u202e)" in reason
+    assert "\x1b" not in reason
+    assert "\u202e" not in reason
+    with store.transaction() as tx:
+        tx.decided("birds", h.clock.now(), "wait", "y" * 3000)
+        tx.commit()
+    assert h.decisions()[0].reason == "y" * DETAIL_CHARS
